@@ -1,0 +1,39 @@
+# Every target wraps the edgetl CLI; the first one that needs the environment creates it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+R ?= sst-int8
+ARGS ?=
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: env recipe test test-fast lint bench clean
+
+env: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+## make recipe R=sst-int8 ARGS="stages.finetune.epochs=1"
+recipe: env
+	$(BIN)/edgetl run $(R) $(ARGS)
+
+## The whole suite, slow tests (real MiniLM) included.
+test: env
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+## Unit and tiny-model tests only.
+test-fast: env
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+
+lint: env
+	$(BIN)/ruff check edgetl tests benchmarks
+
+## make bench T=runs/sst-int8
+bench: env
+	$(BIN)/edgetl bench $(T) --out $(T)/bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

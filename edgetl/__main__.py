@@ -1,0 +1,5 @@
+import sys
+
+from edgetl.cli import main
+
+sys.exit(main())

@@ -1,0 +1,141 @@
+"""Artifacts: folders with a ``manifest.json`` and payloads in standard formats (never pickle)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+from edgetl import __version__
+from edgetl.errors import ArtifactError
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+MODEL_KINDS = ("pytorch-model", "exported", "quantized")
+_VERSIONED = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "openvino", "nncf",
+              "neural-compressor-pt", "datasets", "accelerate", "tokenizers", "numpy")
+
+
+@dataclass
+class StageOutput:
+    """What a stage reports about the folder it wrote; the pipeline turns it into the manifest."""
+
+    kind: str
+    precision: str | None = None
+    # backend -> {"path": relative path of the model file, "precision": "fp32" | "int8", ...}
+    models: dict[str, dict] = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class Artifact:
+    path: Path
+    manifest: dict
+
+    @classmethod
+    def load(cls, path: str | Path) -> Artifact:
+        path = Path(path)
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            raise ArtifactError(f"{path}: not a finished artifact (no {MANIFEST})")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{manifest_path}: unreadable manifest ({exc})") from None
+        return cls(path, manifest)
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def models(self) -> dict[str, dict]:
+        return self.manifest.get("models", {})
+
+    @property
+    def metrics(self) -> dict:
+        return self.manifest.get("metrics", {})
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    def model_path(self, backend: str) -> Path:
+        return self.path / self.models[backend]["path"]
+
+    def verify(self) -> None:
+        """Check every recorded file against its sha256."""
+        for rel, info in self.manifest["files"].items():
+            file = self.path / rel
+            if not file.is_file():
+                raise ArtifactError(f"{self.path}: missing file {rel}")
+            if sha256_file(file) != info["sha256"]:
+                raise ArtifactError(f"{self.path}: {rel} does not match its sha256 in {MANIFEST}")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_table(folder: Path) -> dict[str, dict]:
+    """Every file under ``folder`` (manifest excluded) with its size and sha256."""
+    table = {}
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        table[file.relative_to(folder).as_posix()] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
+    return table
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "edgetl": __version__}
+    for name in _VERSIONED:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def write_json_atomic(path: Path, data) -> None:
+    """Write JSON so that a reader never sees half a file: temp file in the same folder, then rename."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(folder: Path, output: StageOutput, *, stage: str, fingerprint: str, config: dict,
+                   inputs: list[Artifact], started: float) -> dict:
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "kind": output.kind,
+        "stage": stage,
+        "precision": output.precision,
+        "fingerprint": fingerprint,
+        "models": output.models,
+        "metrics": output.metrics,
+        "inputs": [{"path": str(a.path), "fingerprint": a.fingerprint} for a in inputs],
+        "config": config,
+        "versions": library_versions(),
+        "timings": {"started_unix": round(started, 3), "seconds": round(time.time() - started, 2)},
+        "files": file_table(folder),
+        **output.extra,
+    }
+    write_json_atomic(folder / MANIFEST, manifest)
+    return manifest

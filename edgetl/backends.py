@@ -1,0 +1,78 @@
+"""Open any model artifact on any backend it holds: PyTorch (eager), ONNX Runtime or OpenVINO.
+
+Every engine takes the same numpy feeds (from ``edgetl.runtime.text.encode``) and returns logits, so
+evaluation and benchmarks treat the backends alike.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgetl.artifact import Artifact
+from edgetl.runtime.engines import open_engine
+
+BACKEND_LABELS = {"pytorch": "PyTorch", "onnx": "ONNX Runtime", "openvino": "OpenVINO"}
+
+
+class TorchEngine:
+    backend = "pytorch"
+
+    def __init__(self, folder: str | Path, threads: int | None = None):
+        import torch
+
+        from edgetl.modeling import load_classifier
+
+        if threads:
+            torch.set_num_threads(threads)
+        self._torch = torch
+        self.model = load_classifier(folder)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        with self._torch.inference_mode():
+            inputs = {k: self._torch.from_numpy(v) for k, v in feeds.items()}
+            return self.model(**inputs).logits.numpy()
+
+
+@dataclass(frozen=True)
+class Target:
+    """One model file on one backend, named like ``onnx-int8 (03-quantize)``."""
+
+    artifact: Artifact
+    backend: str
+
+    @property
+    def precision(self) -> str:
+        return self.artifact.models[self.backend]["precision"]
+
+    @property
+    def key(self) -> str:
+        return f"{self.backend}-{self.precision} ({self.artifact.name})"
+
+    @property
+    def folder(self) -> Path:
+        return self.artifact.model_path(self.backend).parent if self.backend != "pytorch" else self.artifact.path
+
+    @property
+    def model_bytes(self) -> int:
+        if self.backend == "pytorch":
+            return sum(f.stat().st_size for f in self.folder.glob("*.safetensors"))
+        path = self.artifact.model_path(self.backend)
+        weights = path.with_suffix(".bin") if path.suffix == ".xml" else None
+        return path.stat().st_size + (weights.stat().st_size if weights and weights.is_file() else 0)
+
+    def open(self, threads: int | None = None):
+        if self.backend == "pytorch":
+            return TorchEngine(self.folder, threads)
+        return open_engine(self.backend, self.artifact.model_path(self.backend), threads)
+
+
+def targets_of(artifacts: list[Artifact], include_pytorch: bool = True) -> list[Target]:
+    found = []
+    for artifact in artifacts:
+        for backend in artifact.models:
+            if backend != "pytorch" or include_pytorch:
+                found.append(Target(artifact, backend))
+    return found

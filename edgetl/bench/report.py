@@ -1,0 +1,91 @@
+"""Reporting: results.json, results.csv, report.md and an accuracy-vs-latency plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from edgetl.backends import BACKEND_LABELS
+from edgetl.bench.machine import describe
+
+COLUMNS = ("target", "backend", "precision", "accuracy", "p50_ms", "p90_ms", "p99_ms", "iqr_ms",
+           "throughput_per_s", "model_mb", "peak_rss_mb", "speedup_vs_pytorch_fp32")
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Speed-up of each row's batch-1 p50 against PyTorch FP32 eager of the same run (ratios survive noise)."""
+    reference = next((r for r in rows if r["backend"] == "pytorch" and r["precision"] == "fp32"), None)
+    for row in rows:
+        row["speedup_vs_pytorch_fp32"] = round(reference["p50_ms"] / row["p50_ms"], 2) if reference else None
+
+
+def write_reports(result: dict, out_dir: Path) -> None:
+    rows = result["rows"]
+    (out_dir / "results.json").write_text(json.dumps(result, indent=1))
+    with open(out_dir / "results.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    (out_dir / "report.md").write_text(markdown(result))
+    plot(rows, out_dir / "accuracy_vs_latency.png", describe(result["machine"]))
+
+
+def _fmt(value, pattern: str) -> str:
+    return "–" if value is None else pattern.format(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = [
+        "| model | backend | precision | accuracy | p50 ms | p90 ms | p99 ms | batch-32 /s | size MB | peak RSS MB | speed-up |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['artifact']} | {BACKEND_LABELS.get(r['backend'], r['backend'])} | {r['precision'].upper()} | "
+            f"{_fmt(r.get('accuracy'), '{:.2%}')} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
+            f"{r['throughput_per_s']:.0f} | {r['model_mb']:.1f} | {_fmt(r.get('peak_rss_mb'), '{:.0f}')} | "
+            f"{_fmt(r.get('speedup_vs_pytorch_fp32'), '{:.2f}x')} |"
+        )
+    return "\n".join(lines)
+
+
+def markdown(result: dict) -> str:
+    settings = result["settings"]
+    return "\n".join([
+        f"# Benchmark: {result.get('title', '')}",
+        "",
+        f"Machine: {describe(result['machine'])}",
+        f"Sentences: {settings['sentences']} evaluation texts at their own length, batch 1 "
+        f"({settings['warmup']} warm-up calls, {settings['rounds']} rounds, block order alternating); "
+        f"throughput at batch {settings['throughput_batch_size']}; threads: {settings['threads'] or 'default'}.",
+        "Accuracy on the full evaluation split; speed-up = PyTorch FP32 eager p50 / this p50, same run.",
+        "",
+        markdown_table(result["rows"]),
+        "",
+    ])
+
+
+def plot(rows: list[dict], path: Path, subtitle: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in rows:
+        if r.get("accuracy") is None:
+            continue
+        marker = "o" if r["precision"] == "fp32" else "s"
+        ax.scatter(r["p50_ms"], r["accuracy"] * 100, marker=marker, s=60)
+        ax.annotate(f"{BACKEND_LABELS.get(r['backend'], r['backend'])} {r['precision'].upper()}",
+                    (r["p50_ms"], r["accuracy"] * 100), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("batch-1 p50 latency (ms, log scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy vs latency", fontsize=11)
+    fig.text(0.5, 0.005, subtitle, ha="center", fontsize=6.5, wrap=True)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,166 @@
+"""Run a recipe's stages in order, each into ``<run_dir>/<NN>-<stage>/``, skipping finished ones.
+
+A stage writes into ``<run_dir>/.tmp/<NN>-<stage>/`` and the folder is renamed into place only after its
+manifest is written, so a killed run never leaves a half-written artifact that looks finished. A stage
+whose fingerprint (its config, the recipe parts it reads, its inputs' fingerprints, edgetl's version)
+matches a finished artifact is skipped: rerunning the same command resumes after the last finished stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from edgetl import __version__
+from edgetl.artifact import MODEL_KINDS, Artifact, write_manifest
+from edgetl.errors import RecipeError
+from edgetl.recipe import Recipe, resolved_dict
+
+log = logging.getLogger("edgetl")
+
+# Stage name -> module; imported only when the stage runs, so validation stays light.
+STAGES = {name: f"edgetl.stages.{name}" for name in ("finetune", "export", "quantize", "evaluate", "benchmark", "bundle")}
+# Stages that train: under torchrun / accelerate launch every rank runs them; rank 0 alone runs the rest.
+DISTRIBUTED_STAGES = {"finetune"}
+
+
+@dataclass
+class StageContext:
+    recipe: Recipe
+    inputs: list[Artifact]
+    run_dir: Path
+    work_dir: Path  # survives a crash: checkpoints for resuming live here
+    rank: int = 0
+    world_size: int = 1
+
+    def latest(self, *kinds: str) -> Artifact | None:
+        matches = [a for a in self.inputs if a.kind in kinds]
+        return matches[-1] if matches else None
+
+
+def _rank() -> tuple[int, int]:
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _barrier(world_size: int) -> None:
+    if world_size > 1:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+
+
+def select_inputs(stage: str, done: list[Artifact]) -> list[Artifact]:
+    """Which earlier artifacts a stage reads."""
+    models = [a for a in done if a.kind in MODEL_KINDS]
+    last = {kind: next((a for a in reversed(done) if a.kind == kind), None) for kind in (*MODEL_KINDS, "evaluation", "benchmark")}
+    if stage == "export":
+        picked = [last["pytorch-model"]]
+    elif stage == "quantize":
+        picked = [last["exported"]]
+    elif stage == "evaluate":
+        picked = models
+    elif stage == "benchmark":
+        picked = models + [last["evaluation"]]
+    elif stage == "bundle":
+        picked = [last["quantized"] or last["exported"], last["evaluation"], last["benchmark"]]
+    else:
+        picked = []
+    return [a for a in picked if a is not None]
+
+
+def fingerprint(stage_cfg: dict, recipe: Recipe, inputs: list[Artifact]) -> str:
+    reads = {"stage": stage_cfg, "inputs": [a.fingerprint for a in inputs], "edgetl": __version__}
+    if stage_cfg["stage"] == "finetune":
+        reads["model"], reads["data"] = recipe.model, recipe.data.model_dump(mode="json")
+    if stage_cfg["stage"] in ("evaluate", "benchmark", "quantize"):
+        reads["data"] = recipe.data.model_dump(mode="json")
+    if stage_cfg["stage"] == "benchmark":
+        reads["bench"] = recipe.bench.model_dump(mode="json")
+    blob = json.dumps(reads, sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def _finished(folder: Path, fp: str) -> Artifact | None:
+    try:
+        artifact = Artifact.load(folder)
+    except Exception:
+        return None
+    return artifact if artifact.manifest.get("fingerprint") == fp else None
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a finished temp folder into place, replacing a stale artifact of the same stage."""
+    if final.exists():
+        stale = final.with_name(f".stale-{final.name}-{os.getpid()}")
+        os.replace(final, stale)
+        os.replace(tmp, final)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+
+
+def run_recipe(recipe: Recipe, run_dir: Path | None = None, from_stage: str | None = None) -> list[Artifact]:
+    """Run every stage of ``recipe``; returns the artifacts in stage order."""
+    run_dir = Path(run_dir or Path("runs") / recipe.name)
+    names = [s.stage for s in recipe.stages]
+    if from_stage is not None and from_stage not in names:
+        raise RecipeError("--from", [f"'{from_stage}' is not a stage of {recipe.name} (stages: {', '.join(names)})"])
+    rank, world_size = _rank()
+    if world_size > 1:
+        from accelerate import PartialState
+
+        PartialState()  # joins the process group (gloo on CPU, nccl on GPUs) before any stage
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(resolved_dict(recipe), sort_keys=False))
+    forced = False
+    done: list[Artifact] = []
+    for index, stage_cfg in enumerate(recipe.stages):
+        name = f"{index + 1:02d}-{stage_cfg.stage}"
+        forced = forced or stage_cfg.stage == from_stage
+        inputs = select_inputs(stage_cfg.stage, done)
+        cfg_dict = stage_cfg.model_dump(mode="json")
+        fp = fingerprint(cfg_dict, recipe, inputs)
+        final = run_dir / name
+        cached = None if forced else _finished(final, fp)
+        if cached is not None:
+            log.info("%s: finished earlier (fingerprint %s), skipped", name, fp[:12])
+            done.append(cached)
+            continue
+        if rank == 0 or stage_cfg.stage in DISTRIBUTED_STAGES:
+            _run_stage(stage_cfg, name, fp, recipe, inputs, run_dir, rank, world_size)
+        _barrier(world_size)
+        done.append(Artifact.load(final))
+    return done
+
+
+def _run_stage(stage_cfg, name: str, fp: str, recipe: Recipe, inputs, run_dir: Path, rank: int, world_size: int) -> None:
+    tmp = run_dir / ".tmp" / (name if rank == 0 else f"{name}-rank{rank}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    work_dir = run_dir / ".work" / f"{name}-{fp[:12]}"
+    ctx = StageContext(recipe, inputs, run_dir, work_dir, rank, world_size)
+    module = importlib.import_module(STAGES[stage_cfg.stage])
+    log.info("%s: started", name)
+    started = time.time()
+    output = module.run(stage_cfg, ctx, tmp)
+    if rank != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    manifest = write_manifest(tmp, output, stage=stage_cfg.stage, fingerprint=fp, config=stage_cfg.model_dump(mode="json"),
+                              inputs=inputs, started=started)
+    _publish(tmp, run_dir / name)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    size_mb = sum(f["bytes"] for f in manifest["files"].values()) / 1e6
+    headline = ", ".join(f"{k}={v}" for k, v in output.metrics.items() if isinstance(v, (int, float)))
+    log.info("%s: done in %.1f s, %.1f MB%s", name, manifest["timings"]["seconds"], size_mb, f", {headline}" if headline else "")

@@ -1,0 +1,109 @@
+"""``TextClassifier``: load an edgetl bundle and classify text with numpy, tokenizers and one runtime."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgetl.errors import ArtifactError
+from edgetl.runtime.engines import ENGINES, open_engine
+from edgetl.runtime.text import encode, length_batches, load_tokenizer, softmax
+
+SUPPORTED_FORMAT_VERSIONS = (1,)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    score: float
+    scores: dict[str, float]
+
+
+def _read_manifest(folder: Path) -> dict:
+    path = folder / "edgetl.json"
+    if not path.is_file():
+        raise ArtifactError(f"{folder}: not an edgetl bundle (no edgetl.json)")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != "edgetl-bundle" or manifest.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
+        raise ArtifactError(f"{path}: bundle format {manifest.get('format')!r} version {manifest.get('format_version')!r} "
+                            f"is not supported (this edgetl reads versions {SUPPORTED_FORMAT_VERSIONS})")
+    return manifest
+
+
+def _verify(folder: Path, manifest: dict) -> None:
+    from edgetl.artifact import sha256_file
+
+    for rel, info in manifest["files"].items():
+        file = folder / rel
+        if not file.is_file():
+            raise ArtifactError(f"{folder}: missing file {rel}")
+        if sha256_file(file) != info["sha256"]:
+            raise ArtifactError(f"{folder}: {rel} does not match its sha256 in edgetl.json (corrupted or edited)")
+
+
+class TextClassifier:
+    """A bundle loaded for inference.
+
+    Args:
+        folder: the bundle folder (holds ``edgetl.json``).
+        backend: 'auto' (OpenVINO if installed and in the bundle, else ONNX Runtime), 'onnxruntime' or 'openvino'.
+        threads: intra-op threads (default: the runtime's choice, usually all cores).
+        verify: check every file against its sha256 first.
+    """
+
+    def __init__(self, folder: str | Path, backend: str = "auto", threads: int | None = None, verify: bool = True):
+        self.folder = Path(folder)
+        self.manifest = _read_manifest(self.folder)
+        if verify:
+            _verify(self.folder, self.manifest)
+        self.backend = self._choose(backend)
+        self.labels = list(self.manifest["labels"])
+        self.tokenizer = load_tokenizer(self.folder, self.manifest["max_length"])
+        self.engine = open_engine(self.backend, self.folder / self.manifest["models"][self.backend]["path"], threads)
+
+    @classmethod
+    def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None, verify: bool = True) -> TextClassifier:
+        return cls(path, backend, threads, verify)
+
+    def _choose(self, backend: str) -> str:
+        available = list(self.manifest["models"])
+        name = {"onnxruntime": "onnx"}.get(backend, backend)
+        if name == "auto":
+            import importlib.util
+
+            installed = [b for b in ("openvino", "onnx") if b in available
+                         and importlib.util.find_spec("onnxruntime" if b == "onnx" else "openvino")]
+            if not installed:
+                raise ArtifactError(f"{self.folder}: no installed runtime for this bundle's models {available}")
+            return installed[0]
+        if name not in ENGINES or name not in available:
+            raise ArtifactError(f"backend {backend!r} is not in this bundle (it has: {available})")
+        return name
+
+    def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        lengths = [len(e.ids) for e in self.tokenizer.encode_batch(texts)]
+        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
+        for batch in length_batches(lengths, batch_size):
+            out[batch] = self.engine.run(encode(self.tokenizer, [texts[i] for i in batch]))
+        return out
+
+    def predict(self, texts: list[str], batch_size: int = 32) -> list[Prediction]:
+        if isinstance(texts, str):
+            raise TypeError("predict takes a list of strings; use predict_one for a single text")
+        texts = list(texts)
+        bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
+        if bad:
+            raise TypeError(f"texts[{bad[0]}] is {type(texts[bad[0]]).__name__}, not str")
+        if not texts:
+            return []
+        probabilities = softmax(self.logits(texts, batch_size))
+        return [
+            Prediction(self.labels[int(p.argmax())], float(p.max()), {label: float(s) for label, s in zip(self.labels, p, strict=True)})
+            for p in probabilities
+        ]
+
+    def predict_one(self, text: str) -> Prediction:
+        return self.predict([text])[0]

@@ -1,0 +1,67 @@
+"""Inference engines an app can embed: ONNX Runtime and OpenVINO. numpy in, logits out; never torch.
+
+Each engine is the one place edgetl touches that runtime's inference API.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edgetl.errors import MissingDependencyError
+
+
+class OnnxRuntimeEngine:
+    """One ``InferenceSession`` on the CPU provider; ``run`` is safe to call from many threads."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, model_path: str | Path, threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise MissingDependencyError("onnxruntime", "runtime", "the ONNX Runtime backend") from None
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(["logits"], {k: feeds[k] for k in self.input_names})[0]
+
+
+class OpenVinoEngine:
+    """A model compiled for OpenVINO's CPU plugin. ``run`` makes a fresh request per call (thread-safe)."""
+
+    backend = "openvino"
+
+    def __init__(self, model_path: str | Path, threads: int | None = None, device: str = "CPU"):
+        try:
+            import openvino as ov
+        except ImportError:
+            raise MissingDependencyError("openvino", "openvino", "the OpenVINO backend") from None
+        core = ov.Core()
+        # On CPUs with bf16 units (AVX512-BF16, AMX) OpenVINO would otherwise run the float parts in bf16:
+        # an "FP32" model would then not be FP32, and an INT8 model would not be the one evaluated.
+        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        self.compiled = core.compile_model(str(model_path), device, config)
+        self.input_names = [i.get_any_name() for i in self.compiled.inputs]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        request = self.compiled.create_infer_request()
+        result = request.infer({k: feeds[k] for k in self.input_names})
+        return np.asarray(result[self.compiled.output(0)])
+
+
+ENGINES = {"onnx": OnnxRuntimeEngine, "openvino": OpenVinoEngine}
+
+
+def open_engine(backend: str, model_path: str | Path, threads: int | None = None):
+    """An engine for a model file: backend 'onnx' (ONNX Runtime) or 'openvino'."""
+    return ENGINES[backend](model_path, threads)

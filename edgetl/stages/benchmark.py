@@ -1,0 +1,21 @@
+"""Latency, throughput, size, memory and accuracy of every model artifact x backend, side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgetl.artifact import MODEL_KINDS, StageOutput
+from edgetl.bench.run import benchmark
+from edgetl.data import load_labelled
+from edgetl.recipe import BenchmarkStage
+
+
+def run(cfg: BenchmarkStage, ctx, out_dir: Path) -> StageOutput:
+    _, dev = load_labelled(ctx.recipe.data)
+    evaluation = ctx.latest("evaluation")
+    accuracy = evaluation.metrics if evaluation else {}
+    models = [a for a in ctx.inputs if a.kind in MODEL_KINDS]
+    result = benchmark(models, dev["text"], accuracy, ctx.recipe.bench, ctx.recipe.data.max_length, out_dir,
+                       title=ctx.recipe.name)
+    metrics = {f"{r['target']} p50_ms": r["p50_ms"] for r in result["rows"]}
+    return StageOutput(kind="benchmark", metrics=metrics)

@@ -1,0 +1,68 @@
+"""The app-ready bundle: INT8 model(s), tokenizer, labels, max length, metrics and checksums in ``edgetl.json``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from edgetl import __version__
+from edgetl.artifact import StageOutput, file_table
+from edgetl.bench.machine import describe
+from edgetl.errors import StageError
+from edgetl.recipe import BundleStage
+
+BUNDLE_FORMAT = "edgetl-bundle"
+BUNDLE_VERSION = 1
+
+
+def _benchmark_rows(ctx) -> tuple[dict[str, dict], dict | None]:
+    bench = ctx.latest("benchmark")
+    if bench is None:
+        return {}, None
+    result = json.loads((bench.path / "results.json").read_text())
+    return {r["target"]: r for r in result["rows"]}, result["machine"]
+
+
+def run(cfg: BundleStage, ctx, out_dir: Path) -> StageOutput:
+    source = ctx.latest("quantized", "exported")
+    if source is None:
+        raise StageError("bundle: no exported or quantized model to bundle")
+    missing = [b for b in cfg.backends if b not in source.models]
+    if missing:
+        raise StageError(f"bundle: {source.name} has no {missing} model; backends there: {list(source.models)}")
+    evaluation = ctx.latest("evaluation")
+    accuracy = evaluation.metrics if evaluation else {}
+    rows, machine = _benchmark_rows(ctx)
+    models, metrics = {}, {}
+    for backend in cfg.backends:
+        folder = source.model_path(backend).parent
+        shutil.copytree(folder, out_dir / backend)
+        model_file = f"{backend}/{source.model_path(backend).name}"
+        key = f"{backend}-{source.models[backend]['precision']} ({source.name})"
+        models[backend] = {"path": model_file, "precision": source.models[backend]["precision"]}
+        metrics[backend] = {"accuracy": accuracy.get(key), "p50_ms": rows.get(key, {}).get("p50_ms"),
+                            "throughput_per_s": rows.get(key, {}).get("throughput_per_s"),
+                            "model_mb": rows.get(key, {}).get("model_mb")}
+    shutil.copy2(out_dir / cfg.backends[0] / "tokenizer.json", out_dir / "tokenizer.json")
+    recipe = ctx.recipe
+    config = json.loads((out_dir / cfg.backends[0] / "config.json").read_text())
+    labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    manifest = {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "edgetl_version": __version__,
+        "task": "text-classification",
+        "labels": labels,
+        "max_length": recipe.data.max_length,
+        "truncation": "right",
+        "input_names": ["input_ids", "attention_mask", "token_type_ids"],
+        "models": models,
+        "metrics": {"per_backend": metrics, "accuracy_split": "eval", "measured_on": describe(machine) if machine else None},
+        "provenance": {"recipe": recipe.name, "model": recipe.model, "data": recipe.data.dataset,
+                       "source_artifact": source.name},
+        "files": file_table(out_dir),
+    }
+    (out_dir / "edgetl.json").write_text(json.dumps(manifest, indent=1))
+    return StageOutput(kind="bundle", precision=source.manifest.get("precision"), models=models,
+                       metrics={f"{b} accuracy": m["accuracy"] for b, m in metrics.items() if m["accuracy"] is not None})

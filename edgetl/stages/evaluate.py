@@ -1,0 +1,46 @@
+"""Accuracy of every model artifact on the evaluation split, each through its own runtime."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from edgetl.artifact import StageOutput
+from edgetl.backends import targets_of
+from edgetl.data import load_labelled
+from edgetl.recipe import EvaluateStage
+from edgetl.runtime.text import encode, length_batches, load_tokenizer
+
+log = logging.getLogger("edgetl")
+
+
+def predict_logits(engine, tokenizer, texts: list[str], batch_size: int, desc: str = "") -> np.ndarray:
+    """Logits in the order of ``texts``, computed in length-grouped batches."""
+    lengths = [len(e.ids) for e in tokenizer.encode_batch(texts)]
+    logits = None
+    for batch in tqdm(length_batches(lengths, batch_size), desc=desc, leave=False):
+        out = engine.run(encode(tokenizer, [texts[i] for i in batch]))
+        if logits is None:
+            logits = np.zeros((len(texts), out.shape[-1]), dtype=np.float32)
+        logits[batch] = out
+    return logits
+
+
+def run(cfg: EvaluateStage, ctx, out_dir: Path) -> StageOutput:
+    _, dev = load_labelled(ctx.recipe.data)
+    texts, labels = dev["text"], np.asarray(dev["label"])
+    rows = []
+    for target in targets_of(ctx.inputs):
+        tokenizer = load_tokenizer(target.folder, ctx.recipe.data.max_length)
+        logits = predict_logits(target.open(), tokenizer, texts, cfg.batch_size, desc=target.key)
+        accuracy = float((logits.argmax(-1) == labels).mean())
+        rows.append({"target": target.key, "artifact": target.artifact.name, "backend": target.backend,
+                     "precision": target.precision, "accuracy": round(accuracy, 5), "samples": len(texts)})
+        np.save(out_dir / f"logits-{target.artifact.name}-{target.backend}.npy", logits)
+        log.info("evaluate: %-32s accuracy %.4f", target.key, accuracy)
+    (out_dir / "evaluation.json").write_text(json.dumps(rows, indent=1))
+    return StageOutput(kind="evaluation", metrics={r["target"]: r["accuracy"] for r in rows})
