@@ -62,6 +62,8 @@ class FinetuneStage(_Strict):
     pooling: Literal["cls", "mean"] = Field("mean", description="Sentence vector fed to the classifier.")
     eval_steps: int = Field(200, ge=1, description="Evaluate and checkpoint every this many steps.")
     group_by_length: bool = Field(True, description="Batch texts of similar length (about 3x faster on SST-2).")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Mixed precision for training; auto = bf16 where the CPU or GPU computes it natively.")
     seed: int = 42
 
 

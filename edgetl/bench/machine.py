@@ -26,18 +26,24 @@ def _cpuinfo() -> dict[str, str]:
     return info
 
 
+def isa_flags() -> list[str]:
+    """The notable ISA extensions of this CPU (empty where /proc/cpuinfo is missing)."""
+    cpu = _cpuinfo()
+    flags = set((cpu.get("flags") or cpu.get("Features") or "").split())
+    return [f for f in NOTABLE_FLAGS if f in flags]
+
+
 def machine_info() -> dict:
     import psutil
 
     cpu = _cpuinfo()
-    flags = set((cpu.get("flags") or cpu.get("Features") or "").split())
     return {
         "cpu": cpu.get("model name") or platform.processor() or platform.machine(),
         "arch": platform.machine(),
         "logical_cores": os.cpu_count(),
         "physical_cores": psutil.cpu_count(logical=False),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "isa_flags": [f for f in NOTABLE_FLAGS if f in flags],
+        "isa_flags": isa_flags(),
         "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
         "os": f"{platform.system()} {platform.release()}",
         "versions": library_versions(),
