@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # torchao (pulled in by transformers) registers enums in a way torch now warns about on every import.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
         return args.func(args)
     except EdgetlError as exc:

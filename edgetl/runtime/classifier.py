@@ -26,8 +26,11 @@ def _read_manifest(folder: Path) -> dict:
     path = folder / "edgetl.json"
     if not path.is_file():
         raise ArtifactError(f"{folder}: not an edgetl bundle (no edgetl.json)")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != "edgetl-bundle" or manifest.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{path}: unreadable bundle manifest ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "edgetl-bundle" or manifest.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
         raise ArtifactError(f"{path}: bundle format {manifest.get('format')!r} version {manifest.get('format_version')!r} "
                             f"is not supported (this edgetl reads versions {SUPPORTED_FORMAT_VERSIONS})")
     return manifest
@@ -84,6 +87,8 @@ class TextClassifier:
         return name
 
     def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+        if not texts:
+            return np.zeros((0, len(self.labels)), dtype=np.float32)
         lengths = [len(e.ids) for e in self.tokenizer.encode_batch(texts)]
         out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
         for batch in length_batches(lengths, batch_size):

@@ -1,0 +1,206 @@
+"""Shared fixtures: a small SST-2 slice, a tiny BERT (a few thousand parameters) and one tiny run of sst-int8.
+
+Everything heavy is session-scoped and built once: the tiny model, the tiny run, and the dynamic-INT8
+rerun that both the pipeline tests and the stage tests read.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+# Before anything imports huggingface_hub: no test may reach the network.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+RECIPES = REPO / "recipes"
+SHARED_SST2 = REPO.parent / "shared" / "datasets" / "sst2"
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+TRAIN_ROWS, DEV_ROWS, VOCAB_WORDS = 400, 120, 400
+
+
+def shipped_recipes() -> list[Path]:
+    return sorted(RECIPES.rglob("*.yaml"))
+
+
+def stage_names(recipe: str | Path) -> list[str]:
+    path = Path(recipe) if str(recipe).endswith((".yaml", ".yml")) else RECIPES / f"{recipe}.yaml"
+    return [s["stage"] for s in yaml.safe_load(path.read_text())["stages"]]
+
+
+def tiny_overrides(tiny_model: Path, sst2_slice: Path, recipe: str | Path = "sst-int8", **changes) -> list[str]:
+    """Overrides that shrink a recipe to the tiny model and the slice; only for stages the recipe has.
+
+    ``changes`` replace or add overrides, keyed by the path with dots written as ``__``
+    (``stages__finetune__max_steps=60``).
+    """
+    stages = set(stage_names(recipe))
+    wanted = {
+        "model": str(tiny_model),
+        "data.path": str(sst2_slice),
+        "data.max_length": "64",
+        "stages.finetune.max_steps": "6",
+        "stages.finetune.eval_steps": "3",
+        "stages.finetune.batch_size": "16",
+        "stages.quantize.calibration_samples": "16",
+        "bench.rounds": "1",
+        "bench.warmup": "2",
+        "bench.max_sentences": "20",
+    }
+    wanted.update({key.replace("__", "."): str(value) for key, value in changes.items()})
+    return [f"{key}={value}" for key, value in wanted.items()
+            if not key.startswith("stages.") or key.split(".")[1] in stages]
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    """A private copy of a finished run folder; artifacts hold no absolute paths that the pipeline reads."""
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns(".tmp", ".work"))
+    return target
+
+
+def manifests(run_dir: Path) -> dict[str, dict]:
+    import json
+
+    return {p.parent.name: json.loads(p.read_text()) for p in sorted(run_dir.glob("[0-9][0-9]-*/manifest.json"))}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def edgetl_cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """``python -m edgetl ...`` in a subprocess, from ``cwd`` (never the checkout: nothing may land there)."""
+    return subprocess.run([sys.executable, "-m", "edgetl", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def _read_tsv(path: Path) -> tuple[str, list[str]]:
+    lines = path.read_text().splitlines()
+    return lines[0], [line for line in lines[1:] if line.strip()]
+
+
+def _spread(rows: list[str], count: int) -> list[str]:
+    step = len(rows) / count
+    return [rows[int(i * step)] for i in range(count)]
+
+
+@pytest.fixture(scope="session")
+def sst2_slice(tmp_path_factory) -> Path:
+    """train.tsv (400 rows) and dev.tsv (120 rows) taken evenly over the shared SST-2 files, header kept."""
+    if not SHARED_SST2.is_dir():
+        pytest.fail(f"the shared SST-2 files are missing: {SHARED_SST2}")
+    folder = tmp_path_factory.mktemp("sst2")
+    for name, count in (("train.tsv", TRAIN_ROWS), ("dev.tsv", DEV_ROWS)):
+        header, rows = _read_tsv(SHARED_SST2 / name)
+        assert header.split("\t") == ["sentence", "label"]
+        picked = _spread(rows, count)
+        assert {r.rsplit("\t", 1)[1] for r in picked} == {"0", "1"}, f"{name}: the slice lacks a label"
+        (folder / name).write_text("\n".join([header, *picked]) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, sst2_slice) -> Path:
+    """A 2-layer, 32-wide BERT with a WordPiece vocab of the slice's most frequent words."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    counts = collections.Counter()
+    for name in ("train.tsv", "dev.tsv"):
+        for row in _read_tsv(sst2_slice / name)[1]:
+            counts.update(row.rsplit("\t", 1)[0].lower().split())
+    words = [w for w, _ in counts.most_common() if w not in SPECIAL_TOKENS and not w.startswith("##")]
+    vocab = SPECIAL_TOKENS + words[:VOCAB_WORDS]
+    vocab_file = folder / "vocab.txt"
+    vocab_file.write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file))
+    assert tokenizer.pad_token_id == 0
+    tokenizer.save_pretrained(str(folder))
+    assert (folder / "tokenizer.json").is_file()
+    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def shrink(tiny_model, sst2_slice):
+    """``shrink(recipe="sst-int8", **changes)``: tiny_overrides bound to this session's model and slice."""
+
+    def make(recipe: str | Path = "sst-int8", **changes) -> list[str]:
+        return tiny_overrides(tiny_model, sst2_slice, recipe, **changes)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def quiet_cwd(tmp_path_factory):
+    """An empty working folder for in-process runs: third-party tools that write into the cwd land here."""
+    folder = tmp_path_factory.mktemp("cwd")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(folder)
+        yield folder
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory, shrink, quiet_cwd):
+    """``tiny_runs(recipe)``: a recipe run end to end on the tiny model, once per session per recipe."""
+    from edgetl.pipeline import run_recipe
+    from edgetl.recipe import load_recipe
+
+    done: dict[str, Path] = {}
+
+    def get(recipe: str | Path = "sst-int8") -> Path:
+        key = str(recipe)
+        if key not in done:
+            run_dir = tmp_path_factory.mktemp(f"run-{Path(key).stem}")
+            run_recipe(load_recipe(key, shrink(recipe)), run_dir)
+            done[key] = run_dir
+        return done[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_runs) -> Path:
+    """The sst-int8 recipe run once on the tiny model; tests read it and never write into it."""
+    return tiny_runs("sst-int8")
+
+
+@pytest.fixture(scope="session")
+def tiny_artifacts(tiny_run) -> dict:
+    """stage name -> Artifact of the tiny sst-int8 run."""
+    from edgetl.artifact import Artifact
+
+    return {p.name.split("-", 1)[1]: Artifact.load(p) for p in sorted(tiny_run.glob("[0-9][0-9]-*"))}
+
+
+@pytest.fixture(scope="session")
+def dynamic_run(tmp_path_factory, tiny_run, shrink, quiet_cwd) -> dict:
+    """A copy of the tiny run, rerun with ``stages.quantize.onnx_method=dynamic``.
+
+    Returns the run folder and the manifests before and after, so tests can see which stages reran.
+    """
+    from edgetl.pipeline import run_recipe
+    from edgetl.recipe import load_recipe
+
+    run_dir = copy_run(tiny_run, tmp_path_factory.mktemp("dynamic") / "run")
+    before = manifests(run_dir)
+    recipe = load_recipe("sst-int8", shrink(stages__quantize__onnx_method="dynamic"))
+    assert recipe.stages[2].onnx_method == "dynamic"
+    run_recipe(recipe, run_dir)
+    return {"run_dir": run_dir, "before": before, "after": manifests(run_dir)}

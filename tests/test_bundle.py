@@ -1,0 +1,145 @@
+"""The bundle stage and artifact integrity: edgetl.json, checksums, and what a damaged folder gets."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from edgetl.errors import ArtifactError
+
+TEXTS = ["a gorgeous , witty , seductive movie that is also one of the best films of the year", "dull"]
+
+
+# --- bundle -----------------------------------------------------------------------------------------------
+
+def test_bundle_manifest(tiny_run, tiny_artifacts):
+    from edgetl.artifact import sha256_file
+
+    bundle = tiny_run / "06-bundle"
+    info = json.loads((bundle / "edgetl.json").read_text())
+    assert (info["format"], info["format_version"]) == ("edgetl-bundle", 1)
+    assert info["labels"] == ["negative", "positive"] and info["max_length"] == 64
+    assert info["models"] == {"onnx": {"path": "onnx/model.onnx", "precision": "int8"},
+                              "openvino": {"path": "openvino/model.xml", "precision": "int8"}}
+    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
+    assert set(info["files"]) == on_disk - {"edgetl.json", "manifest.json"}
+    for rel, entry in info["files"].items():
+        assert sha256_file(bundle / rel) == entry["sha256"], rel
+    accuracy = tiny_artifacts["evaluate"].metrics
+    assert info["metrics"]["per_backend"]["onnx"]["accuracy"] == accuracy["onnx-int8 (03-quantize)"]
+    assert info["provenance"]["source_artifact"] == "03-quantize"
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_bundle_loads_and_predicts(tiny_run, backend):
+    from edgetl.runtime import TextClassifier
+
+    classifier = TextClassifier.load(tiny_run / "06-bundle", backend=backend)
+    predictions = classifier.predict(TEXTS)
+    assert [p.label in ("negative", "positive") for p in predictions] == [True, True]
+    for p in predictions:
+        assert sum(p.scores.values()) == pytest.approx(1.0, abs=1e-5) and p.score == max(p.scores.values())
+
+
+@pytest.fixture
+def bundle_copy(tiny_run, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_run / "06-bundle", tmp_path / "bundle"))
+
+
+@pytest.mark.parametrize("rel", ["onnx/model.onnx", "openvino/model.bin", "tokenizer.json"])
+def test_corrupted_bundle_file_is_refused(bundle_copy, rel):
+    from edgetl.runtime import TextClassifier
+
+    data = bytearray((bundle_copy / rel).read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 8] = bytes(b ^ 0xFF for b in data[middle : middle + 8])
+    (bundle_copy / rel).write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match=rf"{re.escape(rel)} does not match its sha256"):
+        TextClassifier.load(bundle_copy)
+
+
+def test_bundle_with_a_missing_file_is_refused(bundle_copy):
+    from edgetl.runtime import TextClassifier
+
+    (bundle_copy / "openvino" / "model.bin").unlink()
+    with pytest.raises(ArtifactError, match=r"missing file openvino/model\.bin"):
+        TextClassifier.load(bundle_copy, backend="onnxruntime")
+
+
+@pytest.mark.parametrize("field, value", [("format_version", 99), ("format", "something-else")])
+def test_bundle_of_another_format_is_refused(bundle_copy, field, value):
+    from edgetl.runtime import TextClassifier
+
+    path = bundle_copy / "edgetl.json"
+    info = json.loads(path.read_text())
+    info[field] = value
+    path.write_text(json.dumps(info))
+    with pytest.raises(ArtifactError, match=r"is not supported \(this edgetl reads versions \(1,\)\)"):
+        TextClassifier.load(bundle_copy)
+
+
+def test_unreadable_bundle_manifest_is_refused(bundle_copy):
+    from edgetl.runtime import TextClassifier
+
+    (bundle_copy / "edgetl.json").write_text("{half a manifest")
+    with pytest.raises(ArtifactError, match=r"edgetl\.json"):
+        TextClassifier.load(bundle_copy)
+
+
+def test_folder_that_is_not_a_bundle_is_refused(tiny_run):
+    from edgetl.runtime import TextClassifier
+
+    with pytest.raises(ArtifactError, match=r"not an edgetl bundle \(no edgetl\.json\)"):
+        TextClassifier.load(tiny_run / "03-quantize")
+
+
+def test_bundle_without_the_requested_backend_is_refused(bundle_copy):
+    from edgetl.runtime import TextClassifier
+
+    path = bundle_copy / "edgetl.json"
+    info = json.loads(path.read_text())
+    del info["models"]["openvino"]
+    path.write_text(json.dumps(info))
+    with pytest.raises(ArtifactError, match=r"backend 'openvino' is not in this bundle \(it has: \['onnx'\]\)"):
+        TextClassifier.load(bundle_copy, backend="openvino")
+    assert TextClassifier.load(bundle_copy).backend == "onnx"
+
+
+@pytest.fixture
+def quantize_copy(tiny_run, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_run / "03-quantize", tmp_path / "03-quantize"))
+
+
+def test_artifact_verify_catches_an_edited_file(quantize_copy):
+    from edgetl.artifact import Artifact
+
+    Artifact.load(quantize_copy).verify()
+    with open(quantize_copy / "onnx" / "model.onnx", "r+b") as handle:
+        handle.seek(100)
+        byte = handle.read(1)
+        handle.seek(100)
+        handle.write(bytes([byte[0] ^ 0x01]))
+    with pytest.raises(ArtifactError, match=r"onnx/model\.onnx does not match its sha256 in manifest\.json"):
+        Artifact.load(quantize_copy).verify()
+
+
+def test_artifact_verify_catches_a_missing_file(quantize_copy):
+    from edgetl.artifact import Artifact
+
+    (quantize_copy / "openvino" / "model.bin").unlink()
+    with pytest.raises(ArtifactError, match=r"missing file openvino/model\.bin"):
+        Artifact.load(quantize_copy).verify()
+
+
+def test_folder_without_manifest_is_not_an_artifact(tmp_path):
+    from edgetl.artifact import Artifact
+
+    with pytest.raises(ArtifactError, match=r"not a finished artifact \(no manifest\.json\)"):
+        Artifact.load(tmp_path)
+    (tmp_path / "manifest.json").write_text("{half a")
+    with pytest.raises(ArtifactError, match="unreadable manifest"):
+        Artifact.load(tmp_path)

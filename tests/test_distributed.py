@@ -1,0 +1,38 @@
+"""A recipe under torchrun with two CPU processes: every rank trains, rank 0 alone publishes, once."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import free_port, manifests
+
+TIMEOUT_S = 300
+
+
+def test_two_cpu_processes_run_a_recipe_once(shrink, tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               "-m", "edgetl", "run", "sst-int8", *shrink(), "--run-dir", str(run_dir)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+    assert done.returncode == 0, done.stderr[-4000:]
+    found = manifests(run_dir)
+    assert list(found) == ["01-finetune", "02-export", "03-quantize", "04-evaluate", "05-benchmark", "06-bundle"]
+    leftovers = [p.relative_to(run_dir).as_posix() for p in run_dir.rglob("*") if "rank" in p.name or ".stale-" in p.name]
+    assert leftovers == []
+    assert not any((run_dir / ".tmp").glob("*")) and not any((run_dir / ".work").glob("*"))
+    finetune = found["01-finetune"]
+    assert finetune["metrics"]["steps"] == 6 and finetune["metrics"]["eval_samples"] == 120
+    history = json.loads((run_dir / "01-finetune" / "eval_history.json").read_text())
+    assert [h["step"] for h in history[:-1]] == [3, 6]
+    # Every stage ran once: one "started" line per stage from rank 0, none from rank 1 outside finetune.
+    started = [line for line in done.stderr.splitlines() if line.endswith(": started")]
+    assert sorted(line.split()[-2].rstrip(":") for line in started) == sorted(
+        ["01-finetune", "01-finetune", "02-export", "03-quantize", "04-evaluate", "05-benchmark", "06-bundle"])
+    from edgetl.runtime import TextClassifier
+
+    assert TextClassifier.load(run_dir / "06-bundle").predict_one("a fine film").label in ("negative", "positive")

@@ -1,0 +1,38 @@
+"""Every shipped recipe runs end to end on the tiny model (found with rglob, so a new YAML is covered at once)."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import RECIPES as RECIPES_DIR
+from conftest import shipped_recipes, stage_names
+
+RECIPES = shipped_recipes()
+
+
+def test_recipes_are_found():
+    assert len(RECIPES) > 0
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_recipe_runs_end_to_end_on_the_tiny_model(recipe, tiny_runs):
+    from edgetl.artifact import Artifact
+
+    # Top-level recipes run by name, as users type them (and share the session's sst-int8 run); others by path.
+    run_dir = tiny_runs(recipe.stem if recipe.parent == RECIPES_DIR else recipe)
+    names = stage_names(recipe)
+    folders = [run_dir / f"{i + 1:02d}-{name}" for i, name in enumerate(names)]
+    for folder in folders:
+        artifact = Artifact.load(folder)
+        artifact.verify()
+        assert artifact.manifest["stage"] == folder.name.split("-", 1)[1]
+    assert sorted(p.name for p in run_dir.glob("[0-9][0-9]-*")) == [f.name for f in folders]
+    assert (run_dir / "recipe.resolved.yaml").is_file()
+    assert not any((run_dir / ".tmp").glob("*")), "a finished run leaves nothing in .tmp"
+    if "bundle" in names:
+        from edgetl.runtime import TextClassifier
+
+        bundle = folders[names.index("bundle")]
+        classifier = TextClassifier.load(bundle)
+        predictions = classifier.predict(["a gorgeous , witty film", "dull and lifeless"])
+        assert [p.label in classifier.labels for p in predictions] == [True, True]

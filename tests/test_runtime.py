@@ -1,0 +1,161 @@
+"""The app runtime: torch-free, the CLI predicts, and it agrees with what the evaluate stage measured."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import edgetl_cli
+from edgetl.errors import UsageError
+
+HEAVY = ("torch", "transformers", "optimum", "nncf", "datasets")
+
+
+def run_python(code: str, *args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True, timeout=180)
+
+
+def test_importing_the_runtime_never_imports_torch(tmp_path):
+    done = run_python("import edgetl.runtime, sys; assert 'torch' not in sys.modules and 'transformers' not in sys.modules",
+                      cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+
+
+_LOAD_AND_PREDICT = f"""
+import sys
+from edgetl.runtime import TextClassifier
+classifier = TextClassifier.load(sys.argv[1], backend=sys.argv[2])
+assert classifier.backend == {{"onnxruntime": "onnx"}}.get(sys.argv[2], sys.argv[2])
+predictions = classifier.predict(["a gorgeous , witty film", "dull and lifeless"])
+assert len(predictions) == 2
+heavy = [m for m in {HEAVY!r} if m in sys.modules]
+assert not heavy, heavy
+"""
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_loading_a_bundle_and_predicting_never_imports_torch(tiny_run, tmp_path, backend):
+    done = run_python(_LOAD_AND_PREDICT, str(tiny_run / "06-bundle"), backend, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+
+
+def test_cli_predict_prints_one_line_per_text(tiny_run, tmp_path):
+    texts = ["a gorgeous , witty film", "dull and lifeless", "it 's a movie"]
+    done = edgetl_cli("predict", str(tiny_run / "06-bundle"), *texts, "--backend", "onnxruntime", cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == len(texts)
+    for line, text in zip(lines, texts, strict=True):
+        label, score, echoed = line.split("\t")
+        assert label in ("negative", "positive") and 0.5 <= float(score) <= 1.0 and echoed == text
+
+
+def test_cli_predict_without_texts(tiny_run):
+    from edgetl.cli import main
+
+    with pytest.raises(UsageError, match="predict: give at least one text"):
+        main(["--debug", "predict", str(tiny_run / "06-bundle")])
+    assert main(["predict", str(tiny_run / "06-bundle")]) == 2
+
+
+def test_cli_predict_on_a_folder_that_is_not_a_bundle(tmp_path):
+    done = edgetl_cli("predict", str(tmp_path), "some text", cwd=tmp_path, timeout=120)
+    assert done.returncode == 1
+    assert "edgetl: error:" in done.stderr and "not an edgetl bundle" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_cli_bench_on_a_path_that_is_no_artifact(tmp_path):
+    from edgetl.cli import main
+
+    with pytest.raises(UsageError, match="neither an artifact folder nor a run folder"):
+        main(["--debug", "bench", str(tmp_path / "missing")])
+
+
+@pytest.fixture(scope="module")
+def dev_texts(sst2_slice) -> list[str]:
+    from edgetl.data import load_labelled
+    from edgetl.recipe import DataConfig
+
+    return load_labelled(DataConfig(path=str(sst2_slice)))[1]["text"]
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_runtime_agrees_with_the_evaluate_stage(tiny_run, dev_texts, backend):
+    from edgetl.runtime import TextClassifier
+
+    saved = np.load(tiny_run / "04-evaluate" / f"logits-03-quantize-{backend}.npy")
+    classifier = TextClassifier.load(tiny_run / "06-bundle", backend=backend)
+    # Same batches as the evaluate stage (64, grouped by length): the same engine must give the same logits.
+    logits = classifier.logits(dev_texts, batch_size=64)
+    np.testing.assert_allclose(logits, saved, rtol=0, atol=1e-5)
+    predicted = [p.label for p in classifier.predict(dev_texts, batch_size=64)]
+    assert predicted == [classifier.labels[i] for i in saved.argmax(axis=-1)]
+
+
+def test_predict_validates_its_input(tiny_run):
+    from edgetl.runtime import TextClassifier
+
+    classifier = TextClassifier.load(tiny_run / "06-bundle", backend="onnxruntime")
+    with pytest.raises(TypeError, match="predict takes a list of strings; use predict_one"):
+        classifier.predict("a single string")
+    with pytest.raises(TypeError, match=r"texts\[1\] is int, not str"):
+        classifier.predict(["fine", 3])
+    assert classifier.predict([]) == []
+    one = classifier.predict_one("a gorgeous , witty film")
+    assert one == classifier.predict(["a gorgeous , witty film"])[0]
+
+
+def test_predictions_do_not_depend_on_batching(tiny_run, dev_texts, tmp_path):
+    import shutil
+
+    from edgetl.runtime import TextClassifier
+
+    # The FP32 model in the bundle's place: INT8 kernels may round a value to the next step when the batch shape
+    # changes, FP32 does not, so any difference here comes from how the runtime batches, pads and reorders.
+    bundle = shutil.copytree(tiny_run / "06-bundle", tmp_path / "bundle")
+    shutil.copy2(tiny_run / "02-export" / "onnx" / "model.onnx", bundle / "onnx" / "model.onnx")
+    classifier = TextClassifier.load(bundle, backend="onnxruntime", verify=False)
+    texts = dev_texts[:40]
+    batched = classifier.logits(texts, batch_size=16)
+    single = np.concatenate([classifier.logits([t]) for t in texts])
+    np.testing.assert_allclose(batched, single, rtol=0, atol=1e-5)
+    reordered = single[np.random.default_rng(0).permutation(len(texts))]
+    assert not np.allclose(batched, reordered, rtol=0, atol=1e-5), "rows too alike for this test to see a mix-up"
+
+
+def test_auto_backend_prefers_openvino_when_installed(tiny_run):
+    from edgetl.runtime import TextClassifier
+
+    assert TextClassifier.load(tiny_run / "06-bundle").backend == "openvino"
+
+
+@pytest.mark.parametrize("backend, package", [("onnx", "onnxruntime"), ("openvino", "openvino")])
+def test_missing_runtime_says_what_to_install(tiny_run, monkeypatch, backend, package):
+    from edgetl.errors import MissingDependencyError
+    from edgetl.runtime.engines import open_engine
+
+    monkeypatch.setitem(sys.modules, package, None)  # what an environment without the package looks like
+    model = tiny_run / "06-bundle" / ("onnx/model.onnx" if backend == "onnx" else "openvino/model.xml")
+    with pytest.raises(MissingDependencyError, match=rf"the .* backend needs the '{package}' package; install it with: pip install"):
+        open_engine(backend, model)
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_install_hints_name_an_extra_that_exists(tiny_run, monkeypatch, backend):
+    import re
+
+    tomllib = pytest.importorskip("tomllib")
+    from conftest import REPO
+    from edgetl.errors import MissingDependencyError
+    from edgetl.runtime.engines import open_engine
+
+    monkeypatch.setitem(sys.modules, {"onnx": "onnxruntime", "openvino": "openvino"}[backend], None)
+    model = tiny_run / "06-bundle" / ("onnx/model.onnx" if backend == "onnx" else "openvino/model.xml")
+    with pytest.raises(MissingDependencyError) as excinfo:
+        open_engine(backend, model)
+    extra = re.search(r"edgetl\[(\w+)\]", str(excinfo.value)).group(1)
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert extra in extras, f"'{extra}' is not an extra of edgetl (extras: {sorted(extras)})"

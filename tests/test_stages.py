@@ -1,0 +1,369 @@
+"""Each stage's invariants on the tiny run: loss falls, exports match PyTorch, INT8 graphs are INT8, and so on.
+
+The bundle stage and artifact checksums are in test_bundle.py.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+
+# Texts whose batch pads the short one and whose lengths differ from the exporter's trace shape.
+LONG_TEXT = "a gorgeous , witty , seductive movie that is also one of the best films of the year , and funny"
+SHORT_TEXT = "dull"
+PARITY_ATOL = 1e-4
+
+
+def op_counts(path: Path) -> collections.Counter:
+    import onnx
+
+    return collections.Counter(n.op_type for n in onnx.load(str(path)).graph.node)
+
+
+def ir_counts(xml_path: Path) -> tuple[collections.Counter, collections.Counter]:
+    """(layer types, constant element types) of an OpenVINO IR."""
+    import xml.etree.ElementTree as ET
+
+    layers = ET.parse(xml_path).getroot().find("layers")
+    types = collections.Counter(layer.get("type") for layer in layers)
+    consts = collections.Counter(layer.find("data").get("element_type") for layer in layers
+                                 if layer.get("type") == "Const")
+    return types, consts
+
+
+def model_bytes(artifact, backend: str) -> int:
+    from edgetl.backends import Target
+
+    return Target(artifact, backend).model_bytes
+
+
+def parity_feeds(tokenizer_dir: Path, max_length: int = 64) -> dict[str, np.ndarray]:
+    from edgetl.runtime.text import encode, load_tokenizer
+
+    texts = [" ".join([LONG_TEXT] * 4), SHORT_TEXT, LONG_TEXT]  # the first is truncated at max_length
+    feeds = encode(load_tokenizer(tokenizer_dir, max_length), texts)
+    lengths = feeds["attention_mask"].sum(axis=1)
+    assert lengths[0] == max_length and lengths[1] < lengths[2] < max_length, lengths
+    return feeds
+
+
+@pytest.fixture(scope="module")
+def torch_logits(tiny_artifacts):
+    from edgetl.backends import Target
+
+    feeds = parity_feeds(tiny_artifacts["export"].path / "onnx")
+    return feeds, Target(tiny_artifacts["finetune"], "pytorch").open().run(feeds)
+
+
+# --- finetune ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def learning_run(tmp_path_factory, tiny_model, sst2_slice, quiet_cwd):
+    """A finetune-only run that must fit its data: the dev split is part of the training split."""
+    from edgetl.pipeline import run_recipe
+    from edgetl.recipe import load_recipe
+
+    folder = tmp_path_factory.mktemp("fit")
+    train = (sst2_slice / "train.tsv").read_text().splitlines()
+    (folder / "train.tsv").write_text("\n".join(train) + "\n")
+    (folder / "dev.tsv").write_text("\n".join(train[:121]) + "\n")
+    recipe_file = folder / "fit.yaml"
+    recipe_file.write_text(yaml.safe_dump({
+        "name": "fit", "model": str(tiny_model), "data": {"path": str(folder), "max_length": 64},
+        "stages": [{"stage": "finetune", "max_steps": 80, "eval_steps": 40, "batch_size": 16,
+                    "learning_rate": 3e-3, "warmup_ratio": 0.0}],
+    }))
+    run_dir = folder / "run"
+    run_recipe(load_recipe(str(recipe_file)), run_dir)
+    return run_dir / "01-finetune"
+
+
+def test_finetune_loss_falls(learning_run):
+    history = json.loads((learning_run / "eval_history.json").read_text())
+    steps = [h["step"] for h in history]
+    assert steps == [40, 80, 80], steps  # two during training, then the final evaluation of the best
+    losses = [h["eval_loss"] for h in history]
+    assert losses[1] < losses[0] - 0.05, losses
+    accuracy = json.loads((learning_run / "manifest.json").read_text())["metrics"]["accuracy"]
+    assert accuracy > 0.7, accuracy
+
+
+def test_finetune_keeps_the_best_checkpoint_and_records_its_accuracy(tiny_artifacts):
+    finetune = tiny_artifacts["finetune"]
+    metrics = finetune.metrics
+    history = json.loads((finetune.path / "eval_history.json").read_text())
+    # One evaluation per eval_steps during training, then the final one of the reloaded best checkpoint.
+    during, final = history[:-1], history[-1]
+    assert [h["step"] for h in during] == [3, 6]
+    best = max(during, key=lambda h: h["eval_accuracy"])  # the first of equals, as Trainer keeps it
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert metrics["accuracy"] == pytest.approx(final["eval_accuracy"], abs=1e-5)
+    assert metrics["accuracy"] == pytest.approx(best["eval_accuracy"], abs=1e-5)
+    assert metrics["best_step"] == best["step"]
+    assert (metrics["steps"], metrics["train_samples"], metrics["eval_samples"]) == (6, 400, 120)
+    assert 1_000 < metrics["parameters"] < 100_000
+
+
+def test_finetune_output_reloads_and_holds_no_pickle(tiny_artifacts):
+    from edgetl.modeling import MEAN_POOL_ARCH, load_classifier
+
+    folder = tiny_artifacts["finetune"].path
+    model = load_classifier(folder)
+    assert MEAN_POOL_ARCH in model.config.architectures
+    assert model.config.id2label == {0: "negative", 1: "positive"}
+    assert (folder / "model.safetensors").is_file() and (folder / "tokenizer.json").is_file()
+    pickles = [p.name for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
+    assert pickles == []
+
+
+# --- export -----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["onnx/model.onnx", "raw/model.onnx"])
+def test_onnx_export_matches_pytorch_at_other_shapes_and_padding(tiny_artifacts, torch_logits, which):
+    from edgetl.runtime.engines import open_engine
+
+    feeds, expected = torch_logits
+    logits = open_engine("onnx", tiny_artifacts["export"].path / which).run(feeds)
+    assert logits.shape == expected.shape == (3, 2)
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=PARITY_ATOL)
+
+
+def test_onnx_target_opens_the_fused_model(tiny_artifacts, torch_logits):
+    from edgetl.backends import Target
+
+    feeds, expected = torch_logits
+    target = Target(tiny_artifacts["export"], "onnx")
+    assert target.key == "onnx-fp32 (02-export)"
+    np.testing.assert_allclose(target.open().run(feeds), expected, rtol=0, atol=PARITY_ATOL)
+    assert op_counts(tiny_artifacts["export"].model_path("onnx"))["Attention"] == 2  # one fused block per layer
+
+
+def test_openvino_ir_matches_pytorch_in_fp32(tiny_artifacts, torch_logits):
+    import openvino as ov
+
+    feeds, expected = torch_logits
+    compiled = ov.Core().compile_model(str(tiny_artifacts["export"].model_path("openvino")), "CPU",
+                                       {"INFERENCE_PRECISION_HINT": "f32"})
+    names = [i.get_any_name() for i in compiled.inputs]
+    logits = np.asarray(compiled.create_infer_request().infer({k: feeds[k] for k in names})[compiled.output(0)])
+    np.testing.assert_allclose(logits, expected, rtol=0, atol=PARITY_ATOL)
+
+
+def test_openvino_engine_runs_fp32_models_in_fp32(tiny_artifacts, torch_logits):
+    import openvino as ov
+
+    from edgetl.backends import Target
+
+    # Without an explicit f32 hint, OpenVINO runs float layers in bf16 on CPUs that have it (AVX512-BF16, AMX),
+    # about 2e-3 off PyTorch: the "fp32" model evaluated and benchmarked would not be FP32.
+    feeds, expected = torch_logits
+    engine = Target(tiny_artifacts["export"], "openvino").open()
+    assert engine.compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    np.testing.assert_allclose(engine.run(feeds), expected, rtol=0, atol=PARITY_ATOL)
+
+
+def test_exported_models_take_any_batch_and_length(tiny_artifacts):
+    import onnx
+
+    graph = onnx.load(str(tiny_artifacts["export"].path / "raw" / "model.onnx")).graph
+    dims = {i.name: [d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert set(dims) == {"input_ids", "attention_mask", "token_type_ids"}
+    assert all(len(d) == 2 and all(d) for d in dims.values()), dims
+
+
+def test_export_manifest_and_tokenizer(tiny_artifacts):
+    export = tiny_artifacts["export"]
+    assert export.kind == "exported" and export.manifest["precision"] == "fp32"
+    assert {b: m["precision"] for b, m in export.models.items()} == {"onnx": "fp32", "openvino": "fp32"}
+    assert export.manifest["unfused_onnx"] == "raw/model.onnx"
+    for backend in ("onnx", "openvino"):
+        folder = export.model_path(backend).parent
+        assert (folder / "tokenizer.json").is_file()
+        assert json.loads((folder / "config.json").read_text())["id2label"] == {"0": "negative", "1": "positive"}
+        assert export.metrics[f"{backend}_bytes"] == model_bytes(export, backend)
+
+
+# --- quantize ---------------------------------------------------------------------------------------------
+
+def test_static_onnx_int8_quantizes_every_matmul_and_the_embeddings(tiny_artifacts):
+    import onnx
+
+    quantize = tiny_artifacts["quantize"]
+    raw = onnx.load(str(tiny_artifacts["export"].path / "raw" / "model.onnx")).graph
+    int8 = onnx.load(str(quantize.model_path("onnx"))).graph
+    counts = collections.Counter(n.op_type for n in int8.node)
+    assert counts["QuantizeLinear"] > 0 and counts["DequantizeLinear"] > 0
+    producer = {out: node.op_type for node in int8.node for out in node.output}
+    by_name = {n.name: n for n in int8.node}
+    raw_matmuls = [n.name for n in raw.node if n.op_type == "MatMul"]
+    assert len(raw_matmuls) == 16  # 8 per layer: q, k, v, scores, context, out, intermediate, output
+    # Static QDQ for every MatMul, except those the manifest lists as dynamic INT8 (the FFN down-projections).
+    dynamic = quantize.models["onnx"].get("dynamic_int8_nodes", [])
+    if quantize.manifest["config"].get("onnx_dynamic_ffn_down"):
+        raw_inits = {i.name: tuple(i.dims) for i in raw.initializer}
+        down = [n.name for n in raw.node if n.op_type == "MatMul" and raw_inits.get(n.input[1]) == (64, 32)]
+        assert sorted(dynamic) == sorted(down) and len(down) == 2
+    assert counts["MatMulInteger"] == len(dynamic)
+    for name in raw_matmuls:
+        if name in dynamic:
+            assert by_name[f"{name}_quant"].op_type == "MatMulInteger", name
+        else:
+            node = by_name[name]
+            assert node.op_type == "MatMul" and [producer.get(i) for i in node.input] == ["DequantizeLinear"] * 2, name
+    raw_inits = {i.name for i in raw.initializer}
+    embeddings = [n for n in raw.node if n.op_type == "Gather" and n.input[0] in raw_inits and "embeddings" in n.name]
+    assert len(embeddings) == 3
+    int8_embeddings = [n for n in int8.node if n.op_type == "Gather" and "embeddings" in n.name]
+    assert [producer.get(n.input[0]) for n in int8_embeddings] == ["DequantizeLinear"] * 3
+    eight_bit = (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+    int8_weights = [i.name for i in int8.initializer if i.data_type in eight_bit and len(i.dims) == 2]
+    assert len(int8_weights) == 12 + 3, int8_weights  # 6 weight matrices per layer + 3 embedding tables
+    # No FP32 copy of a quantized weight is left behind; only the 2-way classifier stays float.
+    float_matrices = [i.name for i in int8.initializer if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2]
+    assert len(float_matrices) == 1 and float_matrices[0].startswith("classifier.weight"), float_matrices
+
+
+def test_openvino_int8_ir_holds_fake_quantize_and_int8_weights(tiny_artifacts):
+    fp32_types, fp32_consts = ir_counts(tiny_artifacts["export"].model_path("openvino"))
+    int8_types, int8_consts = ir_counts(tiny_artifacts["quantize"].model_path("openvino"))
+    assert fp32_types["FakeQuantize"] == 0 and fp32_consts["i8"] + fp32_consts["u8"] == 0
+    assert int8_types["FakeQuantize"] >= 12
+    assert int8_consts["i8"] + int8_consts["u8"] >= 12
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_int8_models_are_smaller_than_fp32(tiny_artifacts, backend):
+    export, quantize = tiny_artifacts["export"], tiny_artifacts["quantize"]
+    int8 = model_bytes(quantize, backend)
+    assert int8 < model_bytes(export, backend)
+    if backend == "onnx":
+        assert int8 < (export.path / "raw" / "model.onnx").stat().st_size
+    assert quantize.metrics[f"{backend}_bytes"] == int8
+
+
+def test_quantize_manifest(tiny_artifacts):
+    quantize = tiny_artifacts["quantize"]
+    assert quantize.kind == "quantized" and quantize.manifest["precision"] == "int8"
+    assert {b: (m["precision"], m["method"]) for b, m in quantize.models.items()} == {
+        "onnx": ("int8", "static"), "openvino": ("int8", "nncf.quantize")}
+
+
+def test_dynamic_onnx_int8_uses_integer_matmuls(dynamic_run):
+    import onnx
+
+    run_dir = dynamic_run["run_dir"]
+    raw = onnx.load(str(run_dir / "02-export" / "raw" / "model.onnx")).graph
+    graph = onnx.load(str(run_dir / "03-quantize" / "onnx" / "model.onnx")).graph
+    counts = collections.Counter(n.op_type for n in graph.node)
+    raw_inits, inits = {i.name for i in raw.initializer}, {i.name for i in graph.initializer}
+    weight_matmuls = sum(n.op_type == "MatMul" and any(i in raw_inits for i in n.input) for n in raw.node)
+    assert weight_matmuls == 12
+    assert counts["MatMulInteger"] >= weight_matmuls and counts["DynamicQuantizeLinear"] > 0
+    assert counts["QuantizeLinear"] == 0  # no static QDQ pairs
+    float_weight_matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and any(i in inits for i in n.input)]
+    assert float_weight_matmuls == []
+    manifest = dynamic_run["after"]["03-quantize"]
+    assert manifest["models"]["onnx"]["method"] == "dynamic"
+
+
+# --- evaluate ---------------------------------------------------------------------------------------------
+
+def test_evaluation_has_a_row_per_model_artifact_and_backend(tiny_run, tiny_artifacts):
+    rows = json.loads((tiny_run / "04-evaluate" / "evaluation.json").read_text())
+    expected = {(a.name, backend) for a in tiny_artifacts.values()
+                if a.kind in ("pytorch-model", "exported", "quantized") for backend in a.models}
+    assert len(expected) == 5
+    assert {(r["artifact"], r["backend"]) for r in rows} == expected and len(rows) == len(expected)
+    assert [r["artifact"] for r in rows] == sorted(r["artifact"] for r in rows)  # in stage order
+    evaluation = tiny_artifacts["evaluate"]
+    for row in rows:
+        assert 0.0 <= row["accuracy"] <= 1.0 and row["samples"] == 120
+        assert evaluation.metrics[row["target"]] == row["accuracy"]
+
+
+def test_evaluation_accuracy_is_that_of_its_saved_logits(tiny_run, sst2_slice):
+    from edgetl.data import load_labelled
+    from edgetl.recipe import DataConfig
+
+    _, dev = load_labelled(DataConfig(path=str(sst2_slice)))
+    labels = np.asarray(dev["label"])
+    for row in json.loads((tiny_run / "04-evaluate" / "evaluation.json").read_text()):
+        logits = np.load(tiny_run / "04-evaluate" / f"logits-{row['artifact']}-{row['backend']}.npy")
+        assert logits.shape == (120, 2)
+        assert row["accuracy"] == pytest.approx(float((logits.argmax(-1) == labels).mean()), abs=1e-5)
+
+
+def test_evaluated_onnx_fp32_logits_match_pytorch(tiny_run):
+    folder = tiny_run / "04-evaluate"
+    reference = np.load(folder / "logits-01-finetune-pytorch.npy")
+    np.testing.assert_allclose(np.load(folder / "logits-02-export-onnx.npy"), reference, rtol=0, atol=PARITY_ATOL)
+
+
+# --- benchmark --------------------------------------------------------------------------------------------
+
+def test_benchmark_has_a_row_per_target_with_the_evaluated_accuracy(tiny_run, tiny_artifacts):
+    result = json.loads((tiny_run / "05-benchmark" / "results.json").read_text())
+    accuracy = tiny_artifacts["evaluate"].metrics
+    assert [r["target"] for r in result["rows"]] == list(accuracy)
+    assert result["settings"]["sentences"] == 20 and result["settings"]["rounds"] == 1
+    for row in result["rows"]:
+        assert row["p50_ms"] > 0 and row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+        assert row["calls"] == 20 and row["throughput_per_s"] > 0 and row["model_mb"] > 0
+        assert row["accuracy"] == accuracy[row["target"]]
+    for name in ("report.md", "results.csv", "accuracy_vs_latency.png"):
+        assert (tiny_run / "05-benchmark" / name).stat().st_size > 0
+
+
+def test_cli_bench_on_one_artifact(tiny_run, tmp_path):
+    from edgetl.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", str(tiny_run / "03-quantize"), "--out", str(out), "--rounds", "1", "--max-sentences", "5"]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert [r["target"] for r in result["rows"]] == ["onnx-int8 (03-quantize)", "openvino-int8 (03-quantize)"]
+    evaluated = json.loads((tiny_run / "04-evaluate" / "manifest.json").read_text())["metrics"]
+    for row in result["rows"]:
+        assert row["calls"] == 5 and row["p50_ms"] > 0 and row["accuracy"] == evaluated[row["target"]]
+
+
+# --- stage errors that the chain check normally prevents -------------------------------------------------
+
+@pytest.mark.parametrize("module, config, message", [
+    ("export", {"stage": "export"}, "export: no PyTorch model artifact to export"),
+    ("quantize", {"stage": "quantize"}, "quantize: no exported model; add an export stage before quantize"),
+    ("bundle", {"stage": "bundle"}, "bundle: no exported or quantized model to bundle"),
+])
+def test_stage_without_its_input_says_what_is_missing(tiny_run, shrink, tmp_path, module, config, message):
+    import importlib
+
+    from edgetl.errors import StageError
+    from edgetl.pipeline import StageContext
+    from edgetl.recipe import load_recipe
+
+    recipe = load_recipe("sst-int8", shrink())
+    stage_cfg = next(s for s in recipe.stages if s.stage == config["stage"])
+    ctx = StageContext(recipe, [], tmp_path, tmp_path / "work")
+    with pytest.raises(StageError, match=re.escape(message)):
+        importlib.import_module(f"edgetl.stages.{module}").run(stage_cfg, ctx, tmp_path)
+
+
+def test_bundle_of_a_backend_the_model_lacks(tiny_artifacts, shrink, tmp_path):
+    from edgetl.artifact import Artifact
+    from edgetl.errors import StageError
+    from edgetl.pipeline import StageContext
+    from edgetl.recipe import load_recipe
+    from edgetl.stages import bundle
+
+    onnx_only = Artifact(tiny_artifacts["quantize"].path, {**tiny_artifacts["quantize"].manifest,
+                                                           "models": {"onnx": tiny_artifacts["quantize"].models["onnx"]}})
+    recipe = load_recipe("sst-int8", shrink())
+    ctx = StageContext(recipe, [onnx_only], tmp_path, tmp_path / "work")
+    with pytest.raises(StageError, match=r"bundle: 03-quantize has no \['openvino'\] model; backends there: \['onnx'\]"):
+        bundle.run(recipe.stages[-1], ctx, tmp_path)
