@@ -38,14 +38,23 @@ def _read_file(path: Path, cfg: DataConfig, field: str):
     return datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
 
 
+def local_files(cfg: DataConfig) -> list[Path]:
+    """The local files a data config reads (none for a hub dataset)."""
+    if cfg.dataset == "sst2":
+        folder = Path(cfg.path).expanduser() if cfg.path else datasets_dir() / "sst2"
+        return [folder / "train.tsv", folder / "dev.tsv"]
+    if cfg.dataset == "files":
+        return [Path(cfg.train_file), Path(cfg.eval_file)]
+    return []
+
+
 def _load_splits(cfg: DataConfig):
     import datasets
 
-    if cfg.dataset == "sst2":
-        folder = Path(cfg.path).expanduser() if cfg.path else datasets_dir() / "sst2"
-        return _read_file(folder / "train.tsv", cfg, "path"), _read_file(folder / "dev.tsv", cfg, "path")
-    if cfg.dataset == "files":
-        return _read_file(Path(cfg.train_file), cfg, "train_file"), _read_file(Path(cfg.eval_file), cfg, "eval_file")
+    if cfg.dataset in ("sst2", "files"):
+        train, dev = local_files(cfg)
+        fields = ("path", "path") if cfg.dataset == "sst2" else ("train_file", "eval_file")
+        return _read_file(train, cfg, fields[0]), _read_file(dev, cfg, fields[1])
     # A hub dataset id, for users who are online. 'glue/sst2' is the GLUE name of our local sst2.
     repo, config = ("nyu-mll/glue", "sst2") if cfg.dataset == "glue/sst2" else (cfg.dataset, cfg.hub_config)
     try:

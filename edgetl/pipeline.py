@@ -78,12 +78,21 @@ def select_inputs(stage: str, done: list[Artifact]) -> list[Artifact]:
     return [a for a in picked if a is not None]
 
 
+def _data_reads(recipe: Recipe) -> dict:
+    """The data config plus the content of the local files it names, so editing a file in place reruns."""
+    from edgetl.artifact import sha256_file
+    from edgetl.data import local_files
+
+    files = {f.name: sha256_file(f) for f in local_files(recipe.data) if f.is_file()}
+    return {"config": recipe.data.model_dump(mode="json"), "files": files}
+
+
 def fingerprint(stage_cfg: dict, recipe: Recipe, inputs: list[Artifact]) -> str:
     reads = {"stage": stage_cfg, "inputs": [a.fingerprint for a in inputs], "edgetl": __version__}
     if stage_cfg["stage"] == "finetune":
-        reads["model"], reads["data"] = recipe.model, recipe.data.model_dump(mode="json")
-    if stage_cfg["stage"] in ("evaluate", "benchmark", "quantize"):
-        reads["data"] = recipe.data.model_dump(mode="json")
+        reads["model"] = recipe.model
+    if stage_cfg["stage"] in ("finetune", "evaluate", "benchmark", "quantize"):
+        reads["data"] = _data_reads(recipe)
     if stage_cfg["stage"] == "benchmark":
         reads["bench"] = recipe.bench.model_dump(mode="json")
     blob = json.dumps(reads, sort_keys=True).encode()
@@ -91,11 +100,17 @@ def fingerprint(stage_cfg: dict, recipe: Recipe, inputs: list[Artifact]) -> str:
 
 
 def _finished(folder: Path, fp: str) -> Artifact | None:
+    """The finished artifact in ``folder`` if it has this fingerprint and its files match their sha256."""
     try:
         artifact = Artifact.load(folder)
-    except Exception:
+        if artifact.manifest.get("fingerprint") != fp:
+            return None
+        artifact.verify()
+    except Exception as exc:
+        if folder.exists():
+            log.warning("%s: not reusable (%s); running the stage again", folder.name, exc)
         return None
-    return artifact if artifact.manifest.get("fingerprint") == fp else None
+    return artifact
 
 
 def _publish(tmp: Path, final: Path) -> None:

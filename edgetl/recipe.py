@@ -190,13 +190,21 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(str(path), [f"not valid YAML: {exc}"]) from None
     if not isinstance(raw, dict):
         raise RecipeError(str(path), ["top level must be a mapping with name, model, data, stages"])
+    problems = []
     for override in overrides:
-        apply_override(raw, override)
+        try:
+            apply_override(raw, override)
+        except RecipeError as exc:
+            problems += [f"overrides: {p}" for p in exc.problems]
+    if problems:
+        raise RecipeError(str(path), problems)
+    if isinstance(raw.get("model"), str):
+        problems += check_model(raw["model"])
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
-        raise RecipeError(str(path), [_describe(err, raw) for err in exc.errors()]) from None
-    problems = check_chain(recipe.stages) + check_model(recipe.model)
+        raise RecipeError(str(path), [_describe(err, raw) for err in exc.errors()] + problems) from None
+    problems = check_chain(recipe.stages) + problems
     if problems:
         raise RecipeError(str(path), problems)
     return recipe
