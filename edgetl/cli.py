@@ -115,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    # edgetl's own progress at INFO; the libraries underneath (ONNX Runtime's quantizer logs every tensor
+    # at INFO) only from WARNING up.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    log.setLevel(logging.INFO)
     # torchao (pulled in by transformers) registers enums in a way torch now warns about on every import.
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:

@@ -102,7 +102,7 @@ def run(cfg: FinetuneStage, ctx, out_dir: Path) -> StageOutput:
     if resume:
         log.info("finetune: resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
-    final = trainer.evaluate()
+    accuracy = fp32_accuracy(model, dev_tok, DataCollatorWithPadding(tokenizer), cfg.eval_batch_size)
     if ctx.rank == 0:
         trainer.save_model(str(out_dir))
         tokenizer.save_pretrained(str(out_dir))
@@ -111,7 +111,9 @@ def run(cfg: FinetuneStage, ctx, out_dir: Path) -> StageOutput:
         (out_dir / "eval_history.json").write_text(json.dumps(history, indent=1))
     params = sum(p.numel() for p in model.parameters())
     metrics = {
-        "accuracy": round(final["eval_accuracy"], 5),
+        "accuracy": round(accuracy, 5),
+        # What chose the checkpoint: dev accuracy in the training precision (bf16 autocast when enabled).
+        "selection_accuracy": round(trainer.state.best_metric, 5) if trainer.state.best_metric is not None else None,
         "best_step": _best_step(trainer.state),
         "steps": trainer.state.global_step,
         "train_samples": len(train_tok),
@@ -121,6 +123,20 @@ def run(cfg: FinetuneStage, ctx, out_dir: Path) -> StageOutput:
     }
     return StageOutput(kind="pytorch-model", precision="fp32", models={"pytorch": {"path": ".", "precision": "fp32"}},
                        metrics=metrics)
+
+
+def fp32_accuracy(model, dataset, collator, batch_size: int) -> float:
+    """Accuracy of the kept model in FP32, as it is exported (Trainer evaluates under bf16 autocast)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
+            labels = batch.pop("labels")
+            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+    return correct / len(dataset)
 
 
 def _best_step(state) -> int | None:
