@@ -91,6 +91,13 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def model_file_bytes(model_file: Path) -> int:
+    """Size of a model on disk: the file itself, plus the ``.bin`` weights of an OpenVINO ``.xml``."""
+    weights = model_file.with_suffix(".bin")
+    extra = weights.stat().st_size if model_file.suffix == ".xml" and weights.is_file() else 0
+    return model_file.stat().st_size + extra
+
+
 def file_table(folder: Path) -> dict[str, dict]:
     """Every file under ``folder`` (manifest excluded) with its size and sha256."""
     table = {}

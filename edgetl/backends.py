@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetl.artifact import Artifact
+from edgetl.artifact import Artifact, model_file_bytes
 from edgetl.runtime.engines import open_engine
 
 BACKEND_LABELS = {"pytorch": "PyTorch", "onnx": "ONNX Runtime", "openvino": "OpenVINO"}
@@ -59,9 +59,7 @@ class Target:
     def model_bytes(self) -> int:
         if self.backend == "pytorch":
             return sum(f.stat().st_size for f in self.folder.glob("*.safetensors"))
-        path = self.artifact.model_path(self.backend)
-        weights = path.with_suffix(".bin") if path.suffix == ".xml" else None
-        return path.stat().st_size + (weights.stat().st_size if weights and weights.is_file() else 0)
+        return model_file_bytes(self.artifact.model_path(self.backend))
 
     def open(self, threads: int | None = None):
         if self.backend == "pytorch":

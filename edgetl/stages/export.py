@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 
-from edgetl.artifact import StageOutput
+from edgetl.artifact import StageOutput, model_file_bytes
 from edgetl.errors import StageError
 from edgetl.recipe import ExportStage
 
-log = logging.getLogger("edgetl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
@@ -84,11 +82,6 @@ def run(cfg: ExportStage, ctx, out_dir: Path) -> StageOutput:
         export_openvino(raw, folder / "model.xml")
         copy_tokenizer(source.path, folder)
         models["openvino"] = {"path": "openvino/model.xml", "precision": "fp32"}
-    sizes = {b: (out_dir / m["path"]).stat().st_size + _bin_size(out_dir / m["path"]) for b, m in models.items()}
-    return StageOutput(kind="exported", precision="fp32", models=models, metrics={f"{b}_bytes": s for b, s in sizes.items()},
+    metrics = {f"{b}_bytes": model_file_bytes(out_dir / m["path"]) for b, m in models.items()}
+    return StageOutput(kind="exported", precision="fp32", models=models, metrics=metrics,
                        extra={"unfused_onnx": "raw/model.onnx"})
-
-
-def _bin_size(model_file: Path) -> int:
-    weights = model_file.with_suffix(".bin")
-    return weights.stat().st_size if model_file.suffix == ".xml" and weights.is_file() else 0

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
-from edgetl.artifact import StageOutput
+from edgetl.artifact import StageOutput, model_file_bytes
 from edgetl.data import load_labelled
 from edgetl.errors import StageError
 from edgetl.recipe import QuantizeStage
 from edgetl.runtime.text import encode, load_tokenizer
-from edgetl.stages.export import _bin_size, copy_tokenizer
-
-log = logging.getLogger("edgetl")
+from edgetl.stages.export import copy_tokenizer
 
 
 def calibration_feeds(ctx, tokenizer_dir: Path, samples: int) -> list[dict]:
@@ -52,5 +49,5 @@ def run(cfg: QuantizeStage, ctx, out_dir: Path) -> StageOutput:
         quantize_openvino(source.model_path("openvino"), folder / "model.xml", feeds)
         copy_tokenizer(source.model_path("openvino").parent, folder)
         models["openvino"] = {"path": "openvino/model.xml", "precision": "int8", "method": "nncf.quantize"}
-    metrics = {f"{b}_bytes": (out_dir / m["path"]).stat().st_size + _bin_size(out_dir / m["path"]) for b, m in models.items()}
+    metrics = {f"{b}_bytes": model_file_bytes(out_dir / m["path"]) for b, m in models.items()}
     return StageOutput(kind="quantized", precision="int8", models=models, metrics=metrics)
