@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -267,3 +268,32 @@ def test_kill_during_finetune_then_resume(shrink, tmp_path):
     from edgetl.runtime import TextClassifier
 
     assert TextClassifier.load(run_dir / "06-bundle").predict_one("a fine film").label in ("negative", "positive")
+
+
+def test_kill_during_quantize_then_rerun(tiny_run, shrink, tmp_path):
+    run_dir = copy_run(tiny_run, tmp_path / "run")
+    for later in STAGES[2:]:
+        shutil.rmtree(run_dir / later)
+    command = [sys.executable, "-m", "edgetl", "run", "sst-int8", *shrink(), "--run-dir", str(run_dir)]
+    with open(tmp_path / "first.log", "w") as log:
+        proc = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            # The ONNX folder appears just before ONNX Runtime's quantizer starts writing into it.
+            deadline = time.monotonic() + 300
+            while proc.poll() is None and time.monotonic() < deadline and not (run_dir / ".tmp/03-quantize/onnx").exists():
+                time.sleep(0.005)
+            caught = proc.poll() is None and (run_dir / ".tmp/03-quantize/onnx").exists()
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    assert caught, (tmp_path / "first.log").read_text()[-3000:]
+    assert not (run_dir / "03-quantize").exists(), "a killed stage must not look finished"
+
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "02-export: finished earlier" in done.stderr and "03-quantize: started" in done.stderr
+    from edgetl.artifact import Artifact
+
+    for stage in STAGES:
+        Artifact.load(run_dir / stage).verify()
