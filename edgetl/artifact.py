@@ -75,12 +75,7 @@ class Artifact:
 
     def verify(self) -> None:
         """Check every recorded file against its sha256."""
-        for rel, info in self.manifest["files"].items():
-            file = self.path / rel
-            if not file.is_file():
-                raise ArtifactError(f"{self.path}: missing file {rel}")
-            if sha256_file(file) != info["sha256"]:
-                raise ArtifactError(f"{self.path}: {rel} does not match its sha256 in {MANIFEST}")
+        verify_files(self.path, self.manifest["files"], MANIFEST)
 
 
 def sha256_file(path: Path) -> str:
@@ -89,6 +84,16 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def verify_files(folder: Path, files: dict[str, dict], listed_in: str) -> None:
+    """Raise ArtifactError unless every file of a ``file_table`` exists under ``folder`` with its sha256."""
+    for rel, info in files.items():
+        file = folder / rel
+        if not file.is_file():
+            raise ArtifactError(f"{folder}: missing file {rel}")
+        if sha256_file(file) != info["sha256"]:
+            raise ArtifactError(f"{folder}: {rel} does not match its sha256 in {listed_in} (corrupted or edited)")
 
 
 def model_file_bytes(model_file: Path) -> int:

@@ -87,12 +87,13 @@ def _data_reads(recipe: Recipe) -> dict:
     return {"config": recipe.data.model_dump(mode="json"), "files": files}
 
 
-def fingerprint(stage_cfg: dict, recipe: Recipe, inputs: list[Artifact]) -> str:
+def fingerprint(stage_cfg: dict, recipe: Recipe, inputs: list[Artifact], data_reads: dict | None = None) -> str:
+    """``data_reads`` (from ``_data_reads``) can be passed in so a run hashes its data files once."""
     reads = {"stage": stage_cfg, "inputs": [a.fingerprint for a in inputs], "edgetl": __version__}
     if stage_cfg["stage"] == "finetune":
         reads["model"] = recipe.model
     if stage_cfg["stage"] in ("finetune", "evaluate", "benchmark", "quantize"):
-        reads["data"] = _data_reads(recipe)
+        reads["data"] = data_reads if data_reads is not None else _data_reads(recipe)
     if stage_cfg["stage"] == "benchmark":
         reads["bench"] = recipe.bench.model_dump(mode="json")
     blob = json.dumps(reads, sort_keys=True).encode()
@@ -139,13 +140,14 @@ def run_recipe(recipe: Recipe, run_dir: Path | None = None, from_stage: str | No
     if rank == 0:
         (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(resolved_dict(recipe), sort_keys=False))
     forced = False
+    data_reads = _data_reads(recipe)
     done: list[Artifact] = []
     for index, stage_cfg in enumerate(recipe.stages):
         name = f"{index + 1:02d}-{stage_cfg.stage}"
         forced = forced or stage_cfg.stage == from_stage
         inputs = select_inputs(stage_cfg.stage, done)
         cfg_dict = stage_cfg.model_dump(mode="json")
-        fp = fingerprint(cfg_dict, recipe, inputs)
+        fp = fingerprint(cfg_dict, recipe, inputs, data_reads)
         final = run_dir / name
         cached = None if forced else _finished(final, fp)
         if cached is not None:

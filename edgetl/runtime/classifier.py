@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetl.artifact import verify_files
 from edgetl.errors import ArtifactError
 from edgetl.runtime.engines import ENGINES, open_engine
 from edgetl.runtime.text import encode, length_batches, load_tokenizer, softmax
@@ -30,21 +31,12 @@ def _read_manifest(folder: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: unreadable bundle manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != "edgetl-bundle" or manifest.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path}: unreadable bundle manifest (not a JSON object)")
+    if manifest.get("format") != "edgetl-bundle" or manifest.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
         raise ArtifactError(f"{path}: bundle format {manifest.get('format')!r} version {manifest.get('format_version')!r} "
                             f"is not supported (this edgetl reads versions {SUPPORTED_FORMAT_VERSIONS})")
     return manifest
-
-
-def _verify(folder: Path, manifest: dict) -> None:
-    from edgetl.artifact import sha256_file
-
-    for rel, info in manifest["files"].items():
-        file = folder / rel
-        if not file.is_file():
-            raise ArtifactError(f"{folder}: missing file {rel}")
-        if sha256_file(file) != info["sha256"]:
-            raise ArtifactError(f"{folder}: {rel} does not match its sha256 in edgetl.json (corrupted or edited)")
 
 
 class TextClassifier:
@@ -61,7 +53,7 @@ class TextClassifier:
         self.folder = Path(folder)
         self.manifest = _read_manifest(self.folder)
         if verify:
-            _verify(self.folder, self.manifest)
+            verify_files(self.folder, self.manifest["files"], "edgetl.json")
         self.backend = self._choose(backend)
         self.labels = list(self.manifest["labels"])
         self.tokenizer = load_tokenizer(self.folder, self.manifest["max_length"])

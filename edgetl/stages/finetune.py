@@ -62,6 +62,7 @@ def run(cfg: FinetuneStage, ctx, out_dir: Path) -> StageOutput:
     train_tok, dev_tok = tokenize(train, tokenizer, data.max_length), tokenize(dev, tokenizer, data.max_length)
     # Evaluation order does not change accuracy; sorted by length, its batches carry little padding.
     dev_tok = dev_tok.map(lambda row: {"n_tokens": len(row["input_ids"])}).sort("n_tokens").remove_columns("n_tokens")
+    collator = DataCollatorWithPadding(tokenizer)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16())
     args = TrainingArguments(
         output_dir=str(ctx.work_dir),
@@ -94,7 +95,7 @@ def run(cfg: FinetuneStage, ctx, out_dir: Path) -> StageOutput:
         args=args,
         train_dataset=train_tok,
         eval_dataset=dev_tok,
-        data_collator=DataCollatorWithPadding(tokenizer),
+        data_collator=collator,
         compute_metrics=_accuracy,
         processing_class=tokenizer,
     )
@@ -102,7 +103,7 @@ def run(cfg: FinetuneStage, ctx, out_dir: Path) -> StageOutput:
     if resume:
         log.info("finetune: resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
-    accuracy = fp32_accuracy(model, dev_tok, DataCollatorWithPadding(tokenizer), cfg.eval_batch_size)
+    accuracy = fp32_accuracy(model, dev_tok, collator, cfg.eval_batch_size)
     if ctx.rank == 0:
         trainer.save_model(str(out_dir))
         tokenizer.save_pretrained(str(out_dir))
