@@ -37,6 +37,7 @@ class StageOutput:
 class Artifact:
     path: Path
     manifest: dict
+    label: str | None = None  # how reports name it; another run's artifact is labelled "<run>/<NN-stage>"
 
     @classmethod
     def load(cls, path: str | Path) -> Artifact:
@@ -56,7 +57,7 @@ class Artifact:
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.label or self.path.name
 
     @property
     def models(self) -> dict[str, dict]:

@@ -23,7 +23,7 @@ def datasets_dir() -> Path:
     return repo_root.parent / "shared" / "datasets"
 
 
-def _read_file(path: Path, cfg: DataConfig, field: str):
+def _read_file(path: Path, field: str):
     import datasets
 
     if not path.is_file():
@@ -54,7 +54,7 @@ def _load_splits(cfg: DataConfig):
     if cfg.dataset in ("sst2", "files"):
         train, dev = local_files(cfg)
         fields = ("path", "path") if cfg.dataset == "sst2" else ("train_file", "eval_file")
-        return _read_file(train, cfg, fields[0]), _read_file(dev, cfg, fields[1])
+        return _read_file(train, fields[0]), _read_file(dev, fields[1])
     # A hub dataset id, for users who are online. 'glue/sst2' is the GLUE name of our local sst2.
     repo, config = ("nyu-mll/glue", "sst2") if cfg.dataset == "glue/sst2" else (cfg.dataset, cfg.hub_config)
     try:
@@ -96,3 +96,15 @@ def tokenize(ds, tokenizer, max_length: int):
         remove_columns=["text"],
         desc="tokenize",
     )
+
+
+def read_texts(path: Path, text_field: str, field: str) -> list[str]:
+    """Unlabelled text: a .txt file (one text per line) or the ``text_field`` column of a csv/tsv/jsonl file."""
+    if path.suffix.lower() == ".txt":
+        if not path.is_file():
+            raise DataError(f"{field}: file not found: {path}")
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    ds = _read_file(path, field)
+    if text_field not in ds.column_names:
+        raise DataError(f"{field}: {path.name} has no column '{text_field}' (columns: {ds.column_names})")
+    return ["" if t is None else str(t) for t in ds[text_field]]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertModel, BertPreTrainedModel
@@ -10,6 +12,8 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from edgetl.models import resolve_model_source
 
 MEAN_POOL_ARCH = "MeanPoolBertForSequenceClassification"
+# config.json key with per-layer {heads, intermediate} of a structurally pruned model.
+PRUNED_LAYERS = "edgetl_layers"
 
 
 class MeanPoolBertForSequenceClassification(BertPreTrainedModel):
@@ -27,15 +31,19 @@ class MeanPoolBertForSequenceClassification(BertPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
-    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None, **_):
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=None, output_attentions=None, **_):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        hidden = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
+        out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        hidden = out.last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         logits = self.classifier(self.dropout(pooled))
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
+                                        attentions=out.attentions)
 
 
 def new_classifier(name: str, labels: list[str], pooling: str):
@@ -54,8 +62,74 @@ def new_classifier(name: str, labels: list[str], pooling: str):
 
 
 def load_classifier(folder):
-    """Load a classifier saved by edgetl (any head it trains) or a plain HF one."""
+    """Load a classifier saved by edgetl (any head it trains, pruned or not) or a plain HF one."""
     config = AutoConfig.from_pretrained(folder)
-    if MEAN_POOL_ARCH in (config.architectures or []):
-        return MeanPoolBertForSequenceClassification.from_pretrained(folder).eval()
-    return AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    mean_pool = MEAN_POOL_ARCH in (config.architectures or [])
+    sizes = getattr(config, PRUNED_LAYERS, None)
+    if sizes is None:
+        cls = MeanPoolBertForSequenceClassification if mean_pool else AutoModelForSequenceClassification
+        return cls.from_pretrained(folder).eval()
+    # Pruned layers differ in width, which a config cannot say: build the recorded shapes, then load exactly.
+    from safetensors.torch import load_file
+
+    model = MeanPoolBertForSequenceClassification(config) if mean_pool else AutoModelForSequenceClassification.from_config(config)
+    resize_layers(model, sizes)
+    model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")), strict=True)
+    return model.eval()
+
+
+def resize_layers(model, sizes: list[dict]) -> None:
+    """Give every layer the recorded head count and FFN width (fresh weights, to be loaded over)."""
+    layers = encoder_layers(model)
+    if len(sizes) != len(layers):
+        raise ValueError(f"config records {len(sizes)} layer sizes for {len(layers)} layers")
+    hidden = model.config.hidden_size
+    for layer, size in zip(layers, sizes, strict=True):
+        attn = layer.attention.self
+        width = size["heads"] * attn.attention_head_size
+        attn.query, attn.key, attn.value = (nn.Linear(hidden, width) for _ in range(3))
+        attn.num_attention_heads, attn.all_head_size = size["heads"], width
+        layer.attention.output.dense = nn.Linear(width, hidden)
+        layer.intermediate.dense = nn.Linear(hidden, size["intermediate"])
+        layer.output.dense = nn.Linear(size["intermediate"], hidden)
+
+
+def encoder_layers(model):
+    """The transformer blocks of a BERT-family classifier (edgetl's heads and HF's)."""
+    base = getattr(model, model.base_model_prefix, None)
+    if base is None or not hasattr(base, "encoder"):
+        raise ValueError(f"{type(model).__name__}: not a BERT-family encoder (no {model.base_model_prefix}.encoder)")
+    return base.encoder.layer
+
+
+def layer_sizes(model) -> list[dict]:
+    """Heads and FFN width of every layer, as pruning leaves them."""
+    return [{"heads": layer.attention.self.num_attention_heads,
+             "intermediate": layer.intermediate.dense.out_features} for layer in encoder_layers(model)]
+
+
+def flops_per_text(model, lengths: list[int]) -> int:
+    """Multiply-adds x 2 of one forward pass, averaged over texts of the given token lengths (batch 1).
+
+    Counts the encoder's matrix products (projections, attention scores and mixing, FFN) and the classifier;
+    embeddings, layer norms and softmax are lookups or elementwise and left out.
+    """
+    hidden = model.config.hidden_size
+    mean_len = sum(lengths) / len(lengths)
+    mean_sq = sum(n * n for n in lengths) / len(lengths)
+    per_token = per_token_sq = 0
+    for layer in encoder_layers(model):
+        attn = layer.attention.self.all_head_size
+        ffn = layer.intermediate.dense.out_features
+        per_token += 2 * (3 * hidden * attn + attn * hidden + 2 * hidden * ffn)
+        per_token_sq += 2 * 2 * attn  # scores (Q K^T) and mixing (P V)
+    classifier = 2 * hidden * model.config.num_labels
+    return int(per_token * mean_len + per_token_sq * mean_sq + classifier)
+
+
+def model_stats(model, dev_tok) -> dict:
+    """Parameters, FLOPs at the dev texts' own lengths and per-layer sizes, for a stage's manifest."""
+    lengths = [len(ids) for ids in dev_tok["input_ids"]]
+    return {"parameters": sum(p.numel() for p in model.parameters()),
+            "gflops_per_text": round(flops_per_text(model, lengths) / 1e9, 4),
+            "layers": layer_sizes(model)}

@@ -23,14 +23,14 @@ import yaml
 from edgetl import __version__
 from edgetl.artifact import MODEL_KINDS, Artifact, write_manifest
 from edgetl.errors import RecipeError
-from edgetl.recipe import Recipe, resolved_dict
+from edgetl.recipe import STAGE_NAMES, Recipe, resolved_dict
 
 log = logging.getLogger("edgetl")
 
 # Stage name -> module; imported only when the stage runs, so validation stays light.
-STAGES = {name: f"edgetl.stages.{name}" for name in ("finetune", "export", "quantize", "evaluate", "benchmark", "bundle")}
+STAGES = {name: f"edgetl.stages.{name}" for name in STAGE_NAMES}
 # Stages that train: under torchrun / accelerate launch every rank runs them; rank 0 alone runs the rest.
-DISTRIBUTED_STAGES = {"finetune"}
+DISTRIBUTED_STAGES = {"finetune", "distill", "prune"}
 
 
 @dataclass
@@ -59,23 +59,54 @@ def _barrier(world_size: int) -> None:
             dist.barrier()
 
 
-def select_inputs(stage: str, done: list[Artifact]) -> list[Artifact]:
-    """Which earlier artifacts a stage reads."""
+def select_inputs(stage_cfg, done: list[Artifact], compared: list[Artifact] = ()) -> list[Artifact]:
+    """Which earlier artifacts a stage reads (``compared``: other runs' artifacts named in ``bench.compare``)."""
+    stage = stage_cfg.stage
     models = [a for a in done if a.kind in MODEL_KINDS]
     last = {kind: next((a for a in reversed(done) if a.kind == kind), None) for kind in (*MODEL_KINDS, "evaluation", "benchmark")}
-    if stage == "export":
+    if stage in ("export", "prune") or (stage == "distill" and stage_cfg.teacher is None):
         picked = [last["pytorch-model"]]
     elif stage == "quantize":
-        picked = [last["exported"]]
+        picked = [last["pytorch-model"] if stage_cfg.method == "qat" else last["exported"]]
     elif stage == "evaluate":
-        picked = models
+        picked = models + list(compared)
     elif stage == "benchmark":
-        picked = models + [last["evaluation"]]
+        picked = models + list(compared) + [last["evaluation"]]
     elif stage == "bundle":
         picked = [last["quantized"] or last["exported"], last["evaluation"], last["benchmark"]]
     else:
         picked = []
     return [a for a in picked if a is not None]
+
+
+def resolve_compare(recipe: Recipe, run_dir: Path) -> list[Artifact]:
+    """The finished artifacts that ``bench.compare`` names; refuses before any stage runs if one is missing."""
+    found, problems = [], []
+    for entry in recipe.bench.compare:
+        other, sep, stage = entry.partition(":")
+        if sep:
+            folders = sorted((run_dir.parent / other).glob(f"[0-9][0-9]-{stage}"))
+            hint = f"run `edgetl run {other}` first (into {run_dir.parent / other})"
+        else:
+            folders, hint = [Path(entry).expanduser()], "give a finished artifact folder"
+        try:
+            artifact = Artifact.load(folders[-1]) if folders else None
+            if artifact is not None:
+                artifact.verify()
+        except Exception as exc:
+            problems.append(f"bench.compare '{entry}': {exc}")
+            continue
+        if artifact is None:
+            problems.append(f"bench.compare '{entry}': no finished {stage} artifact; {hint}")
+            continue
+        if artifact.kind not in (*MODEL_KINDS, "bundle"):
+            problems.append(f"bench.compare '{entry}': {artifact.path} holds no model (kind {artifact.kind})")
+            continue
+        artifact.label = f"{artifact.path.parent.name}/{artifact.path.name}"
+        found.append(artifact)
+    if problems:
+        raise RecipeError(recipe.name, problems)
+    return found
 
 
 def _data_reads(recipe: Recipe) -> dict:
@@ -92,7 +123,9 @@ def fingerprint(stage_cfg: dict, recipe: Recipe, inputs: list[Artifact], data_re
     reads = {"stage": stage_cfg, "inputs": [a.fingerprint for a in inputs], "edgetl": __version__}
     if stage_cfg["stage"] == "finetune":
         reads["model"] = recipe.model
-    if stage_cfg["stage"] in ("finetune", "evaluate", "benchmark", "quantize"):
+    if stage_cfg.get("teacher"):
+        reads["teacher"] = _folder_digest(Path(stage_cfg["teacher"]).expanduser())
+    if stage_cfg["stage"] in ("finetune", "distill", "prune", "evaluate", "benchmark", "quantize"):
         reads["data"] = data_reads if data_reads is not None else _data_reads(recipe)
     if stage_cfg["stage"] == "benchmark":
         reads["bench"] = recipe.bench.model_dump(mode="json")
@@ -100,7 +133,33 @@ def fingerprint(stage_cfg: dict, recipe: Recipe, inputs: list[Artifact], data_re
     return hashlib.sha256(blob).hexdigest()
 
 
-def _finished(folder: Path, fp: str) -> Artifact | None:
+def _folder_digest(folder: Path) -> dict:
+    from edgetl.artifact import sha256_file
+
+    return {p.name: sha256_file(p) for p in sorted(folder.glob("*")) if p.is_file()}
+
+
+def _reuse_from_sibling_run(run_dir: Path, name: str, fp: str) -> None:
+    """A finished artifact with this fingerprint in another run beside this one (e.g. sst-int8's teacher).
+
+    The fingerprint covers the stage config, the data and the inputs' fingerprints, so a match is the same
+    work; it is copied (not linked), so each run folder stands alone.
+    """
+    stage = name.split("-", 1)[1]
+    for folder in sorted(run_dir.parent.glob(f"*/[0-9][0-9]-{stage}")):
+        if folder.parent == run_dir:
+            continue
+        artifact = _finished(folder, fp, quiet=True)
+        if artifact is not None:
+            tmp = run_dir / ".tmp" / name
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(folder, tmp)
+            _publish(tmp, run_dir / name)
+            log.info("%s: same work as %s, copied (fingerprint %s)", name, folder, fp[:12])
+            return
+
+
+def _finished(folder: Path, fp: str, quiet: bool = False) -> Artifact | None:
     """The finished artifact in ``folder`` if it has this fingerprint and its files match their sha256."""
     try:
         artifact = Artifact.load(folder)
@@ -108,7 +167,7 @@ def _finished(folder: Path, fp: str) -> Artifact | None:
             return None
         artifact.verify()
     except Exception as exc:
-        if folder.exists():
+        if folder.exists() and not quiet:
             log.warning("%s: not reusable (%s); running the stage again", folder.name, exc)
         return None
     return artifact
@@ -141,15 +200,21 @@ def run_recipe(recipe: Recipe, run_dir: Path | None = None, from_stage: str | No
         (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(resolved_dict(recipe), sort_keys=False))
     forced = False
     data_reads = _data_reads(recipe)
+    compared = resolve_compare(recipe, run_dir)
     done: list[Artifact] = []
     for index, stage_cfg in enumerate(recipe.stages):
         name = f"{index + 1:02d}-{stage_cfg.stage}"
         forced = forced or stage_cfg.stage == from_stage
-        inputs = select_inputs(stage_cfg.stage, done)
+        inputs = select_inputs(stage_cfg, done, compared)
         cfg_dict = stage_cfg.model_dump(mode="json")
         fp = fingerprint(cfg_dict, recipe, inputs, data_reads)
         final = run_dir / name
         cached = None if forced else _finished(final, fp)
+        if cached is None and not forced:
+            if rank == 0:
+                _reuse_from_sibling_run(run_dir, name, fp)
+            _barrier(world_size)
+            cached = _finished(final, fp, quiet=True)
         if cached is not None:
             log.info("%s: finished earlier (fingerprint %s), skipped", name, fp[:12])
             done.append(cached)

@@ -48,10 +48,9 @@ class DataConfig(_Strict):
         return self
 
 
-class FinetuneStage(_Strict):
-    """Full fine-tuning with a classification head (HF Trainer; best dev checkpoint kept)."""
+class TrainingConfig(_Strict):
+    """Optimizer, schedule and checkpointing of a stage that trains (HF Trainer; best dev checkpoint kept)."""
 
-    stage: Literal["finetune"]
     epochs: float = Field(2.0, gt=0)
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
     learning_rate: float = Field(5e-5, gt=0, lt=1)
@@ -59,12 +58,80 @@ class FinetuneStage(_Strict):
     eval_batch_size: int = Field(128, ge=1)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
-    pooling: Literal["cls", "mean"] = Field("mean", description="Sentence vector fed to the classifier.")
     eval_steps: int = Field(200, ge=1, description="Evaluate and checkpoint every this many steps.")
     group_by_length: bool = Field(True, description="Batch texts of similar length (about 3x faster on SST-2).")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Mixed precision for training; auto = bf16 where the CPU or GPU computes it natively.")
     seed: int = 42
+
+
+class FinetuneStage(TrainingConfig):
+    """Full fine-tuning with a classification head (HF Trainer; best dev checkpoint kept)."""
+
+    stage: Literal["finetune"]
+    pooling: Literal["cls", "mean"] = Field("mean", description="Sentence vector fed to the classifier.")
+
+
+class DistillationConfig(TrainingConfig):
+    """Training against a teacher: soft targets, optionally hidden states and attention maps (TinyBERT)."""
+
+    temperature: float = Field(2.0, gt=0, description="Softmax temperature of the soft targets.")
+    kd_weight: float = Field(0.5, ge=0, le=1, description="Weight of the soft-target loss; the task loss gets 1 - kd_weight.")
+    hidden_weight: float = Field(0.0, ge=0, description="Weight of the MSE between matched hidden states "
+                                 "(through a learned projection when the widths differ).")
+    attention_weight: float = Field(0.0, ge=0, description="Weight of the KL between matched layers' head-averaged "
+                                    "attention distributions.")
+
+
+class DistillStage(DistillationConfig):
+    """Knowledge distillation into a smaller student: a shallower copy of the teacher, or a named pretrained model."""
+
+    stage: Literal["distill"]
+    teacher: str | None = Field(None, description="Folder of a fine-tuned classifier (default: the run's last PyTorch model).")
+    student: str | None = Field(None, description="Pretrained model for the student (catalog name, folder or hub id); "
+                                "default: a copy of the teacher keeping `layers`.")
+    layers: list[int] | None = Field(None, min_length=1, description="Teacher layers the student keeps "
+                                     "(default: every other layer from the first, as DistilBERT).")
+    epochs: float = Field(3.0, gt=0)
+    learning_rate: float = Field(1e-4, gt=0, lt=1)
+    extra_text_file: str | None = Field(None, description="Unlabelled text (jsonl/csv/tsv with data.text_field, or "
+                                        ".txt, one text per line) added for the soft-target loss.")
+
+    @model_validator(mode="after")
+    def _student_or_layers(self) -> DistillStage:
+        if self.student is not None and self.layers is not None:
+            raise ValueError("give either student (a pretrained model) or layers (a copy of the teacher), not both")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers {self.layers} repeats a layer")
+        return self
+
+
+class PruneStage(DistillationConfig):
+    """Structured pruning (heads, FFN neurons, whole layers) rebuilt as smaller Linear layers, then vocabulary."""
+
+    stage: Literal["prune"]
+    importance: Literal["taylor", "magnitude"] = Field("taylor", description="First-order |gradient x gate| scores "
+                                                       "on training data, or weight norms.")
+    importance_samples: int = Field(2048, ge=1, description="Training sentences used to score heads, neurons and layers.")
+    heads_keep: float = Field(1.0, gt=0, le=1, description="Fraction of attention heads kept (ranked over all layers).")
+    ffn_keep: float = Field(1.0, gt=0, le=1, description="Fraction of FFN intermediate neurons kept (ranked over all layers).")
+    layers_drop: int = Field(0, ge=0, description="Whole layers removed (the least important ones).")
+    vocabulary: bool = Field(False, description="Drop embedding rows of tokens the training text never uses and "
+                             "rewrite the tokenizer to match.")
+    vocab_min_count: int = Field(1, ge=1, description="Keep tokens seen at least this often in the training text.")
+    recovery: bool = Field(True, description="Distil from the unpruned model after structured pruning.")
+    epochs: float = Field(1.0, gt=0)
+    kd_weight: float = Field(0.8, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _layer_scores(self) -> PruneStage:
+        if self.layers_drop and self.importance != "taylor":
+            raise ValueError("layers_drop ranks layers by Taylor scores; set importance: taylor")
+        return self
+
+    @property
+    def structured(self) -> bool:
+        return self.heads_keep < 1 or self.ffn_keep < 1 or self.layers_drop > 0
 
 
 class ExportStage(_Strict):
@@ -76,18 +143,35 @@ class ExportStage(_Strict):
     optimize: bool = Field(True, description="Apply ONNX Runtime's transformer fusions to the ONNX model.")
 
 
+class QATConfig(DistillationConfig):
+    """Quantization-aware training: the fake-quantized model learns from its FP32 self."""
+
+    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(2e-5, gt=0, lt=1)
+    kd_weight: float = Field(0.8, ge=0, le=1)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "fp32", description="fp32: bf16 autocast would compute the fake-quantizers' scales and rounding in bf16.")
+
+
 class QuantizeStage(_Strict):
-    """Post-training INT8 quantization of exported models."""
+    """INT8: post-training on exported models (optionally accuracy-controlled), or quantization-aware training."""
 
     stage: Literal["quantize"]
+    method: Literal["ptq", "qat"] = Field("ptq", description="ptq: quantize exported models; qat: NNCF fake-quantizers "
+                                          "on the PyTorch model, trained with distillation, then exported to INT8.")
     backends: list[Backend] = Field(default_factory=lambda: ["onnx", "openvino"], min_length=1)
+    max_accuracy_drop: float | None = Field(
+        None, gt=0, le=100, description="PTQ only: accuracy points a static INT8 model may lose on the evaluation "
+        "split; the most sensitive layers stay in FP32 until it holds (nncf.quantize_with_accuracy_control). "
+        "Applies to OpenVINO, and to ONNX when onnx_method is static (dynamic INT8 has no calibrated layers to revert).")
+    qat: QATConfig = Field(default_factory=QATConfig, description="Training settings for method: qat.")
     onnx_method: Literal["static", "dynamic"] = Field("static", description="ONNX Runtime QDQ with calibration, or dynamic INT8.")
     calibration_samples: int = Field(300, ge=1, description="Training sentences used to calibrate activations.")
     per_channel: bool = True
     onnx_calibration: Literal["minmax", "percentile"] = Field("minmax", description="Static activation ranges: min/max or 99.999th percentile.")
     onnx_dynamic_ffn_down: bool = Field(
         True, description="Static INT8 everywhere except the FFN down-projections, which get dynamic INT8 "
-        "(cuts the logit error about 3x; see benchmarks/ort_static_configs.py).")
+        "(cuts the logit error about 3x; see benchmarks/ort_int8_configs.py).")
 
 
 class EvaluateStage(_Strict):
@@ -111,10 +195,10 @@ class BundleStage(_Strict):
 
 
 StageConfig = Annotated[
-    FinetuneStage | ExportStage | QuantizeStage | EvaluateStage | BenchmarkStage | BundleStage,
+    FinetuneStage | DistillStage | PruneStage | ExportStage | QuantizeStage | EvaluateStage | BenchmarkStage | BundleStage,
     Field(discriminator="stage"),
 ]
-STAGE_NAMES = ("finetune", "export", "quantize", "evaluate", "benchmark", "bundle")
+STAGE_NAMES = ("finetune", "distill", "prune", "export", "quantize", "evaluate", "benchmark", "bundle")
 
 
 class BenchConfig(_Strict):
@@ -126,6 +210,9 @@ class BenchConfig(_Strict):
     throughput_batch_size: int = Field(32, ge=1)
     threads: int | None = Field(None, ge=1, description="Intra-op threads for every backend (default: all cores).")
     include_pytorch: bool = True
+    compare: list[str] = Field(default_factory=list, description="Artifacts of other runs evaluated and timed "
+                               "beside this run's: 'RECIPE:STAGE' (that recipe's run next to this one, e.g. "
+                               "'sst-int8:bundle') or an artifact folder.")
 
 
 class Recipe(_Strict):
@@ -242,14 +329,19 @@ def check_chain(stages: list) -> list[str]:
     pytorch_model = False
     exported: set[str] = set()
     quantized: set[str] = set()
-    models_seen = False
     seen: set[str] = set()
     for index, stage in enumerate(stages):
         where = f"stages[{index}] ({stage.stage})"
-        if isinstance(stage, FinetuneStage):
+        if isinstance(stage, (FinetuneStage, DistillStage, PruneStage)):
             if exported:
-                problems.append(f"{where}: fine-tuning after export would leave the exported models stale; move it before export")
-            pytorch_model = models_seen = True
+                problems.append(f"{where}: {stage.stage} after export would leave the exported models stale; move it before export")
+            if isinstance(stage, PruneStage) and not pytorch_model:
+                problems.append(f"{where}: prune needs a PyTorch model; add a finetune or distill stage before it")
+            if isinstance(stage, DistillStage) and not pytorch_model and stage.teacher is None:
+                problems.append(f"{where}.teacher: no teacher; name a folder or add a finetune stage before distill")
+            if isinstance(stage, PruneStage) and not (stage.structured or stage.vocabulary):
+                problems.append(f"{where}: prunes nothing; set heads_keep, ffn_keep or layers_drop, or vocabulary: true")
+            pytorch_model = True
         elif isinstance(stage, ExportStage):
             if not pytorch_model:
                 problems.append(f"{where}: export needs a PyTorch model; add a finetune stage before it")
@@ -257,12 +349,11 @@ def check_chain(stages: list) -> list[str]:
                 problems.append(f"{where}: export after quantize would feed an INT8 model to the exporter; export the FP32 model and quantize after export")
             exported |= set(stage.formats)
         elif isinstance(stage, QuantizeStage):
-            missing = [b for b in stage.backends if b not in exported]
-            if missing:
-                problems.append(f"{where}.backends: {missing} not exported yet; quantize works on exported models, so add an export stage with those formats before it")
+            problems += _check_quantize(stage, where, pytorch_model, exported)
+            exported |= set(stage.backends)
             quantized |= set(stage.backends)
         elif isinstance(stage, (EvaluateStage, BenchmarkStage)):
-            if not models_seen:
+            if not pytorch_model:
                 problems.append(f"{where}: nothing to measure; it needs a model stage before it")
         elif isinstance(stage, BundleStage):
             missing = [b for b in stage.backends if b not in exported]
@@ -271,6 +362,19 @@ def check_chain(stages: list) -> list[str]:
         if stage.stage in seen and stage.stage in ("finetune", "evaluate", "benchmark", "bundle"):
             problems.append(f"{where}: stage '{stage.stage}' appears twice")
         seen.add(stage.stage)
+    return problems
+
+
+def _check_quantize(stage: QuantizeStage, where: str, pytorch_model: bool, exported: set[str]) -> list[str]:
+    if stage.method == "qat":
+        problems = [] if pytorch_model else [f"{where}: method qat trains the PyTorch model; add a finetune stage before it"]
+        if stage.max_accuracy_drop is not None:
+            problems.append(f"{where}.max_accuracy_drop: applies to method ptq; QAT recovers accuracy by training")
+        return problems
+    problems = []
+    missing = [b for b in stage.backends if b not in exported]
+    if missing:
+        problems.append(f"{where}.backends: {missing} not exported yet; quantize works on exported models, so add an export stage with those formats before it")
     return problems
 
 

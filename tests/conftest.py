@@ -54,6 +54,14 @@ def tiny_overrides(tiny_model: Path, sst2_slice: Path, recipe: str | Path = "sst
         "stages.finetune.max_steps": "6",
         "stages.finetune.eval_steps": "3",
         "stages.finetune.batch_size": "16",
+        "stages.distill.layers": "[0]",  # the tiny teacher has 2 layers
+        "stages.distill.max_steps": "6",
+        "stages.distill.eval_steps": "3",
+        "stages.distill.batch_size": "16",
+        "stages.prune.max_steps": "4",
+        "stages.prune.eval_steps": "2",
+        "stages.prune.batch_size": "16",
+        "stages.prune.importance_samples": "64",
         "stages.quantize.calibration_samples": "16",
         # The tiny run covers static QDQ (the stage default); ``dynamic_run`` reruns it with dynamic INT8,
         # which sst-int8 itself uses.
@@ -161,17 +169,25 @@ def quiet_cwd(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory, shrink, quiet_cwd):
-    """``tiny_runs(recipe)``: a recipe run end to end on the tiny model, once per session per recipe."""
+    """``tiny_runs(recipe)``: a recipe run end to end on the tiny model, once per session per recipe.
+
+    Runs sit side by side under one folder, as under ``runs/``, so ``bench.compare: [sst-int8:bundle]``
+    finds the tiny sst-int8 run; a recipe's compared runs are run first.
+    """
     from edgetl.pipeline import run_recipe
     from edgetl.recipe import load_recipe
 
+    root = tmp_path_factory.mktemp("runs")
     done: dict[str, Path] = {}
 
     def get(recipe: str | Path = "sst-int8") -> Path:
         key = str(recipe)
         if key not in done:
-            run_dir = tmp_path_factory.mktemp(f"run-{Path(key).stem}")
-            run_recipe(load_recipe(key, shrink(recipe)), run_dir)
+            loaded = load_recipe(key, shrink(recipe))
+            for entry in loaded.bench.compare:
+                get(entry.partition(":")[0])
+            run_dir = root / (loaded.name if key == loaded.name else f"{loaded.name}-{len(done)}")
+            run_recipe(loaded, run_dir)
             done[key] = run_dir
         return done[key]
 

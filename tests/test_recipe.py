@@ -112,8 +112,8 @@ def test_overrides_get_the_same_errors_as_the_file():
 # --- schema errors name the field ------------------------------------------------------------------------
 
 def test_unknown_stage(tmp_path):
-    path = write_recipe(tmp_path, stages=[{"stage": "finetune"}, {"stage": "prune", "amount": 0.5}])
-    with pytest.raises(RecipeError, match=r"stages\[1\] \(prune\): unknown stage 'prune'; known stages: finetune"):
+    path = write_recipe(tmp_path, stages=[{"stage": "finetune"}, {"stage": "sparsify", "amount": 0.5}])
+    with pytest.raises(RecipeError, match=r"stages\[1\] \(sparsify\): unknown stage 'sparsify'; known stages: finetune"):
         load_recipe(str(path))
 
 
@@ -238,7 +238,7 @@ def test_recipe_file_that_is_not_a_mapping(tmp_path):
     (["benchmark"], r"stages\[0\] \(benchmark\): nothing to measure"),
     (["evaluate", "finetune"], r"stages\[0\] \(evaluate\): nothing to measure"),
     (["export"], r"stages\[0\] \(export\): export needs a PyTorch model"),
-    (["finetune", "export", "finetune"], r"stages\[2\] \(finetune\): fine-tuning after export"),
+    (["finetune", "export", "finetune"], r"stages\[2\] \(finetune\): finetune after export"),
     (["finetune", "evaluate", "evaluate"], r"stages\[2\] \(evaluate\): stage 'evaluate' appears twice"),
     (["finetune", "bundle"], r"stages\[1\] \(bundle\)\.backends: \['onnx', 'openvino'\] not exported by an earlier stage"),
 ], ids=["quantize-before-export", "export-after-quantize", "benchmark-without-model", "evaluate-before-model",
@@ -313,3 +313,37 @@ def test_cli_debug_shows_the_traceback(tmp_path):
     done = edgetl_cli("--debug", "validate", "sst-int8", "stages.nope.x=1", cwd=tmp_path, timeout=60)
     assert done.returncode != 0
     assert "Traceback" in done.stderr and "RecipeError" in done.stderr
+
+
+@pytest.mark.parametrize("override, message", [
+    (["stages.prune.heads_keep=1.0", "stages.prune.ffn_keep=1.0", "stages.prune.vocabulary=false"], r"stages\[2\] \(prune\): prunes nothing"),
+    (["stages.prune.importance=magnitude", "stages.prune.layers_drop=1"], r"stages\[2\] \(prune\): .*layers_drop ranks layers by Taylor"),
+    (["stages.distill.student=minilm-l6"], r"stages\[1\] \(distill\): .*either student .* or layers"),
+    (["stages.distill.layers=[0, 0]"], r"repeats a layer"),
+    (["stages.quantize.method=qat", "stages.quantize.max_accuracy_drop=0.5"], r"max_accuracy_drop: applies to method ptq"),
+    (["stages.distill.temprature=3"], r"stages\[1\] \(distill\)\.temprature: unknown field"),
+])
+def test_compression_recipe_errors_name_the_field(override, message):
+    from edgetl.errors import RecipeError
+    from edgetl.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match=message):
+        load_recipe("sst-tiny", override)
+
+
+def test_prune_and_distill_refuse_to_come_after_export(tmp_path):
+    from edgetl.errors import RecipeError
+    from edgetl.recipe import load_recipe
+
+    recipe = tmp_path / "late.yaml"
+    recipe.write_text("name: late\nmodel: minilm-l6\nstages:\n  - stage: finetune\n  - stage: export\n"
+                      "  - stage: prune\n    heads_keep: 0.5\n")
+    with pytest.raises(RecipeError, match=r"stages\[2\] \(prune\): prune after export would leave the exported models stale"):
+        load_recipe(str(recipe))
+
+
+def test_qat_needs_no_export_before_it():
+    from edgetl.recipe import load_recipe
+
+    recipe = load_recipe("sst-tiny", ["stages.quantize.method=qat", "stages.quantize.max_accuracy_drop=null"])
+    assert recipe.stages[4].method == "qat"

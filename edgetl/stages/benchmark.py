@@ -14,7 +14,7 @@ def run(cfg: BenchmarkStage, ctx, out_dir: Path) -> StageOutput:
     _, dev = load_labelled(ctx.recipe.data)
     evaluation = ctx.latest("evaluation")
     accuracy = evaluation.metrics if evaluation else {}
-    models = [a for a in ctx.inputs if a.kind in MODEL_KINDS]
+    models = [a for a in ctx.inputs if a.kind in (*MODEL_KINDS, "bundle")]  # bundles: bench.compare
     result = benchmark(models, dev["text"], accuracy, ctx.recipe.bench, ctx.recipe.data.max_length, out_dir,
                        title=ctx.recipe.name)
     metrics = {f"{r['target']} p50_ms": r["p50_ms"] for r in result["rows"]}

@@ -64,5 +64,6 @@ def run(cfg: BundleStage, ctx, out_dir: Path) -> StageOutput:
         "files": file_table(out_dir),
     }
     (out_dir / "edgetl.json").write_text(json.dumps(manifest, indent=1))
-    return StageOutput(kind="bundle", precision=source.manifest.get("precision"), models=models,
-                       metrics={f"{b} accuracy": m["accuracy"] for b, m in metrics.items() if m["accuracy"] is not None})
+    summary = {f"{b} accuracy": m["accuracy"] for b, m in metrics.items() if m["accuracy"] is not None}
+    summary["bundle_bytes"] = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
+    return StageOutput(kind="bundle", precision=source.manifest.get("precision"), models=models, metrics=summary)

@@ -40,7 +40,7 @@ def run(cfg: EvaluateStage, ctx, out_dir: Path) -> StageOutput:
         accuracy = float((logits.argmax(-1) == labels).mean())
         rows.append({"target": target.key, "artifact": target.artifact.name, "backend": target.backend,
                      "precision": target.precision, "accuracy": round(accuracy, 5), "samples": len(texts)})
-        np.save(out_dir / f"logits-{target.artifact.name}-{target.backend}.npy", logits)
+        np.save(out_dir / f"logits-{target.artifact.name.replace('/', '_')}-{target.backend}.npy", logits)
         log.info("evaluate: %-32s accuracy %.4f", target.key, accuracy)
     (out_dir / "evaluation.json").write_text(json.dumps(rows, indent=1))
     return StageOutput(kind="evaluation", metrics={r["target"]: r["accuracy"] for r in rows})

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
 from edgetl.artifact import StageOutput, model_file_bytes
 from edgetl.errors import StageError
 from edgetl.recipe import ExportStage
+
+log = logging.getLogger("edgetl")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
@@ -31,13 +34,45 @@ def export_onnx(model, out_dir: Path, opset: int) -> Path:
     return target
 
 
-def fuse_onnx(raw: Path, target: Path, config) -> None:
-    """ONNX Runtime's BERT fusions (attention, skip-layernorm, bias-gelu) for faster CPU inference."""
+def fuse_onnx(raw: Path, target: Path, config) -> bool:
+    """ONNX Runtime's BERT fusions (attention, skip-layernorm, bias-gelu) for faster CPU inference.
+
+    Pruned layers have their own head counts, so the fuser reads them from each layer's graph (0 = detect).
+    The fused graph is checked against the raw one; returns False if they disagree (the caller keeps the raw one).
+    """
     from onnxruntime.transformers.optimizer import optimize_model
 
-    optimized = optimize_model(str(raw), model_type="bert", num_heads=config.num_attention_heads,
-                               hidden_size=config.hidden_size, opt_level=1, use_gpu=False)
+    from edgetl.modeling import PRUNED_LAYERS
+
+    pruned = getattr(config, PRUNED_LAYERS, None) is not None
+    optimized = optimize_model(str(raw), model_type="bert", num_heads=0 if pruned else config.num_attention_heads,
+                               hidden_size=0 if pruned else config.hidden_size, opt_level=1, use_gpu=False)
     optimized.save_model_to_file(str(target))
+    difference = _max_logit_difference(raw, target, config.vocab_size)
+    if difference > 1e-3:
+        log.warning("export: ORT fusions changed the logits by %.3g; keeping the unfused graph", difference)
+        return False
+    return True
+
+
+def _max_logit_difference(first: Path, second: Path, vocab_size: int) -> float:
+    """Largest logit difference between two ONNX graphs on random text of two lengths, padding included."""
+    import numpy as np
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    sessions = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for p in (first, second)]
+    names = {i.name for i in sessions[0].get_inputs()}
+    worst = 0.0
+    for length in (7, 29):
+        ids = rng.integers(0, vocab_size, size=(2, length), dtype=np.int64)
+        mask = np.ones_like(ids)
+        mask[1, length // 2:] = 0
+        feeds = {k: v for k, v in {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}.items()
+                 if k in names}
+        a, b = (s.run(None, feeds)[0] for s in sessions)
+        worst = max(worst, float(np.abs(a - b).max()))
+    return worst
 
 
 def export_openvino(onnx_path: Path, target: Path) -> None:
@@ -69,12 +104,11 @@ def run(cfg: ExportStage, ctx, out_dir: Path) -> StageOutput:
         folder = out_dir / "onnx"
         folder.mkdir()
         target = folder / "model.onnx"
-        if cfg.optimize:
-            fuse_onnx(raw, target, model.config)
-        else:
+        fused = cfg.optimize and fuse_onnx(raw, target, model.config)
+        if not fused:
             shutil.copy2(raw, target)
         copy_tokenizer(source.path, folder)
-        models["onnx"] = {"path": "onnx/model.onnx", "precision": "fp32", "fused": cfg.optimize}
+        models["onnx"] = {"path": "onnx/model.onnx", "precision": "fp32", "fused": fused}
     if "openvino" in cfg.formats:
         folder = out_dir / "openvino"
         folder.mkdir()

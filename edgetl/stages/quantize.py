@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from edgetl.artifact import StageOutput, model_file_bytes
@@ -23,7 +24,18 @@ def calibration_feeds(ctx, tokenizer_dir: Path, samples: int) -> list[dict]:
     return [encode(tokenizer, [text]) for text in texts]
 
 
+def evaluation_feeds(ctx, tokenizer_dir: Path) -> tuple[list[dict], list[int]]:
+    """The evaluation split, one feed per text: what accuracy control measures the INT8 drop on."""
+    _, dev = load_labelled(ctx.recipe.data)
+    tokenizer = load_tokenizer(tokenizer_dir, ctx.recipe.data.max_length)
+    return [encode(tokenizer, [text]) for text in dev["text"]], list(dev["label"])
+
+
 def run(cfg: QuantizeStage, ctx, out_dir: Path) -> StageOutput:
+    if cfg.method == "qat":
+        return run_qat(cfg, ctx, out_dir)
+    if cfg.max_accuracy_drop is not None:
+        return run_accuracy_controlled(cfg, ctx, out_dir)
     source = ctx.latest("exported")
     if source is None:
         raise StageError("quantize: no exported model; add an export stage before quantize")
@@ -50,4 +62,81 @@ def run(cfg: QuantizeStage, ctx, out_dir: Path) -> StageOutput:
         copy_tokenizer(source.model_path("openvino").parent, folder)
         models["openvino"] = {"path": "openvino/model.xml", "precision": "int8", "method": "nncf.quantize"}
     metrics = {f"{b}_bytes": model_file_bytes(out_dir / m["path"]) for b, m in models.items()}
+    return StageOutput(kind="quantized", precision="int8", models=models, metrics=metrics)
+
+
+def run_accuracy_controlled(cfg: QuantizeStage, ctx, out_dir: Path) -> StageOutput:
+    """Static INT8 where the layers that cost most accuracy fall back to FP32 until the drop is in budget
+    (ONNX with ``onnx_method: dynamic`` gets dynamic INT8: nothing calibrated to fall back).
+
+    The drop is measured on the evaluation split: accuracy control is model selection, so dev is what it
+    may use (the held-out test set never is).
+    """
+    from edgetl.stages._qat import quantize_with_accuracy_control
+
+    source = ctx.latest("exported")
+    if source is None:
+        raise StageError("quantize: no exported model; add an export stage before quantize")
+    tokenizer_dir = next(source.model_path(b).parent for b in cfg.backends)
+    feeds = calibration_feeds(ctx, tokenizer_dir, cfg.calibration_samples)
+    val_feeds, val_labels = evaluation_feeds(ctx, tokenizer_dir)
+    models = {}
+    for backend in cfg.backends:
+        folder = out_dir / backend
+        folder.mkdir()
+        if backend == "onnx" and cfg.onnx_method == "dynamic":
+            from edgetl.stages._quantize_ort import quantize_onnx
+
+            unfused = source.path / source.manifest["unfused_onnx"]
+            quantize_onnx(unfused, folder / "model.onnx", "dynamic", feeds, cfg.per_channel, cfg.onnx_calibration, False)
+            copy_tokenizer(source.model_path(backend).parent, folder)
+            models[backend] = {"path": "onnx/model.onnx", "precision": "int8", "method": "dynamic"}
+            continue
+        model_file = source.path / source.manifest["unfused_onnx"] if backend == "onnx" else source.model_path(backend)
+        target = folder / ("model.onnx" if backend == "onnx" else "model.xml")
+        report = quantize_with_accuracy_control(backend, model_file, target, feeds, val_feeds, val_labels,
+                                                cfg.max_accuracy_drop)
+        copy_tokenizer(source.model_path(backend).parent, folder)
+        models[backend] = {"path": f"{backend}/{target.name}", "precision": "int8",
+                           "method": "nncf.quantize_with_accuracy_control", **report}
+    metrics = {f"{b}_bytes": model_file_bytes(out_dir / m["path"]) for b, m in models.items()}
+    return StageOutput(kind="quantized", precision="int8", models=models, metrics=metrics)
+
+
+def run_qat(cfg: QuantizeStage, ctx, out_dir: Path) -> StageOutput:
+    """NNCF fake-quantizers on the PyTorch model, trained against the FP32 model, exported with INT8 ops."""
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    from edgetl.distillation import DistillationTrainer, StudentWithProjections
+    from edgetl.modeling import load_classifier
+    from edgetl.stages._qat import export_qat, insert_quantizers
+    from edgetl.training import accuracy_metric, labelled_data, train_and_resume, training_arguments, training_metrics
+
+    if ctx.world_size > 1:
+        raise StageError("quantize: method qat runs in one process; run this stage without torchrun/accelerate launch")
+    source = ctx.latest("pytorch-model")
+    if source is None:
+        raise StageError("quantize: method qat needs a PyTorch model; add a finetune stage before it")
+    tokenizer = AutoTokenizer.from_pretrained(source.path)
+    feeds = calibration_feeds(ctx, source.path, cfg.calibration_samples)
+    model = insert_quantizers(load_classifier(source.path), feeds)
+    train_tok, dev_tok = labelled_data(ctx, tokenizer)
+    wrapped = StudentWithProjections(model, model.config.hidden_size, use_hidden=False)
+    trainer = DistillationTrainer(model=wrapped, args=training_arguments(cfg.qat, ctx), train_dataset=train_tok,
+                                  eval_dataset=dev_tok, data_collator=DataCollatorWithPadding(tokenizer),
+                                  compute_metrics=accuracy_metric, processing_class=tokenizer,
+                                  teacher=load_classifier(source.path), kd=cfg.qat)
+    train_and_resume(trainer, ctx.work_dir, "quantize")
+    models = {}
+    for backend in ("onnx", "openvino"):
+        (out_dir / backend).mkdir()
+        copy_tokenizer(source.path, out_dir / backend)
+    counts = export_qat(model.eval(), feeds[0], out_dir / "onnx" / "model.onnx", out_dir / "openvino" / "model.xml")
+    for backend in cfg.backends:
+        models[backend] = {"path": f"{backend}/model.{'onnx' if backend == 'onnx' else 'xml'}", "precision": "int8",
+                           "method": "qat", "int8_ops": counts[f"{backend}_int8_ops"]}
+    for backend in {"onnx", "openvino"} - set(cfg.backends):
+        shutil.rmtree(out_dir / backend)
+    metrics = {f"{b}_bytes": model_file_bytes(out_dir / m["path"]) for b, m in models.items()}
+    metrics.update(training_metrics(trainer, len(train_tok), len(dev_tok)))
     return StageOutput(kind="quantized", precision="int8", models=models, metrics=metrics)

@@ -1,0 +1,122 @@
+"""Knowledge distillation with HF Trainer: soft targets, hidden states and attention maps from a frozen teacher.
+
+Used by ``distill`` (a smaller student), ``prune`` (recovery from the unpruned model) and QAT (the
+fake-quantized model learns from its FP32 self).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import Trainer
+
+from edgetl.modeling import PRUNED_LAYERS, encoder_layers, layer_sizes
+from edgetl.recipe import DistillationConfig
+
+
+def shallow_copy(teacher, layers: list[int]):
+    """A student keeping the given teacher layers, embeddings and head (DistilBERT's initialisation)."""
+    total = len(encoder_layers(teacher))
+    bad = [i for i in layers if not 0 <= i < total]
+    if bad:
+        raise ValueError(f"layers {bad} out of range: the teacher has layers 0..{total - 1}")
+    student = copy.deepcopy(teacher)
+    encoder = getattr(student, student.base_model_prefix).encoder
+    encoder.layer = nn.ModuleList(encoder.layer[i] for i in sorted(layers))
+    student.config.num_hidden_layers = len(layers)
+    if hasattr(student.config, PRUNED_LAYERS):
+        setattr(student.config, PRUNED_LAYERS, layer_sizes(student))
+    return student
+
+
+def every_other_layer(teacher) -> list[int]:
+    return list(range(0, len(encoder_layers(teacher)), 2))
+
+
+class StudentWithProjections(nn.Module):
+    """The student plus the learned maps from its hidden width to the teacher's (trained, never exported)."""
+
+    def __init__(self, student, teacher_width: int, use_hidden: bool):
+        super().__init__()
+        self.student = student
+        width = student.config.hidden_size
+        count = student.config.num_hidden_layers + 1 if use_hidden and width != teacher_width else 0
+        self.projections = nn.ModuleList(nn.Linear(width, teacher_width) for _ in range(count))
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
+                output_hidden_states=False, output_attentions=False):
+        out = self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                           output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        if not (output_hidden_states or output_attentions):
+            return {"logits": out.logits}
+        hidden = out.hidden_states
+        if hidden is not None and len(self.projections):
+            hidden = tuple(p(h) for p, h in zip(self.projections, hidden, strict=True))
+        return {"logits": out.logits, "hidden_states": hidden, "attentions": out.attentions}
+
+
+def layer_map(student_layers: int, teacher_layers: int) -> list[int]:
+    """Teacher hidden-state index matched to each student one (0 = embeddings), spread evenly (TinyBERT)."""
+    return [round(i * teacher_layers / student_layers) for i in range(student_layers + 1)]
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def distillation_loss(cfg: DistillationConfig, student_out: dict, teacher_out, labels, attention_mask) -> torch.Tensor:
+    """(1 - kd_weight) * task CE + kd_weight * T^2 KL(soft targets) + the optional hidden and attention terms."""
+    s_logits, t_logits = student_out["logits"].float(), teacher_out.logits.float()
+    temperature = cfg.temperature
+    soft = F.kl_div(F.log_softmax(s_logits / temperature, -1), F.log_softmax(t_logits / temperature, -1),
+                    log_target=True, reduction="batchmean") * temperature**2
+    labelled = labels >= 0  # extra unlabelled text carries label -100: soft targets only
+    task = F.cross_entropy(s_logits[labelled], labels[labelled]) if labelled.any() else s_logits.sum() * 0
+    loss = (1 - cfg.kd_weight) * task + cfg.kd_weight * soft
+    if cfg.hidden_weight:
+        s_hidden, t_hidden = student_out["hidden_states"], teacher_out.hidden_states
+        pairs = layer_map(len(s_hidden) - 1, len(t_hidden) - 1)
+        mse = sum(_masked_mean((s_hidden[i].float() - t_hidden[j].float()).pow(2).mean(-1), attention_mask)
+                  for i, j in enumerate(pairs))
+        loss = loss + cfg.hidden_weight * mse / len(pairs)
+    if cfg.attention_weight:
+        s_att, t_att = student_out["attentions"], teacher_out.attentions
+        pairs = layer_map(len(s_att), len(t_att))[1:]
+        kl = 0
+        for i, j in enumerate(pairs):
+            # Heads averaged: pruning and narrower students change the head count, the token-to-token map stays.
+            s_map, t_map = s_att[i].float().mean(1), t_att[j - 1].float().mean(1)
+            row_kl = (t_map * (t_map.clamp(min=1e-9).log() - s_map.clamp(min=1e-9).log())).sum(-1)
+            kl = kl + _masked_mean(row_kl, attention_mask)
+        loss = loss + cfg.attention_weight * kl / len(pairs)
+    return loss
+
+
+class DistillationTrainer(Trainer):
+    """Trainer whose training loss comes from a frozen teacher; evaluation is plain accuracy of the student."""
+
+    def __init__(self, *args, teacher, kd: DistillationConfig, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.to(self.args.device).eval()
+        for param in self.teacher.parameters():
+            param.requires_grad_(False)
+        self.kd = kd
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        labels = inputs.pop("labels")
+        if not model.training:
+            out = model(**inputs)
+            labelled = labels >= 0
+            loss = F.cross_entropy(out["logits"][labelled].float(), labels[labelled])
+            return (loss, out) if return_outputs else loss
+        wants = {"output_hidden_states": bool(self.kd.hidden_weight), "output_attentions": bool(self.kd.attention_weight)}
+        with torch.no_grad(), torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+            teacher_out = self.teacher(**inputs, **wants)
+        out = model(**inputs, **wants)
+        loss = distillation_loss(self.kd, out, teacher_out, labels, inputs["attention_mask"])
+        return (loss, out) if return_outputs else loss

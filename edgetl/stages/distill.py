@@ -1,0 +1,82 @@
+"""Knowledge distillation into a smaller student (a shallower copy of the teacher, or a named pretrained model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgetl.artifact import StageOutput
+from edgetl.errors import StageError
+from edgetl.recipe import DistillStage
+
+
+def teacher_folder(cfg: DistillStage, ctx) -> Path:
+    if cfg.teacher:
+        folder = Path(cfg.teacher).expanduser()
+        if not (folder / "config.json").is_file():
+            raise StageError(f"distill.teacher: {folder} is not a saved classifier (no config.json)")
+        return folder
+    source = ctx.latest("pytorch-model")
+    if source is None:
+        raise StageError("distill: no teacher; set teacher: or add a finetune stage before distill")
+    return source.path
+
+
+def make_student(cfg: DistillStage, teacher, tokenizer, labels: list[str]):
+    from edgetl.distillation import every_other_layer, shallow_copy
+    from edgetl.modeling import MeanPoolBertForSequenceClassification, new_classifier
+
+    if cfg.student is None:
+        layers = cfg.layers if cfg.layers is not None else every_other_layer(teacher)
+        try:
+            return shallow_copy(teacher, layers)
+        except ValueError as exc:
+            raise StageError(f"distill.layers: {exc}") from None
+    pooling = "mean" if isinstance(teacher, MeanPoolBertForSequenceClassification) else "cls"
+    student, student_tokenizer = new_classifier(cfg.student, labels, pooling)
+    if student_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise StageError(f"distill.student: '{cfg.student}' tokenizes differently from the teacher; "
+                         "distillation feeds both the same token ids, so pick a student with the teacher's vocabulary")
+    return student
+
+
+def unlabelled_text(path: str, ctx, tokenizer):
+    """Extra text for the soft targets, tokenized, with label -100 (no task loss)."""
+    import datasets
+
+    from edgetl.data import read_texts, tokenize
+
+    texts = read_texts(Path(path).expanduser(), ctx.recipe.data.text_field, "distill.extra_text_file")
+    ds = datasets.Dataset.from_dict({"text": texts, "label": [-100] * len(texts)})
+    return tokenize(ds, tokenizer, ctx.recipe.data.max_length)
+
+
+def run(cfg: DistillStage, ctx, out_dir: Path) -> StageOutput:
+    import datasets
+    from transformers import AutoTokenizer, DataCollatorWithPadding
+
+    from edgetl.distillation import DistillationTrainer, StudentWithProjections
+    from edgetl.modeling import load_classifier, model_stats
+    from edgetl.training import accuracy_metric, fp32_accuracy, labelled_data, save_classifier, train_and_resume
+    from edgetl.training import training_arguments, training_metrics
+
+    folder = teacher_folder(cfg, ctx)
+    teacher = load_classifier(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    student = make_student(cfg, teacher, tokenizer, ctx.recipe.data.labels)
+    train_tok, dev_tok = labelled_data(ctx, tokenizer)
+    if cfg.extra_text_file:
+        extra = unlabelled_text(cfg.extra_text_file, ctx, tokenizer).cast(train_tok.features)
+        train_tok = datasets.concatenate_datasets([train_tok, extra])
+    collator = DataCollatorWithPadding(tokenizer)
+    wrapped = StudentWithProjections(student, teacher.config.hidden_size, use_hidden=bool(cfg.hidden_weight))
+    trainer = DistillationTrainer(model=wrapped, args=training_arguments(cfg, ctx), train_dataset=train_tok,
+                                  eval_dataset=dev_tok, data_collator=collator, compute_metrics=accuracy_metric,
+                                  processing_class=tokenizer, teacher=teacher, kd=cfg)
+    train_and_resume(trainer, ctx.work_dir, "distill")
+    accuracy = fp32_accuracy(student, dev_tok, collator, cfg.eval_batch_size)
+    if ctx.rank == 0:
+        save_classifier(student, tokenizer, trainer, out_dir)
+    metrics = {"accuracy": round(accuracy, 5), **training_metrics(trainer, len(train_tok), len(dev_tok)),
+               **model_stats(student, dev_tok), "teacher": str(folder)}
+    return StageOutput(kind="pytorch-model", precision="fp32", models={"pytorch": {"path": ".", "precision": "fp32"}},
+                       metrics=metrics)

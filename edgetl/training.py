@@ -1,0 +1,140 @@
+"""What every training stage shares: HF Trainer arguments, data, resuming, and FP32 accuracy of the result."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from edgetl.data import load_labelled, tokenize
+from edgetl.recipe import TrainingConfig
+
+
+def last_good_checkpoint(work_dir: Path) -> str | None:
+    """Newest ``checkpoint-N`` that Trainer finished writing; half-written ones (killed mid-save) are removed.
+
+    Trainer writes ``trainer_state.json`` after the weights, optimizer and RNG states, so its presence
+    marks a complete checkpoint.
+    """
+    if not work_dir.is_dir():
+        return None
+    checkpoints = sorted(work_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    good = None
+    for checkpoint in checkpoints:
+        if (checkpoint / "trainer_state.json").is_file():
+            good = checkpoint
+        else:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return str(good) if good else None
+
+
+def native_bf16() -> bool:
+    """Whether this machine computes bf16 matrix products natively (else autocast would only slow training)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    from edgetl.bench.machine import isa_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & set(isa_flags()))
+
+
+def use_bf16(cfg: TrainingConfig) -> bool:
+    return cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16())
+
+
+def accuracy_metric(eval_pred) -> dict:
+    logits, labels = eval_pred
+    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+
+
+def labelled_data(ctx, tokenizer):
+    """Tokenized (train, dev) of the recipe's data; dev sorted by length, so its batches carry little padding."""
+    data = ctx.recipe.data
+    train, dev = load_labelled(data)
+    train_tok, dev_tok = tokenize(train, tokenizer, data.max_length), tokenize(dev, tokenizer, data.max_length)
+    dev_tok = dev_tok.map(lambda row: {"n_tokens": len(row["input_ids"])}).sort("n_tokens").remove_columns("n_tokens")
+    return train_tok, dev_tok
+
+
+def training_arguments(cfg: TrainingConfig, ctx, **overrides):
+    """Trainer arguments of a training stage: evaluate and checkpoint every ``eval_steps``, keep the best."""
+    import torch
+    from transformers import TrainingArguments
+
+    args = dict(
+        output_dir=str(ctx.work_dir),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.eval_batch_size,
+        weight_decay=cfg.weight_decay,
+        warmup_ratio=cfg.warmup_ratio,
+        lr_scheduler_type="linear",
+        eval_strategy="steps",
+        eval_steps=cfg.eval_steps,
+        save_strategy="steps",
+        save_steps=cfg.eval_steps,
+        save_total_limit=2,  # the best checkpoint is kept on top of this limit
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+        greater_is_better=True,
+        group_by_length=cfg.group_by_length,
+        bf16=use_bf16(cfg),
+        seed=cfg.seed,
+        logging_steps=max(1, min(50, cfg.eval_steps)),
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if ctx.world_size > 1 and not torch.cuda.is_available() else None,
+    )
+    return TrainingArguments(**{**args, **overrides})
+
+
+def train_and_resume(trainer, work_dir: Path, stage: str):
+    """``trainer.train()``, resuming from the last complete checkpoint of an interrupted run."""
+    import logging
+
+    resume = last_good_checkpoint(work_dir)
+    if resume:
+        logging.getLogger("edgetl").info("%s: resuming from %s", stage, resume)
+    trainer.train(resume_from_checkpoint=resume)
+
+
+def fp32_accuracy(model, dataset, collator, batch_size: int) -> float:
+    """Accuracy of the kept model in FP32, as it is exported (Trainer evaluates under bf16 autocast)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    model.eval()
+    correct = 0
+    with torch.inference_mode():
+        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
+            labels = batch.pop("labels")
+            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+    return correct / len(dataset)
+
+
+def save_classifier(model, tokenizer, trainer, out_dir: Path) -> None:
+    """The kept model and tokenizer as a ``save_pretrained`` folder, plus the dev accuracy history."""
+    import json
+
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+    history = [h for h in trainer.state.log_history if "eval_accuracy" in h]
+    (out_dir / "eval_history.json").write_text(json.dumps(history, indent=1))
+
+
+def training_metrics(trainer, train_samples: int, eval_samples: int) -> dict:
+    """What chose the checkpoint: the best dev accuracy in the training precision, its step, and the run length."""
+    state = trainer.state
+    checkpoint = state.best_model_checkpoint
+    return {
+        "selection_accuracy": round(state.best_metric, 5) if state.best_metric is not None else None,
+        "best_step": int(Path(checkpoint).name.split("-")[1]) if checkpoint else None,
+        "steps": state.global_step,
+        "train_samples": train_samples,
+        "eval_samples": eval_samples,
+        "train_precision": "bf16" if trainer.args.bf16 else "fp32",
+    }
