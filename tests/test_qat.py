@@ -134,7 +134,8 @@ class Wrapper(nn.Module):
 
 
 @pytest.mark.parametrize("wrapped", [False, True], ids=["pretrained-model", "wrapped"])
-def test_trainer_checkpoint_holds_the_qat_state_and_resumes(wrapped, qat_model, tiny_model, tokenizer, train_rows, tmp_path):
+def test_trainer_checkpoint_holds_the_qat_state_and_resumes(wrapped, qat_model, tiny_model, tokenizer, train_rows, feeds,
+                                                             tmp_path):
     from safetensors.torch import load_file
     from transformers import Trainer, TrainingArguments
 
@@ -155,10 +156,10 @@ def test_trainer_checkpoint_holds_the_qat_state_and_resumes(wrapped, qat_model, 
     prefix = "student." if wrapped else ""
     assert set(saved) == {prefix + k for k in model.state_dict()}, "the checkpoint must hold every QAT tensor"
 
-    # A new process has no QAT model: rebuild one from the stored NNCF config, then let Trainer resume into it.
-    config = _qat.qat_state_dict(qat_model)["nncf_config"]
+    # A new process has no QAT model: the quantize stage calibrates again on the same feeds (same hooks, same
+    # names), then Trainer resumes into it.
     untrained = {k: v.clone() for k, v in qat_model.state_dict().items()}
-    resumed = _qat.load_qat_state(fresh_classifier(tiny_model), {"nncf_config": config, "state_dict": untrained})
+    resumed = _qat.insert_quantizers(fresh_classifier(tiny_model), feeds)
     Trainer(model=Wrapper(resumed) if wrapped else resumed, args=args, train_dataset=items,
             data_collator=collate).train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
     feed = as_torch(encode(tokenizer, [train_rows[60][0]]))
@@ -166,13 +167,6 @@ def test_trainer_checkpoint_holds_the_qat_state_and_resumes(wrapped, qat_model, 
         assert torch.equal(resumed.eval()(**feed).logits, model.eval()(**feed).logits)
     changed = [k for k in untrained if not torch.equal(untrained[k], model.state_dict()[k])]
     assert any("__nncf_hooks" in k for k in changed), "training moved no quantizer parameter"
-
-
-def test_load_qat_state_rejects_a_foreign_state(qat_model, tiny_model):
-    state = _qat.qat_state_dict(qat_model)
-    state["state_dict"] = {k: v for k, v in state["state_dict"].items() if "__nncf_hooks" not in k}
-    with pytest.raises(StageError, match="does not fit the model"):
-        _qat.load_qat_state(fresh_classifier(tiny_model), state)
 
 
 @pytest.fixture(scope="module")

@@ -97,34 +97,6 @@ def _unshare_in_state_dict(model) -> None:
         storage.register_state_dict_post_hook(_clone_shared)
 
 
-def qat_state_dict(model) -> dict:
-    """What rebuilds a QAT model without calibrating again: NNCF's module placement and all tensors.
-
-    ``nncf_config`` is plain JSON and fixed once quantizers are inserted: store it once beside the
-    checkpoints. ``state_dict`` is what Trainer already saves in each checkpoint's ``model.safetensors``.
-    """
-    import nncf.torch
-
-    return {"nncf_config": nncf.torch.get_config(model), "state_dict": model.state_dict()}
-
-
-def load_qat_state(model, state: dict):
-    """The QAT model rebuilt on a fresh FP32 ``model`` of the same architecture from ``qat_state_dict`` output.
-
-    ``state["state_dict"]`` may come from a Trainer checkpoint (keys without the ``student.``-style prefix
-    of any wrapper module); every key must match.
-    """
-    import nncf.torch
-
-    restored = nncf.torch.load_from_config(model, state["nncf_config"])
-    result = restored.load_state_dict(state["state_dict"], strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise StageError(f"load_qat_state: the state does not fit the model: missing {result.missing_keys[:5]}, "
-                         f"unexpected {result.unexpected_keys[:5]}; was it saved from this architecture?")
-    _unshare_in_state_dict(restored)
-    return restored
-
-
 def export_qat(model, example_feed: dict, onnx_path: Path, openvino_path: Path, opset: int = QAT_OPSET) -> dict:
     """Export a trained QAT model as real INT8: ONNX with QuantizeLinear/DequantizeLinear, OpenVINO IR with
     FakeQuantize (executed as INT8 by the CPU plugin) and INT8 weights.
