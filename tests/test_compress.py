@@ -26,7 +26,7 @@ def batch(length=11, size=6, seed=1):
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, 120, (size, length), generator=gen)
     mask = torch.ones_like(ids)
-    mask[1, length // 2:] = 0  # one padded row
+    mask[size - 1, length // 2:] = 0  # one padded row
     return {"input_ids": ids, "attention_mask": mask, "labels": torch.arange(size) % 2}
 
 
@@ -225,3 +225,29 @@ def test_accuracy_controlled_ptq_records_its_fallbacks(tiny_runs):
         assert model["method"] == "nncf.quantize_with_accuracy_control"
         assert isinstance(model["fallback_layers"], list)
         assert model["drop_met"] == (100 * (model["accuracy_fp32"] - model["accuracy_int8"]) <= 0.5 + 1e-9)
+
+
+def test_a_latency_budget_picks_the_largest_keep_ratio_that_meets_it():
+    from edgetl.errors import StageError
+    from edgetl.recipe import PruneStage
+    from edgetl.stages.prune import keep_ratio_for_budget
+
+    model = random_bert(layers=2)
+    importance = magnitude_importance(model)
+    feeds = [{k: v[:1].numpy() for k, v in batch(length=9, size=2, seed=s).items() if k != "labels"} for s in range(12)]
+    for feed in feeds:
+        feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
+    generous = PruneStage(stage="prune", latency_budget_ms=1e4)
+    assert keep_ratio_for_budget(generous, model, importance, feeds)[0] == 1.0
+    impossible = PruneStage(stage="prune", latency_budget_ms=1e-6)
+    with pytest.raises(StageError, match=r"prune.latency_budget_ms: even keeping 10 % .* raise the budget"):
+        keep_ratio_for_budget(impossible, model, importance, feeds)
+
+
+def test_latency_budget_and_keep_ratios_exclude_each_other():
+    from pydantic import ValidationError
+
+    from edgetl.recipe import PruneStage
+
+    with pytest.raises(ValidationError, match="latency_budget_ms chooses the keep ratio itself"):
+        PruneStage(stage="prune", latency_budget_ms=1.0, heads_keep=0.5)

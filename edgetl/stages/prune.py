@@ -20,24 +20,76 @@ def importance_batches(train_tok, collator, samples: int, batch_size: int = 32):
     return DataLoader(subset, batch_size=batch_size, collate_fn=collator)
 
 
-def structured_plan(cfg: PruneStage, model, train_tok, collator, work_dir: Path):
+def onnx_p50_ms(model, feeds: list[dict], warmup: int = 10) -> float:
+    """Batch-1 median latency of the model exported to ONNX (FP32, unfused) in ONNX Runtime on this machine."""
+    import tempfile
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from edgetl.stages.export import export_onnx
+
+    with tempfile.TemporaryDirectory() as folder:
+        session = ort.InferenceSession(str(export_onnx(model, Path(folder), opset=17)), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    feeds = [{k: v for k, v in feed.items() if k in names} for feed in feeds]
+    for feed in feeds[:warmup]:
+        session.run(None, feed)
+    times = []
+    for feed in feeds:
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def keep_ratio_for_budget(cfg: PruneStage, model, importance, feeds: list[dict]) -> tuple[float, list[dict]]:
+    """The largest common keep ratio for heads and FFN neurons whose pruned model meets the latency budget."""
+    from edgetl.errors import StageError
+    from edgetl.pruning import apply_plan, make_plan
+
+    trials = []
+    for ratio in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1):
+        trial = copy.deepcopy(model)
+        apply_plan(trial, make_plan(importance, ratio, ratio, cfg.layers_drop))
+        p50 = onnx_p50_ms(trial, feeds)
+        trials.append({"keep": ratio, "onnx_fp32_p50_ms": round(p50, 4)})
+        log.info("prune: keep %.1f -> ONNX Runtime FP32 p50 %.3f ms (budget %.3f)", ratio, p50, cfg.latency_budget_ms)
+        if p50 <= cfg.latency_budget_ms:
+            return ratio, trials
+    raise StageError(f"prune.latency_budget_ms: even keeping 10 % of heads and FFN neurons the model takes "
+                     f"{trials[-1]['onnx_fp32_p50_ms']} ms (budget {cfg.latency_budget_ms}); raise the budget or drop layers")
+
+
+def structured_plan(cfg: PruneStage, ctx, model, train_tok, collator):
     """Score and choose what to keep; the plan is saved first, so a resumed run rebuilds the same shapes."""
     from tqdm import tqdm
 
     from edgetl.pruning import PrunePlan, magnitude_importance, make_plan, taylor_importance
 
-    saved = work_dir / "plan.json"
+    saved = ctx.work_dir / "plan.json"
     if saved.is_file():
-        return PrunePlan(**json.loads(saved.read_text()))
+        record = json.loads(saved.read_text())
+        return PrunePlan(**record["plan"]), record["budget_trials"]
     if cfg.importance == "taylor":
         batches = importance_batches(train_tok, collator, cfg.importance_samples)
         importance = taylor_importance(model, tqdm(batches, desc="importance", leave=False))
     else:
         importance = magnitude_importance(model)
-    plan = make_plan(importance, cfg.heads_keep, cfg.ffn_keep, cfg.layers_drop)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(plan.__dict__))
-    return plan
+    heads_keep, ffn_keep, trials = cfg.heads_keep, cfg.ffn_keep, None
+    if cfg.latency_budget_ms is not None:
+        from edgetl.data import load_labelled
+        from edgetl.stages.quantize import encode_texts
+
+        _, dev = load_labelled(ctx.recipe.data)
+        feeds = encode_texts(ctx.recipe.data, dev["text"][:200], ctx.latest("pytorch-model").path)
+        heads_keep, trials = keep_ratio_for_budget(cfg, model, importance, feeds)
+        ffn_keep = heads_keep
+    plan = make_plan(importance, heads_keep, ffn_keep, cfg.layers_drop)
+    ctx.work_dir.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps({"plan": plan.__dict__, "budget_trials": trials}))
+    return plan, trials
 
 
 def recover(cfg: PruneStage, ctx, model, teacher, tokenizer, train_tok, dev_tok, collator):
@@ -69,9 +121,11 @@ def run(cfg: PruneStage, ctx, out_dir: Path) -> StageOutput:
     metrics = {"before": {k: v for k, v in model_stats(model, dev_tok).items() if k != "layers"}}
     if cfg.structured:
         teacher = copy.deepcopy(model)
-        plan = structured_plan(cfg, model, train_tok, collator, ctx.work_dir)
+        plan, trials = structured_plan(cfg, ctx, model, train_tok, collator)
         apply_plan(model, plan)
         metrics["kept_heads"], metrics["dropped_layers"] = plan.heads, plan.drop_layers
+        if trials:
+            metrics["latency_budget_trials"] = trials
         metrics["accuracy_before_recovery"] = round(fp32_accuracy(model, dev_tok, collator, cfg.eval_batch_size), 5)
         if cfg.recovery:
             trainer = recover(cfg, ctx, model, teacher, tokenizer, train_tok, dev_tok, collator)

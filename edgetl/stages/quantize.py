@@ -13,6 +13,12 @@ from edgetl.runtime.text import encode, load_tokenizer
 from edgetl.stages.export import copy_tokenizer
 
 
+def encode_texts(data, texts: list[str], tokenizer_dir: Path) -> list[dict]:
+    """One feed per text, at its own length, with the tokenizer in ``tokenizer_dir``."""
+    tokenizer = load_tokenizer(tokenizer_dir, data.max_length)
+    return [encode(tokenizer, [text]) for text in texts]
+
+
 def calibration_feeds(ctx, tokenizer_dir: Path, samples: int) -> list[dict]:
     """``samples`` training sentences (shuffled, fixed seed), one per feed at its own length.
 
@@ -20,15 +26,13 @@ def calibration_feeds(ctx, tokenizer_dir: Path, samples: int) -> list[dict]:
     """
     train, _ = load_labelled(ctx.recipe.data)
     texts = train.shuffle(seed=1).select(range(min(samples, len(train))))["text"]
-    tokenizer = load_tokenizer(tokenizer_dir, ctx.recipe.data.max_length)
-    return [encode(tokenizer, [text]) for text in texts]
+    return encode_texts(ctx.recipe.data, texts, tokenizer_dir)
 
 
 def evaluation_feeds(ctx, tokenizer_dir: Path) -> tuple[list[dict], list[int]]:
     """The evaluation split, one feed per text: what accuracy control measures the INT8 drop on."""
     _, dev = load_labelled(ctx.recipe.data)
-    tokenizer = load_tokenizer(tokenizer_dir, ctx.recipe.data.max_length)
-    return [encode(tokenizer, [text]) for text in dev["text"]], list(dev["label"])
+    return encode_texts(ctx.recipe.data, dev["text"], tokenizer_dir), list(dev["label"])
 
 
 def run(cfg: QuantizeStage, ctx, out_dir: Path) -> StageOutput:
