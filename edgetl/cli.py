@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -71,11 +73,62 @@ def _cmd_bench(args) -> int:
 def _cmd_predict(args) -> int:
     from edgetl.runtime import TextClassifier
 
-    if not args.texts:
-        raise UsageError("predict: give at least one text")
+    if bool(args.texts) == bool(args.input):
+        raise UsageError("predict: give texts on the command line or --input FILE.jsonl, not both or neither")
+    if args.output and not args.input:
+        raise UsageError("predict: --output goes with --input")
     classifier = TextClassifier.load(args.bundle, backend=args.backend, threads=args.threads)
+    if args.input:
+        return _predict_file(classifier, Path(args.input), Path(args.output) if args.output else None)
     for text, pred in zip(args.texts, classifier.predict(args.texts), strict=True):
         print(f"{pred.label}\t{pred.score:.4f}\t{text}")
+    return 0
+
+
+def read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
+    """Texts of a JSONL file: one JSON object with a string ``field``, or one JSON string, per line."""
+    if not path.is_file():
+        raise UsageError(f"--input: file not found: {path}")
+    texts = []
+    with open(path, encoding="utf-8", errors="strict") as handle:
+        try:
+            lines = handle.read().splitlines()
+        except UnicodeDecodeError as exc:
+            raise UsageError(f"--input: {path} is not UTF-8 ({exc})") from None
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"--input: {path}:{number}: not valid JSON ({exc.msg})") from None
+        text = row.get(field) if isinstance(row, dict) else row
+        if not isinstance(text, str):
+            raise UsageError(f"--input: {path}:{number}: expected a string or an object with a string '{field}'")
+        texts.append(text)
+    return texts
+
+
+def _predict_file(classifier, source: Path, target: Path | None, chunk: int = 256) -> int:
+    """Predictions for every line of ``source``, written as JSONL to ``target`` (atomically) or stdout."""
+    from tqdm import tqdm
+
+    texts = read_jsonl_texts(source)
+    rows = []
+    with tqdm(total=len(texts), desc="predict", unit="text", disable=target is None) as progress:
+        for start in range(0, len(texts), chunk):
+            batch = texts[start:start + chunk]
+            for text, pred in zip(batch, classifier.predict(batch), strict=True):
+                rows.append(json.dumps({"text": text, "label": pred.label, "score": pred.score, "scores": pred.scores},
+                                       ensure_ascii=False))
+            progress.update(len(batch))
+    if target is None:
+        print("\n".join(rows))
+        return 0
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_text("".join(f"{row}\n" for row in rows), encoding="utf-8")
+    os.replace(tmp, target)  # a reader never sees half a file
+    print(f"wrote {len(rows)} predictions to {target}", file=sys.stderr)
     return 0
 
 
@@ -107,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict = sub.add_parser("predict", help="classify texts with a bundle (torch-free)")
     predict.add_argument("bundle")
     predict.add_argument("texts", nargs="*")
+    predict.add_argument("--input", help="JSONL file: one {\"text\": ...} object or JSON string per line")
+    predict.add_argument("--output", help="JSONL file for the predictions (default: stdout)")
     predict.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino"])
     predict.add_argument("--threads", type=int)
     predict.set_defaults(func=_cmd_predict)

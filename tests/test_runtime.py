@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import edgetl_cli
+from conftest import REPO, edgetl_cli
 from edgetl.errors import UsageError
 
 HEAVY = ("torch", "transformers", "optimum", "nncf", "datasets")
@@ -56,9 +56,44 @@ def test_cli_predict_prints_one_line_per_text(tiny_run, tmp_path):
 def test_cli_predict_without_texts(tiny_run):
     from edgetl.cli import main
 
-    with pytest.raises(UsageError, match="predict: give at least one text"):
+    with pytest.raises(UsageError, match="predict: give texts on the command line or --input FILE.jsonl"):
         main(["--debug", "predict", str(tiny_run / "06-bundle")])
     assert main(["predict", str(tiny_run / "06-bundle")]) == 2
+
+
+def test_cli_predict_a_jsonl_file_matches_the_library(tiny_run, tmp_path):
+    import json
+
+    from edgetl.runtime import TextClassifier
+
+    texts = ["a gorgeous , witty film", "", "dull and lifeless", "\u00e9l\u00e9gant \U0001f3ac", "x " * 3000]
+    source = tmp_path / "in.jsonl"
+    source.write_text("\n".join(json.dumps({"text": t} if i % 2 else t) for i, t in enumerate(texts)) + "\n\n")
+    target = tmp_path / "out.jsonl"
+    done = edgetl_cli("predict", str(tiny_run / "06-bundle"), "--input", str(source), "--output", str(target),
+                      "--backend", "onnxruntime", cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    expected = TextClassifier.load(tiny_run / "06-bundle", backend="onnxruntime").predict(texts)
+    assert [r["text"] for r in rows] == texts
+    assert [r["label"] for r in rows] == [p.label for p in expected]
+    assert all(abs(r["score"] - p.score) < 1e-6 for r, p in zip(rows, expected, strict=True))
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("content, message", [
+    ('{"text": "fine"}\n{"text": 3}\n', r"in.jsonl:2: expected a string or an object with a string 'text'"),
+    ('"fine"\n{not json\n', r"in.jsonl:2: not valid JSON"),
+])
+def test_cli_predict_names_the_bad_line_and_writes_nothing(tiny_run, tmp_path, content, message):
+    from edgetl.cli import main
+
+    (tmp_path / "in.jsonl").write_text(content)
+    target = tmp_path / "out.jsonl"
+    with pytest.raises(UsageError, match=message):
+        main(["--debug", "predict", str(tiny_run / "06-bundle"), "--input", str(tmp_path / "in.jsonl"),
+              "--output", str(target)])
+    assert not target.exists()
 
 
 def test_cli_predict_on_a_folder_that_is_not_a_bundle(tmp_path):
@@ -159,3 +194,13 @@ def test_install_hints_name_an_extra_that_exists(tiny_run, monkeypatch, backend)
     extra = re.search(r"edgetl\[(\w+)\]", str(excinfo.value)).group(1)
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert extra in extras, f"'{extra}' is not an extra of edgetl (extras: {sorted(extras)})"
+
+
+def test_the_example_app_is_short_and_classifies_with_a_bundle(tiny_run, tmp_path):
+    example = REPO / "examples" / "classify.py"
+    assert len(example.read_text().splitlines()) < 30
+    done = subprocess.run([sys.executable, str(example), str(tiny_run / "06-bundle"), "a witty film", "dull"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    labels = [line.split("\t")[0] for line in done.stdout.splitlines()]
+    assert len(labels) == 2 and set(labels) <= {"negative", "positive"}
