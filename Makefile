@@ -29,7 +29,7 @@ test-fast: env
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
 
 lint: env
-	$(BIN)/ruff check edgetl tests benchmarks
+	$(BIN)/ruff check edgetl tests benchmarks examples
 
 ## make bench T=runs/sst-int8
 bench: env

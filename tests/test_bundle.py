@@ -143,3 +143,21 @@ def test_folder_without_manifest_is_not_an_artifact(tmp_path):
     (tmp_path / "manifest.json").write_text("{half a")
     with pytest.raises(ArtifactError, match="unreadable manifest"):
         Artifact.load(tmp_path)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("vocab_size", 10, r"tokenizer.json gives token ids up to \d+, but the model has 10 embedding rows"),
+    ("id2label", {"0": "a", "1": "b", "2": "c"}, r"edgetl.json lists 2 labels, the model has 3"),
+])
+def test_tokenizer_or_labels_that_do_not_fit_the_model_are_refused(bundle_copy, field, value, message):
+    import json
+
+    from edgetl.errors import ArtifactError
+    from edgetl.runtime import TextClassifier
+
+    config_file = bundle_copy / "onnx" / "config.json"
+    config = json.loads(config_file.read_text())
+    config[field] = value
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(ArtifactError, match=message):
+        TextClassifier.load(bundle_copy, backend="onnxruntime", verify=False)  # checksums would stop it earlier

@@ -204,3 +204,59 @@ def test_the_example_app_is_short_and_classifies_with_a_bundle(tiny_run, tmp_pat
     assert done.returncode == 0, done.stderr
     labels = [line.split("\t")[0] for line in done.stdout.splitlines()]
     assert len(labels) == 2 and set(labels) <= {"negative", "positive"}
+
+
+def _fuzz_texts(count: int, seed: int = 0) -> list[str]:
+    """Generated inputs: random code points (controls, combining marks, emoji, lone surrogates), whitespace,
+    empty strings, repeated words, and texts far longer than max_length."""
+    import random
+
+    rng = random.Random(seed)
+    words = ["film", "witty", "dull", "not", "a", "movie", ",", "!", "'s"]
+    makers = [
+        lambda: "".join(chr(rng.randrange(0x20, 0x2FFF)) for _ in range(rng.randrange(0, 40))),
+        lambda: "".join(chr(rng.choice([rng.randrange(0, 0x20), rng.randrange(0xD800, 0xE000), rng.randrange(0x1F300, 0x1FAFF),
+                                       rng.randrange(0x300, 0x370)])) for _ in range(rng.randrange(1, 20))),
+        lambda: rng.choice(["", " ", "\t\n", "\u00a0\u2003", "\x00"]),
+        lambda: " ".join(rng.choice(words) for _ in range(rng.randrange(1, 60))),
+        lambda: "word " * rng.randrange(200, 4000),
+    ]
+    return [rng.choice(makers)() for _ in range(count)]
+
+
+def test_fuzz_ten_thousand_generated_inputs_give_valid_predictions(tiny_run):
+    from edgetl.runtime import TextClassifier
+
+    classifier = TextClassifier.load(tiny_run / "06-bundle", backend="onnxruntime")
+    texts = _fuzz_texts(10_000)
+    predictions = classifier.predict(texts)  # one call with all 10,000: batched by length inside
+    assert len(predictions) == len(texts)
+    for prediction in predictions:
+        assert prediction.label in classifier.labels and 0.0 <= prediction.score <= 1.0
+        assert abs(sum(prediction.scores.values()) - 1.0) < 1e-5 and prediction.score == max(prediction.scores.values())
+    # The batch did not change the answers: a sample predicted one at a time agrees.
+    for index in range(0, len(texts), 97):
+        alone = classifier.predict_one(texts[index])
+        assert alone.label == predictions[index].label and abs(alone.score - predictions[index].score) < 1e-4
+
+
+def test_lone_surrogates_are_replaced_not_fatal(tiny_run):
+    from edgetl.runtime import TextClassifier
+
+    classifier = TextClassifier.load(tiny_run / "06-bundle", backend="onnxruntime")
+    assert classifier.predict_one("a witty \ud800 film") == classifier.predict_one("a witty \ufffd film")
+
+
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_one_classifier_serves_many_threads(tiny_run, dev_texts, backend):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from edgetl.runtime import TextClassifier
+
+    classifier = TextClassifier.load(tiny_run / "06-bundle", backend=backend)
+    chunks = [dev_texts[i:i + 7] for i in range(0, len(dev_texts), 7)] * 4
+    expected = [classifier.predict(chunk) for chunk in chunks]
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        got = list(pool.map(classifier.predict, chunks))
+    assert [[p.label for p in ps] for ps in got] == [[p.label for p in ps] for ps in expected]
+    assert all(abs(a.score - b.score) < 1e-5 for ps, qs in zip(got, expected, strict=True) for a, b in zip(ps, qs, strict=True))

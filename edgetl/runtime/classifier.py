@@ -39,6 +39,15 @@ def _read_manifest(folder: Path) -> dict:
     return manifest
 
 
+def _valid_unicode(text: str) -> str:
+    """The text with lone surrogates (not encodable as UTF-8, refused by tokenizers) replaced by U+FFFD."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text
+
+
 class TextClassifier:
     """A bundle loaded for inference.
 
@@ -57,7 +66,23 @@ class TextClassifier:
         self.backend = self._choose(backend)
         self.labels = list(self.manifest["labels"])
         self.tokenizer = load_tokenizer(self.folder, self.manifest["max_length"])
-        self.engine = open_engine(self.backend, self.folder / self.manifest["models"][self.backend]["path"], threads)
+        model_file = self.folder / self.manifest["models"][self.backend]["path"]
+        self._check_model_config(model_file.parent / "config.json")
+        self.engine = open_engine(self.backend, model_file, threads)
+
+    def _check_model_config(self, config_file: Path) -> None:
+        """Refuse a tokenizer whose ids overrun the model's embedding, or labels the model does not have."""
+        if not config_file.is_file():
+            return
+        config = json.loads(config_file.read_text())
+        rows, top_id = config.get("vocab_size"), max(self.tokenizer.get_vocab().values())
+        if rows is not None and top_id >= rows:
+            raise ArtifactError(f"{self.folder}: tokenizer.json gives token ids up to {top_id}, but the model has "
+                                f"{rows} embedding rows ({config_file.name}): tokenizer and model do not match")
+        classes = len(config.get("id2label", {})) or None
+        if classes is not None and classes != len(self.labels):
+            raise ArtifactError(f"{self.folder}: edgetl.json lists {len(self.labels)} labels, the model has {classes} "
+                                f"({config_file.name})")
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None, verify: bool = True) -> TextClassifier:
@@ -94,6 +119,7 @@ class TextClassifier:
         bad = [i for i, t in enumerate(texts) if not isinstance(t, str)]
         if bad:
             raise TypeError(f"texts[{bad[0]}] is {type(texts[bad[0]]).__name__}, not str")
+        texts = [_valid_unicode(t) for t in texts]
         if not texts:
             return []
         probabilities = softmax(self.logits(texts, batch_size))
