@@ -260,3 +260,14 @@ def test_one_classifier_serves_many_threads(tiny_run, dev_texts, backend):
         got = list(pool.map(classifier.predict, chunks))
     assert [[p.label for p in ps] for ps in got] == [[p.label for p in ps] for ps in expected]
     assert all(abs(a.score - b.score) < 1e-5 for ps, qs in zip(got, expected, strict=True) for a, b in zip(ps, qs, strict=True))
+
+
+def test_a_one_megabyte_text_is_truncated_to_max_length(tiny_run):
+    from edgetl.runtime import TextClassifier
+
+    classifier = TextClassifier.load(tiny_run / "06-bundle", backend="onnxruntime")
+    huge = "a witty film " * 80_000  # ~1 MB
+    assert len(huge.encode()) > 1_000_000
+    head = classifier.tokenizer.decode(classifier.tokenizer.encode(huge).ids, skip_special_tokens=True)
+    assert len(classifier.tokenizer.encode(huge).ids) == classifier.manifest["max_length"]
+    assert classifier.predict_one(huge).label == classifier.predict_one(head).label
