@@ -161,3 +161,30 @@ def test_tokenizer_or_labels_that_do_not_fit_the_model_are_refused(bundle_copy, 
     config_file.write_text(json.dumps(config))
     with pytest.raises(ArtifactError, match=message):
         TextClassifier.load(bundle_copy, backend="onnxruntime", verify=False)  # checksums would stop it earlier
+
+
+def test_the_onnx_folder_loads_unchanged_in_optimum(tiny_run):
+    from optimum.onnxruntime import ORTModelForSequenceClassification
+    from transformers import AutoTokenizer
+
+    from edgetl.runtime import TextClassifier
+
+    folder = tiny_run / "06-bundle" / "onnx"
+    model = ORTModelForSequenceClassification.from_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    theirs = model(**tokenizer(TEXTS, return_tensors="pt", padding=True)).logits.numpy()
+    ours = TextClassifier.load(tiny_run / "06-bundle", backend="onnxruntime").logits(TEXTS)
+    assert abs(theirs - ours).max() < 1e-5
+
+
+def test_the_openvino_ir_runs_in_benchmark_app(tiny_run, tmp_path):
+    import subprocess
+    import sys
+
+    tool = Path(sys.executable).with_name("benchmark_app")
+    shape = ",".join(f"{name}[1,16]" for name in ("input_ids", "attention_mask", "token_type_ids"))
+    done = subprocess.run([str(tool), "-m", str(tiny_run / "06-bundle" / "openvino" / "model.xml"), "-d", "CPU",
+                           "-niter", "10", "-api", "sync", "-data_shape", shape],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "Throughput" in done.stdout
