@@ -120,3 +120,15 @@ class DistillationTrainer(Trainer):
         out = model(**inputs, **wants)
         loss = distillation_loss(self.kd, out, teacher_out, labels, inputs["attention_mask"])
         return (loss, out) if return_outputs else loss
+
+
+def distil(cfg: DistillationConfig, ctx, student, teacher, tokenizer, train_tok, dev_tok, collator, stage: str):
+    """Train ``student`` against ``teacher`` (best dev checkpoint kept, resumed after a crash); returns the trainer."""
+    from edgetl.training import accuracy_metric, train_and_resume, training_arguments
+
+    wrapped = StudentWithProjections(student, teacher.config.hidden_size, use_hidden=bool(cfg.hidden_weight))
+    trainer = DistillationTrainer(model=wrapped, args=training_arguments(cfg, ctx), train_dataset=train_tok,
+                                  eval_dataset=dev_tok, data_collator=collator, compute_metrics=accuracy_metric,
+                                  processing_class=tokenizer, teacher=teacher, kd=cfg)
+    train_and_resume(trainer, ctx.work_dir, stage)
+    return trainer

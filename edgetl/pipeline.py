@@ -21,7 +21,7 @@ from pathlib import Path
 import yaml
 
 from edgetl import __version__
-from edgetl.artifact import MODEL_KINDS, Artifact, write_manifest
+from edgetl.artifact import MODEL_KINDS, Artifact, file_table, write_manifest
 from edgetl.errors import RecipeError
 from edgetl.recipe import STAGE_NAMES, Recipe, resolved_dict
 
@@ -124,19 +124,14 @@ def fingerprint(stage_cfg: dict, recipe: Recipe, inputs: list[Artifact], data_re
     if stage_cfg["stage"] == "finetune":
         reads["model"] = recipe.model
     if stage_cfg.get("teacher"):
-        reads["teacher"] = _folder_digest(Path(stage_cfg["teacher"]).expanduser())
+        folder = Path(stage_cfg["teacher"]).expanduser()
+        reads["teacher"] = file_table(folder) if folder.is_dir() else None  # a missing folder fails in the stage
     if stage_cfg["stage"] in ("finetune", "distill", "prune", "evaluate", "benchmark", "quantize"):
         reads["data"] = data_reads if data_reads is not None else _data_reads(recipe)
     if stage_cfg["stage"] == "benchmark":
         reads["bench"] = recipe.bench.model_dump(mode="json")
     blob = json.dumps(reads, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
-
-
-def _folder_digest(folder: Path) -> dict:
-    from edgetl.artifact import sha256_file
-
-    return {p.name: sha256_file(p) for p in sorted(folder.glob("*")) if p.is_file()}
 
 
 def _reuse_from_sibling_run(run_dir: Path, name: str, fp: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import numpy as np
 
 from edgetl.data import load_labelled, tokenize
 from edgetl.recipe import TrainingConfig
+
+log = logging.getLogger("edgetl")
 
 
 def last_good_checkpoint(work_dir: Path) -> str | None:
@@ -58,12 +61,12 @@ def labelled_data(ctx, tokenizer):
     return train_tok, dev_tok
 
 
-def training_arguments(cfg: TrainingConfig, ctx, **overrides):
+def training_arguments(cfg: TrainingConfig, ctx):
     """Trainer arguments of a training stage: evaluate and checkpoint every ``eval_steps``, keep the best."""
     import torch
     from transformers import TrainingArguments
 
-    args = dict(
+    return TrainingArguments(
         output_dir=str(ctx.work_dir),
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps or -1,
@@ -89,16 +92,13 @@ def training_arguments(cfg: TrainingConfig, ctx, **overrides):
         use_cpu=not torch.cuda.is_available(),
         ddp_backend="gloo" if ctx.world_size > 1 and not torch.cuda.is_available() else None,
     )
-    return TrainingArguments(**{**args, **overrides})
 
 
 def train_and_resume(trainer, work_dir: Path, stage: str):
     """``trainer.train()``, resuming from the last complete checkpoint of an interrupted run."""
-    import logging
-
     resume = last_good_checkpoint(work_dir)
     if resume:
-        logging.getLogger("edgetl").info("%s: resuming from %s", stage, resume)
+        log.info("%s: resuming from %s", stage, resume)
     trainer.train(resume_from_checkpoint=resume)
 
 
@@ -116,14 +116,29 @@ def fp32_accuracy(model, dataset, collator, batch_size: int) -> float:
     return correct / len(dataset)
 
 
-def save_classifier(model, tokenizer, trainer, out_dir: Path) -> None:
-    """The kept model and tokenizer as a ``save_pretrained`` folder, plus the dev accuracy history."""
+def write_eval_history(trainer, out_dir: Path) -> None:
+    """The dev accuracy at every evaluation, as ``eval_history.json``."""
     import json
 
-    model.save_pretrained(str(out_dir))
-    tokenizer.save_pretrained(str(out_dir))
     history = [h for h in trainer.state.log_history if "eval_accuracy" in h]
     (out_dir / "eval_history.json").write_text(json.dumps(history, indent=1))
+
+
+def finish_training(trainer, model, tokenizer, collator, train_tok, dev_tok, cfg: TrainingConfig, ctx, out_dir: Path,
+                    **extra_metrics):
+    """Save the kept classifier (rank 0) and return its artifact: FP32 dev accuracy, how it was chosen, its size."""
+    from edgetl.artifact import StageOutput
+    from edgetl.modeling import model_stats
+
+    accuracy = fp32_accuracy(model, dev_tok, collator, cfg.eval_batch_size)
+    if ctx.rank == 0:
+        model.save_pretrained(str(out_dir))
+        tokenizer.save_pretrained(str(out_dir))
+        write_eval_history(trainer, out_dir)
+    metrics = {"accuracy": round(accuracy, 5), **training_metrics(trainer, len(train_tok), len(dev_tok)),
+               **model_stats(model, dev_tok), **extra_metrics}
+    return StageOutput(kind="pytorch-model", precision="fp32", models={"pytorch": {"path": ".", "precision": "fp32"}},
+                       metrics=metrics)
 
 
 def training_metrics(trainer, train_samples: int, eval_samples: int) -> dict:

@@ -54,10 +54,9 @@ def run(cfg: DistillStage, ctx, out_dir: Path) -> StageOutput:
     import datasets
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
-    from edgetl.distillation import DistillationTrainer, StudentWithProjections
-    from edgetl.modeling import load_classifier, model_stats
-    from edgetl.training import accuracy_metric, fp32_accuracy, labelled_data, save_classifier, train_and_resume
-    from edgetl.training import training_arguments, training_metrics
+    from edgetl.distillation import distil
+    from edgetl.modeling import load_classifier
+    from edgetl.training import finish_training, labelled_data
 
     folder = teacher_folder(cfg, ctx)
     teacher = load_classifier(folder)
@@ -68,15 +67,6 @@ def run(cfg: DistillStage, ctx, out_dir: Path) -> StageOutput:
         extra = unlabelled_text(cfg.extra_text_file, ctx, tokenizer).cast(train_tok.features)
         train_tok = datasets.concatenate_datasets([train_tok, extra])
     collator = DataCollatorWithPadding(tokenizer)
-    wrapped = StudentWithProjections(student, teacher.config.hidden_size, use_hidden=bool(cfg.hidden_weight))
-    trainer = DistillationTrainer(model=wrapped, args=training_arguments(cfg, ctx), train_dataset=train_tok,
-                                  eval_dataset=dev_tok, data_collator=collator, compute_metrics=accuracy_metric,
-                                  processing_class=tokenizer, teacher=teacher, kd=cfg)
-    train_and_resume(trainer, ctx.work_dir, "distill")
-    accuracy = fp32_accuracy(student, dev_tok, collator, cfg.eval_batch_size)
-    if ctx.rank == 0:
-        save_classifier(student, tokenizer, trainer, out_dir)
-    metrics = {"accuracy": round(accuracy, 5), **training_metrics(trainer, len(train_tok), len(dev_tok)),
-               **model_stats(student, dev_tok), "teacher": str(folder)}
-    return StageOutput(kind="pytorch-model", precision="fp32", models={"pytorch": {"path": ".", "precision": "fp32"}},
-                       metrics=metrics)
+    trainer = distil(cfg, ctx, student, teacher, tokenizer, train_tok, dev_tok, collator, "distill")
+    return finish_training(trainer, student, tokenizer, collator, train_tok, dev_tok, cfg, ctx, out_dir,
+                           teacher=str(folder))

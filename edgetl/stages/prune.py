@@ -92,26 +92,14 @@ def structured_plan(cfg: PruneStage, ctx, model, train_tok, collator):
     return plan, trials
 
 
-def recover(cfg: PruneStage, ctx, model, teacher, tokenizer, train_tok, dev_tok, collator):
-    """Distil the pruned model from the unpruned one; returns the trainer (the model holds the best weights)."""
-    from edgetl.distillation import DistillationTrainer, StudentWithProjections
-    from edgetl.training import accuracy_metric, train_and_resume, training_arguments
-
-    wrapped = StudentWithProjections(model, teacher.config.hidden_size, use_hidden=bool(cfg.hidden_weight))
-    trainer = DistillationTrainer(model=wrapped, args=training_arguments(cfg, ctx), train_dataset=train_tok,
-                                  eval_dataset=dev_tok, data_collator=collator, compute_metrics=accuracy_metric,
-                                  processing_class=tokenizer, teacher=teacher, kd=cfg)
-    train_and_resume(trainer, ctx.work_dir, "prune")
-    return trainer
-
-
 def run(cfg: PruneStage, ctx, out_dir: Path) -> StageOutput:
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
     from edgetl.data import load_labelled, tokenize
     from edgetl.modeling import load_classifier, model_stats
     from edgetl.pruning import apply_plan
-    from edgetl.training import fp32_accuracy, labelled_data, training_metrics
+    from edgetl.distillation import distil
+    from edgetl.training import fp32_accuracy, labelled_data, training_metrics, write_eval_history
 
     source = ctx.latest("pytorch-model")
     model = load_classifier(source.path)
@@ -128,10 +116,10 @@ def run(cfg: PruneStage, ctx, out_dir: Path) -> StageOutput:
             metrics["latency_budget_trials"] = trials
         metrics["accuracy_before_recovery"] = round(fp32_accuracy(model, dev_tok, collator, cfg.eval_batch_size), 5)
         if cfg.recovery:
-            trainer = recover(cfg, ctx, model, teacher, tokenizer, train_tok, dev_tok, collator)
+            # Recovery: the pruned model learns from the unpruned one (the model holds the best weights after).
+            trainer = distil(cfg, ctx, model, teacher, tokenizer, train_tok, dev_tok, collator, "prune")
             metrics.update(training_metrics(trainer, len(train_tok), len(dev_tok)))
-            (out_dir / "eval_history.json").write_text(
-                json.dumps([h for h in trainer.state.log_history if "eval_accuracy" in h], indent=1))
+            write_eval_history(trainer, out_dir)
         del teacher
     if cfg.vocabulary:
         from edgetl.vocab import prune_vocabulary, used_token_ids

@@ -38,83 +38,65 @@ def evaluation_feeds(ctx, tokenizer_dir: Path) -> tuple[list[dict], list[int]]:
 def run(cfg: QuantizeStage, ctx, out_dir: Path) -> StageOutput:
     if cfg.method == "qat":
         return run_qat(cfg, ctx, out_dir)
-    if cfg.max_accuracy_drop is not None:
-        return run_accuracy_controlled(cfg, ctx, out_dir)
     source = ctx.latest("exported")
     if source is None:
         raise StageError("quantize: no exported model; add an export stage before quantize")
     tokenizer_dir = next(source.model_path(b).parent for b in cfg.backends)
     feeds = calibration_feeds(ctx, tokenizer_dir, cfg.calibration_samples)
-    models = {}
-    if "onnx" in cfg.backends:
-        from edgetl.stages._quantize_ort import quantize_onnx
-
-        folder = out_dir / "onnx"
-        folder.mkdir()
-        unfused = source.path / source.manifest["unfused_onnx"]
-        dynamic_nodes = quantize_onnx(unfused, folder / "model.onnx", cfg.onnx_method, feeds, cfg.per_channel,
-                                      cfg.onnx_calibration, cfg.onnx_dynamic_ffn_down)
-        copy_tokenizer(source.model_path("onnx").parent, folder)
-        models["onnx"] = {"path": "onnx/model.onnx", "precision": "int8", "method": cfg.onnx_method,
-                          "dynamic_int8_nodes": dynamic_nodes}
-    if "openvino" in cfg.backends:
-        from edgetl.stages._quantize_openvino import quantize_openvino
-
-        folder = out_dir / "openvino"
-        folder.mkdir()
-        quantize_openvino(source.model_path("openvino"), folder / "model.xml", feeds)
-        copy_tokenizer(source.model_path("openvino").parent, folder)
-        models["openvino"] = {"path": "openvino/model.xml", "precision": "int8", "method": "nncf.quantize"}
-    metrics = {f"{b}_bytes": model_file_bytes(out_dir / m["path"]) for b, m in models.items()}
-    return StageOutput(kind="quantized", precision="int8", models=models, metrics=metrics)
-
-
-def run_accuracy_controlled(cfg: QuantizeStage, ctx, out_dir: Path) -> StageOutput:
-    """Static INT8 where the layers that cost most accuracy fall back to FP32 until the drop is in budget
-    (ONNX with ``onnx_method: dynamic`` gets dynamic INT8: nothing calibrated to fall back).
-
-    The drop is measured on the evaluation split: accuracy control is model selection, so dev is what it
-    may use (the held-out test set never is).
-    """
-    from edgetl.stages._qat import quantize_with_accuracy_control
-
-    source = ctx.latest("exported")
-    if source is None:
-        raise StageError("quantize: no exported model; add an export stage before quantize")
-    tokenizer_dir = next(source.model_path(b).parent for b in cfg.backends)
-    feeds = calibration_feeds(ctx, tokenizer_dir, cfg.calibration_samples)
-    val_feeds, val_labels = evaluation_feeds(ctx, tokenizer_dir)
+    # Accuracy control measures the INT8 drop on the evaluation split: it is model selection, which dev may
+    # serve (the held-out test set never does).
+    validation = evaluation_feeds(ctx, tokenizer_dir) if cfg.max_accuracy_drop is not None else None
     models = {}
     for backend in cfg.backends:
         folder = out_dir / backend
         folder.mkdir()
-        if backend == "onnx" and cfg.onnx_method == "dynamic":
-            from edgetl.stages._quantize_ort import quantize_onnx
-
-            unfused = source.path / source.manifest["unfused_onnx"]
-            quantize_onnx(unfused, folder / "model.onnx", "dynamic", feeds, cfg.per_channel, cfg.onnx_calibration, False)
-            copy_tokenizer(source.model_path(backend).parent, folder)
-            models[backend] = {"path": "onnx/model.onnx", "precision": "int8", "method": "dynamic"}
-            continue
-        model_file = source.path / source.manifest["unfused_onnx"] if backend == "onnx" else source.model_path(backend)
-        target = folder / ("model.onnx" if backend == "onnx" else "model.xml")
-        report = quantize_with_accuracy_control(backend, model_file, target, feeds, val_feeds, val_labels,
-                                                cfg.max_accuracy_drop)
+        # Dynamic INT8 calibrates nothing, so accuracy control has no static layer to return to FP32.
+        if validation and not (backend == "onnx" and cfg.onnx_method == "dynamic"):
+            models[backend] = _accuracy_controlled(cfg, source, backend, folder, feeds, validation)
+        elif backend == "onnx":
+            models[backend] = _onnxruntime_int8(cfg, source, folder, feeds)
+        else:
+            models[backend] = _openvino_int8(source, folder, feeds)
         copy_tokenizer(source.model_path(backend).parent, folder)
-        models[backend] = {"path": f"{backend}/{target.name}", "precision": "int8",
-                           "method": "nncf.quantize_with_accuracy_control", **report}
     metrics = {f"{b}_bytes": model_file_bytes(out_dir / m["path"]) for b, m in models.items()}
     return StageOutput(kind="quantized", precision="int8", models=models, metrics=metrics)
+
+
+def _onnxruntime_int8(cfg: QuantizeStage, source, folder: Path, feeds: list[dict]) -> dict:
+    from edgetl.stages._quantize_ort import quantize_onnx
+
+    unfused = source.path / source.manifest["unfused_onnx"]
+    dynamic_nodes = quantize_onnx(unfused, folder / "model.onnx", cfg.onnx_method, feeds, cfg.per_channel,
+                                  cfg.onnx_calibration, cfg.onnx_dynamic_ffn_down)
+    return {"path": "onnx/model.onnx", "precision": "int8", "method": cfg.onnx_method, "dynamic_int8_nodes": dynamic_nodes}
+
+
+def _openvino_int8(source, folder: Path, feeds: list[dict]) -> dict:
+    from edgetl.stages._quantize_openvino import quantize_openvino
+
+    quantize_openvino(source.model_path("openvino"), folder / "model.xml", feeds)
+    return {"path": "openvino/model.xml", "precision": "int8", "method": "nncf.quantize"}
+
+
+def _accuracy_controlled(cfg: QuantizeStage, source, backend: str, folder: Path, feeds: list[dict], validation) -> dict:
+    """Static INT8 where the layers that cost most accuracy fall back to FP32 until the drop is in budget."""
+    from edgetl.stages._qat import quantize_with_accuracy_control
+
+    model_file = source.path / source.manifest["unfused_onnx"] if backend == "onnx" else source.model_path(backend)
+    target = folder / ("model.onnx" if backend == "onnx" else "model.xml")
+    report = quantize_with_accuracy_control(backend, model_file, target, feeds, *validation, cfg.max_accuracy_drop)
+    return {"path": f"{backend}/{target.name}", "precision": "int8", "method": "nncf.quantize_with_accuracy_control",
+            **report}
 
 
 def run_qat(cfg: QuantizeStage, ctx, out_dir: Path) -> StageOutput:
     """NNCF fake-quantizers on the PyTorch model, trained against the FP32 model, exported with INT8 ops."""
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
-    from edgetl.distillation import DistillationTrainer, StudentWithProjections
+    from edgetl.distillation import distil
     from edgetl.modeling import load_classifier
     from edgetl.stages._qat import export_qat, insert_quantizers
-    from edgetl.training import accuracy_metric, labelled_data, train_and_resume, training_arguments, training_metrics
+    from edgetl.training import labelled_data, training_metrics
 
     if ctx.world_size > 1:
         raise StageError("quantize: method qat runs in one process; run this stage without torchrun/accelerate launch")
@@ -125,12 +107,8 @@ def run_qat(cfg: QuantizeStage, ctx, out_dir: Path) -> StageOutput:
     feeds = calibration_feeds(ctx, source.path, cfg.calibration_samples)
     model = insert_quantizers(load_classifier(source.path), feeds)
     train_tok, dev_tok = labelled_data(ctx, tokenizer)
-    wrapped = StudentWithProjections(model, model.config.hidden_size, use_hidden=False)
-    trainer = DistillationTrainer(model=wrapped, args=training_arguments(cfg.qat, ctx), train_dataset=train_tok,
-                                  eval_dataset=dev_tok, data_collator=DataCollatorWithPadding(tokenizer),
-                                  compute_metrics=accuracy_metric, processing_class=tokenizer,
-                                  teacher=load_classifier(source.path), kd=cfg.qat)
-    train_and_resume(trainer, ctx.work_dir, "quantize")
+    trainer = distil(cfg.qat, ctx, model, load_classifier(source.path), tokenizer, train_tok, dev_tok,
+                     DataCollatorWithPadding(tokenizer), "quantize")
     models = {}
     for backend in ("onnx", "openvino"):
         (out_dir / backend).mkdir()
