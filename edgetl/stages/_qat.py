@@ -121,7 +121,8 @@ def export_qat(model, example_feed: dict, onnx_path: Path, openvino_path: Path, 
     for folder in (onnx_path.parent, openvino_path.parent):
         folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=onnx_path.parent) as scratch:
-        export_onnx(deployable, Path(scratch), opset).replace(onnx_path)
+        # ONNX Runtime and torch round a few values to the neighbouring INT8 step (observed up to 1.5e-4 on logits).
+        export_onnx(deployable, Path(scratch), opset, atol=1e-3).replace(onnx_path)
     export_openvino(onnx_path, openvino_path)
     counts = {"onnx_int8_ops": count_int8_ops_onnx(onnx_path), "openvino_int8_ops": count_int8_ops_openvino(openvino_path)}
     empty = [name for name, count in counts.items() if count == 0]

@@ -15,7 +15,7 @@ log = logging.getLogger("edgetl")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
-def export_onnx(model, out_dir: Path, opset: int) -> Path:
+def export_onnx(model, out_dir: Path, opset: int, atol: float = 1e-4) -> Path:
     """The optimum exporter with the text-classification ONNX config of the model's type, then validated.
 
     ``export`` rather than ``onnx_export_from_model``: the latter infers the library from the model's
@@ -30,7 +30,7 @@ def export_onnx(model, out_dir: Path, opset: int) -> Path:
     onnx_config = constructor(model.config)
     target = out_dir / "model.onnx"
     _, outputs = export(model, onnx_config, target, opset=opset)
-    validate_model_outputs(onnx_config, model, target, outputs, atol=1e-4, use_subprocess=False)
+    validate_model_outputs(onnx_config, model, target, outputs, atol=atol, use_subprocess=False)
     return target
 
 
