@@ -61,10 +61,27 @@ class Target:
             return sum(f.stat().st_size for f in self.folder.glob("*.safetensors"))
         return model_file_bytes(self.artifact.model_path(self.backend))
 
+    @property
+    def batch_invariant(self) -> bool:
+        """False when a text's logits depend on its batch-mates (see ``per_call_activation_scales``)."""
+        return not (self.backend == "onnx" and per_call_activation_scales(self.artifact.model_path("onnx")))
+
     def open(self, threads: int | None = None):
         if self.backend == "pytorch":
             return TorchEngine(self.folder, threads)
         return open_engine(self.backend, self.artifact.model_path(self.backend), threads)
+
+
+def per_call_activation_scales(model_path: Path) -> bool:
+    """Whether an ONNX model quantizes activations with a range measured per call (dynamic INT8).
+
+    ``DynamicQuantizeLinear`` takes one scale over the whole input tensor, padding and every other text of
+    the batch included, so the same text can get different logits in different batches.
+    """
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    return any(node.op_type == "DynamicQuantizeLinear" for node in graph.node)
 
 
 def targets_of(artifacts: list[Artifact], include_pytorch: bool = True) -> list[Target]:

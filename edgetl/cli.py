@@ -85,6 +85,16 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from edgetl.runtime import TextClassifier
+    from edgetl.runtime.server import serve
+
+    classifier = TextClassifier.load(args.bundle, backend=args.backend, threads=args.threads)
+    serve(classifier, args.host, args.port, max_batch=args.max_batch, max_body_bytes=args.max_body_bytes,
+          max_texts=args.max_texts)
+    return 0
+
+
 def read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
     """Texts of a JSONL file: one JSON object with a string ``field``, or one JSON string, per line."""
     if not path.is_file():
@@ -165,6 +175,17 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino"])
     predict.add_argument("--threads", type=int)
     predict.set_defaults(func=_cmd_predict)
+
+    serve = sub.add_parser("serve", help="serve a bundle over HTTP: POST /predict, GET /health, GET /metadata")
+    serve.add_argument("bundle")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    serve.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino"])
+    serve.add_argument("--threads", type=int)
+    serve.add_argument("--max-batch", type=int, default=64, help="texts per batch across concurrent requests")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger requests get 413")
+    serve.add_argument("--max-texts", type=int, default=1024, help="texts per request; more get 413")
+    serve.set_defaults(func=_cmd_serve)
     return parser
 
 

@@ -201,6 +201,15 @@ def tiny_run(tiny_runs) -> Path:
 
 
 @pytest.fixture(scope="session")
+def dev_texts(sst2_slice) -> list[str]:
+    """The dev sentences of the SST-2 slice, in file order."""
+    from edgetl.data import load_labelled
+    from edgetl.recipe import DataConfig
+
+    return load_labelled(DataConfig(path=str(sst2_slice)))[1]["text"]
+
+
+@pytest.fixture(scope="session")
 def tiny_artifacts(tiny_run) -> dict:
     """stage name -> Artifact of the tiny sst-int8 run."""
     from edgetl.artifact import Artifact

@@ -91,3 +91,27 @@ def test_real_run_writes_nothing_into_the_working_folder(minilm_run, minilm_cwd)
     # ONNX Runtime's shape inference drops sym_shape_infer_temp.onnx and <uuid>.data files into the cwd when it
     # gives up on a graph; the real model is the one that can trigger it.
     assert sorted(p.name for p in minilm_cwd.iterdir()) == []
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_the_bundle_agrees_with_the_evaluate_path_on_every_sst2_dev_sentence(minilm_run, backend):
+    """All 872 dev sentences (not the run's slice): same label, probabilities within 1e-4."""
+    import numpy as np
+
+    from edgetl.artifact import Artifact
+    from edgetl.backends import Target
+    from edgetl.runtime import TextClassifier
+    from edgetl.runtime.text import load_tokenizer, softmax
+    from edgetl.stages.evaluate import predict_logits
+
+    _, rows = _read_tsv(SHARED_SST2 / "dev.tsv")
+    texts = [row.split("\t")[0] for row in rows]
+    assert len(texts) == 872
+    target = Target(Artifact.load(minilm_run / "03-quantize"), backend)
+    max_length = json.loads((minilm_run / "06-bundle" / "edgetl.json").read_text())["max_length"]
+    evaluated = softmax(predict_logits(target.open(), load_tokenizer(target.folder, max_length), texts,
+                                       64 if target.batch_invariant else 1))
+    predictions = TextClassifier.load(minilm_run / "06-bundle", backend=backend).predict(texts)
+    assert [p.label for p in predictions] == [("negative", "positive")[i] for i in evaluated.argmax(-1)]
+    scores = np.array([[p.scores["negative"], p.scores["positive"]] for p in predictions])
+    np.testing.assert_allclose(scores, evaluated, rtol=0, atol=1e-4)

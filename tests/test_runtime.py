@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -109,25 +110,39 @@ def test_cli_bench_on_a_path_that_is_no_artifact(tmp_path):
         main(["--debug", "bench", str(tmp_path / "missing")])
 
 
-@pytest.fixture(scope="module")
-def dev_texts(sst2_slice) -> list[str]:
-    from edgetl.data import load_labelled
-    from edgetl.recipe import DataConfig
-
-    return load_labelled(DataConfig(path=str(sst2_slice)))[1]["text"]
-
-
 @pytest.mark.parametrize("backend", ["onnx", "openvino"])
 def test_runtime_agrees_with_the_evaluate_stage(tiny_run, dev_texts, backend):
     from edgetl.runtime import TextClassifier
 
     saved = np.load(tiny_run / "04-evaluate" / f"logits-03-quantize-{backend}.npy")
     classifier = TextClassifier.load(tiny_run / "06-bundle", backend=backend)
-    # Same batches as the evaluate stage (64, grouped by length): the same engine must give the same logits.
-    logits = classifier.logits(dev_texts, batch_size=64)
-    np.testing.assert_allclose(logits, saved, rtol=0, atol=1e-5)
-    predicted = [p.label for p in classifier.predict(dev_texts, batch_size=64)]
+    rows = json.loads((tiny_run / "04-evaluate" / "evaluation.json").read_text())
+    evaluated = next(r for r in rows if r["target"] == f"{backend}-int8 (03-quantize)")
+    # The runtime batches as the evaluate stage did (one text per call for a batch-dependent model), so the
+    # same engine must give the same logits.
+    assert classifier.batch_size == evaluated["batch_size"]
+    np.testing.assert_allclose(classifier.logits(dev_texts), saved, rtol=0, atol=1e-5)
+    predicted = [p.label for p in classifier.predict(dev_texts)]
     assert predicted == [classifier.labels[i] for i in saved.argmax(axis=-1)]
+
+
+def test_a_model_with_per_call_activation_ranges_classifies_each_text_alone(tiny_run, dev_texts):
+    """The tiny run's ONNX model has dynamic INT8 FFN down-projections: batch-mates would move its logits."""
+    from edgetl.backends import per_call_activation_scales
+    from edgetl.runtime import TextClassifier
+
+    bundle = tiny_run / "06-bundle"
+    models = json.loads((bundle / "edgetl.json").read_text())["models"]
+    assert per_call_activation_scales(bundle / models["onnx"]["path"])
+    assert models["onnx"]["batch_invariant"] is False and models["openvino"]["batch_invariant"] is True
+    classifier = TextClassifier.load(bundle, backend="onnx")
+    assert classifier.batch_size == 1
+    batched = classifier.logits(dev_texts, batch_size=32)
+    alone = np.concatenate([classifier.logits([t]) for t in dev_texts])
+    assert not np.allclose(batched, alone, rtol=0, atol=1e-6), "batching no longer changes this model's logits"
+    reordered = np.random.default_rng(0).permutation(len(dev_texts))
+    np.testing.assert_array_equal(classifier.logits(dev_texts), alone)
+    np.testing.assert_array_equal(classifier.logits([dev_texts[i] for i in reordered]), alone[reordered])
 
 
 def test_predict_validates_its_input(tiny_run):

@@ -66,9 +66,14 @@ class TextClassifier:
         self.backend = self._choose(backend)
         self.labels = list(self.manifest["labels"])
         self.tokenizer = load_tokenizer(self.folder, self.manifest["max_length"])
-        model_file = self.folder / self.manifest["models"][self.backend]["path"]
+        model = self.manifest["models"][self.backend]
+        model_file = self.folder / model["path"]
         self._check_model_config(model_file.parent / "config.json")
         self.engine = open_engine(self.backend, model_file, threads)
+        # A model whose INT8 activation ranges are measured per call (dynamic INT8) gives a text different
+        # logits in different batches; one text per call keeps every prediction independent of the others.
+        # Otherwise the evaluate stage's default batching, so predictions repeat the evaluated ones exactly.
+        self.batch_size = 64 if model.get("batch_invariant", True) else 1
 
     def _check_model_config(self, config_file: Path) -> None:
         """Refuse a tokenizer whose ids overrun the model's embedding, or labels the model does not have."""
@@ -103,7 +108,9 @@ class TextClassifier:
             raise ArtifactError(f"backend {backend!r} is not in this bundle (it has: {available})")
         return name
 
-    def logits(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
+    def logits(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
+        """Logits in the order of ``texts``; ``batch_size`` defaults to ``self.batch_size``."""
+        batch_size = batch_size or self.batch_size
         if not texts:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
         lengths = [len(e.ids) for e in self.tokenizer.encode_batch(texts)]
@@ -112,7 +119,7 @@ class TextClassifier:
             out[batch] = self.engine.run(encode(self.tokenizer, [texts[i] for i in batch]))
         return out
 
-    def predict(self, texts: list[str], batch_size: int = 32) -> list[Prediction]:
+    def predict(self, texts: list[str], batch_size: int | None = None) -> list[Prediction]:
         if isinstance(texts, str):
             raise TypeError("predict takes a list of strings; use predict_one for a single text")
         texts = list(texts)

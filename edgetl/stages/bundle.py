@@ -8,6 +8,7 @@ from pathlib import Path
 
 from edgetl import __version__
 from edgetl.artifact import StageOutput, file_table
+from edgetl.backends import Target
 from edgetl.bench.machine import describe
 from edgetl.errors import StageError
 from edgetl.recipe import BundleStage
@@ -40,7 +41,8 @@ def run(cfg: BundleStage, ctx, out_dir: Path) -> StageOutput:
         shutil.copytree(folder, out_dir / backend)
         model_file = f"{backend}/{source.model_path(backend).name}"
         key = f"{backend}-{source.models[backend]['precision']} ({source.name})"
-        models[backend] = {"path": model_file, "precision": source.models[backend]["precision"]}
+        models[backend] = {"path": model_file, "precision": source.models[backend]["precision"],
+                           "batch_invariant": Target(source, backend).batch_invariant}
         metrics[backend] = {"accuracy": accuracy.get(key), "p50_ms": rows.get(key, {}).get("p50_ms"),
                             "throughput_per_s": rows.get(key, {}).get("throughput_per_s"),
                             "model_mb": rows.get(key, {}).get("model_mb")}

@@ -36,10 +36,13 @@ def run(cfg: EvaluateStage, ctx, out_dir: Path) -> StageOutput:
     rows = []
     for target in targets_of(ctx.inputs):
         tokenizer = load_tokenizer(target.folder, ctx.recipe.data.max_length)
-        logits = predict_logits(target.open(), tokenizer, texts, cfg.batch_size, desc=target.key)
+        # A batch-dependent model is evaluated one text per call, as the runtime then predicts by default.
+        batch_size = cfg.batch_size if target.batch_invariant else 1
+        logits = predict_logits(target.open(), tokenizer, texts, batch_size, desc=target.key)
         accuracy = float((logits.argmax(-1) == labels).mean())
         rows.append({"target": target.key, "artifact": target.artifact.name, "backend": target.backend,
-                     "precision": target.precision, "accuracy": round(accuracy, 5), "samples": len(texts)})
+                     "precision": target.precision, "accuracy": round(accuracy, 5), "samples": len(texts),
+                     "batch_size": batch_size})
         np.save(out_dir / f"logits-{target.artifact.name.replace('/', '_')}-{target.backend}.npy", logits)
         log.info("evaluate: %-32s accuracy %.4f", target.key, accuracy)
     (out_dir / "evaluation.json").write_text(json.dumps(rows, indent=1))
