@@ -18,22 +18,31 @@ BACKEND_LABELS = {"pytorch": "PyTorch", "onnx": "ONNX Runtime", "openvino": "Ope
 
 
 class TorchEngine:
-    backend = "pytorch"
+    """PyTorch eager: FP32 on the CPU, or FP16 on ``device='cuda'``."""
 
-    def __init__(self, folder: str | Path, threads: int | None = None):
+    backend = "pytorch"
+    _default_threads: int | None = None
+
+    def __init__(self, folder: str | Path, threads: int | None = None, device: str = "cpu"):
         import torch
 
         from edgetl.modeling import load_classifier
 
-        if threads:
-            torch.set_num_threads(threads)
-        self._torch = torch
+        self._torch, self.threads, self.device = torch, threads, device
+        TorchEngine._default_threads = TorchEngine._default_threads or torch.get_num_threads()
+        self.activate()
         self.model = load_classifier(folder)
+        if device == "cuda":
+            self.model = self.model.half().cuda()
+
+    def activate(self) -> None:
+        """Apply this engine's thread count (torch's is process-wide): call before timing it."""
+        self._torch.set_num_threads(self.threads or TorchEngine._default_threads)
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         with self._torch.inference_mode():
-            inputs = {k: self._torch.from_numpy(v) for k, v in feeds.items()}
-            return self.model(**inputs).logits.numpy()
+            inputs = {k: self._torch.from_numpy(v).to(self.device) for k, v in feeds.items()}
+            return self.model(**inputs).logits.float().cpu().numpy()  # .cpu() waits for the GPU
 
 
 @dataclass(frozen=True)
@@ -42,14 +51,18 @@ class Target:
 
     artifact: Artifact
     backend: str
+    device: str = "cpu"  # pytorch: cpu, cuda (FP16); onnx: cpu, cuda, tensorrt; openvino: cpu, gpu
 
     @property
     def precision(self) -> str:
+        if self.backend == "pytorch" and self.device == "cuda":
+            return "fp16"
         return self.artifact.models[self.backend]["precision"]
 
     @property
     def key(self) -> str:
-        return f"{self.backend}-{self.precision} ({self.artifact.name})"
+        device = "" if self.device == "cpu" else f" [{self.device}]"
+        return f"{self.backend}-{self.precision}{device} ({self.artifact.name})"
 
     @property
     def folder(self) -> Path:
@@ -68,8 +81,8 @@ class Target:
 
     def open(self, threads: int | None = None):
         if self.backend == "pytorch":
-            return TorchEngine(self.folder, threads)
-        return open_engine(self.backend, self.artifact.model_path(self.backend), threads)
+            return TorchEngine(self.folder, threads, self.device)
+        return open_engine(self.backend, self.artifact.model_path(self.backend), threads, self.device)
 
 
 def per_call_activation_scales(model_path: Path) -> bool:

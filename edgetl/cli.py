@@ -32,41 +32,83 @@ def _cmd_validate(args) -> int:
     return 0
 
 
-def _cmd_bench(args) -> int:
+def _bench_inputs(paths: list[str]):
+    """Model artifacts of the given artifact, bundle or run folders, and the data config of their run."""
     from edgetl.artifact import MODEL_KINDS, Artifact
-    from edgetl.bench.run import benchmark
+    from edgetl.recipe import DataConfig, Recipe
+
+    artifacts, data = [], None
+    for name in paths:
+        path = Path(name)
+        if (path / "manifest.json").is_file():
+            found, run_dir = [Artifact.load(path)], path.parent
+        elif path.is_dir() and any((p / "manifest.json").is_file() for p in path.iterdir()):
+            # A run's bundle holds the same model as its quantize stage: time it once.
+            found = [a for a in (Artifact.load(p) for p in sorted(path.iterdir()) if (p / "manifest.json").is_file())
+                     if a.kind in MODEL_KINDS]
+            run_dir = path
+        else:
+            raise UsageError(f"{path}: neither an artifact folder, a bundle nor a run folder")
+        models = [a for a in found if a.kind in (*MODEL_KINDS, "bundle")]
+        if not models:
+            raise UsageError(f"{path}: no model artifacts to benchmark")
+        if len(paths) > 1:
+            models = [Artifact(a.path, a.manifest, label=f"{run_dir.name}/{a.path.name}") for a in models]
+        artifacts += models
+        resolved = run_dir / "recipe.resolved.yaml"
+        if data is None and resolved.is_file():
+            import yaml
+
+            data = Recipe.model_validate(yaml.safe_load(resolved.read_text())).data
+    return artifacts, data or DataConfig()
+
+
+def _int_list(text: str, name: str, allow_own: bool = False) -> list:
+    values = []
+    for item in text.split(","):
+        item = item.strip()
+        if allow_own and item == "own":
+            values.append(None)
+        elif item.isdigit() and (int(item) > 0 or name == "--threads"):
+            values.append(int(item) or None)
+        else:
+            raise UsageError(f"{name}: {item!r} is not a positive integer{' or own' if allow_own else ''}")
+    return values
+
+
+def _cmd_bench(args) -> int:
+    if args.targets[0] == "merge":
+        from edgetl.bench.merge import load_results, merge
+
+        if len(args.targets) < 2:
+            raise UsageError("bench merge: give one or more results.json files")
+        written = merge(load_results([Path(p) for p in args.targets[1:]]), Path(args.out))
+        print("wrote " + ", ".join(str(p) for p in written.values()))
+        return 0
+    from edgetl.bench.machine import machine_info
+    from edgetl.bench.sweep import benchmark_sweep
     from edgetl.data import load_labelled
-    from edgetl.recipe import BenchConfig, DataConfig, Recipe
 
-    path = Path(args.target)
-    if (path / "manifest.json").is_file():
-        artifacts, run_dir = [Artifact.load(path)], path.parent
-    elif path.is_dir():
-        artifacts = [Artifact.load(p) for p in sorted(path.iterdir()) if (p / "manifest.json").is_file()]
-        run_dir = path
-    else:
-        raise UsageError(f"{path}: neither an artifact folder nor a run folder")
-    resolved = run_dir / "recipe.resolved.yaml"
-    if resolved.is_file():
-        import yaml
+    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
+    seq_lengths = _int_list(args.seq_lengths, "--seq-lengths", allow_own=True)
+    threads = _int_list(args.threads, "--threads")
+    artifacts, data = _bench_inputs(args.targets)
+    train, dev = load_labelled(data)
+    texts = dev["text"][: args.max_sentences] if args.max_sentences else dev["text"]
+    machine = machine_info()
+    threads_text = "default threads" if args.threads == "0" else f"{args.threads} threads"
+    label = args.label or f"{machine['cpu']}, {machine['usable_cores']} cores, {threads_text}"
+    result = benchmark_sweep(
+        artifacts, texts, None if args.no_accuracy else dev["label"][: len(texts)],
+        train.shuffle(seed=1)["text"][:300], out_dir=Path(args.out), title=" ".join(args.targets), label=label,
+        batch_sizes=batch_sizes, seq_lengths=seq_lengths, threads=threads, rounds=args.rounds, warmup=args.warmup,
+        max_calls=args.max_calls, noise_threshold=args.noise_threshold, peak_gflops=args.peak_gflops,
+        max_length=data.max_length, peers=not args.no_peers and not args.only_gpu,
+        gpu="only" if args.only_gpu else not args.no_gpu, pt2e=not args.no_pt2e)
+    from edgetl.bench.merge import merge
 
-        recipe = Recipe.model_validate(yaml.safe_load(resolved.read_text()))
-        data, bench = recipe.data, recipe.bench
-    else:
-        data, bench = DataConfig(), BenchConfig()
-    bench = bench.model_copy(update={k: v for k, v in (("rounds", args.rounds), ("threads", args.threads),
-                                                       ("max_sentences", args.max_sentences)) if v is not None})
-    evaluations = [a for a in (Artifact.load(p) for p in run_dir.iterdir() if (p / "manifest.json").is_file())
-                   if a.kind == "evaluation"] if run_dir.is_dir() else []
-    accuracy = evaluations[-1].metrics if evaluations else {}
-    models = [a for a in artifacts if a.kind in MODEL_KINDS]
-    if not models:
-        raise UsageError(f"{path}: no model artifacts to benchmark")
-    _, dev = load_labelled(data)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    benchmark(models, dev["text"], accuracy, bench, data.max_length, out, title=str(path))
-    print(f"wrote {out}/report.md, results.json, results.csv, accuracy_vs_latency.png")
+    written = merge([result], Path(args.out))
+    print(f"wrote {args.out}/results.json, " + ", ".join(str(p) for p in written.values()))
     return 0
 
 
@@ -159,12 +201,29 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("overrides", nargs="*")
     validate.set_defaults(func=_cmd_validate)
 
-    bench = sub.add_parser("bench", help="benchmark an artifact or every model artifact of a run folder")
-    bench.add_argument("target", help="artifact folder or run folder")
+    bench = sub.add_parser("bench", help="benchmark artifacts, bundles or runs: backends x threads x batch x length; "
+                                         "'bench merge FILE...' combines results.json files into one table")
+    bench.add_argument("targets", nargs="+", help="artifact, bundle or run folders (or: merge RESULTS.json ...)")
     bench.add_argument("--out", default="bench-results", help="output folder (default: bench-results)")
-    bench.add_argument("--rounds", type=int)
-    bench.add_argument("--threads", type=int)
-    bench.add_argument("--max-sentences", type=int)
+    bench.add_argument("--label", help="machine label for merged tables (default: CPU, cores, threads)")
+    bench.add_argument("--batch-sizes", default="1,32", help="comma-separated (default: 1,32)")
+    bench.add_argument("--seq-lengths", default="own,128",
+                       help="'own' (evaluation texts at their own length) and/or padded lengths (default: own,128)")
+    bench.add_argument("--threads", default="0", help="comma-separated intra-op thread counts; 0 = runtime default")
+    bench.add_argument("--rounds", type=int, default=3, help="timed blocks per cell; block order alternates")
+    bench.add_argument("--warmup", type=int, default=10, help="untimed calls before each block")
+    bench.add_argument("--max-calls", type=int, default=300, help="timed calls per block")
+    bench.add_argument("--max-sentences", type=int, help="evaluation texts used (default: all)")
+    bench.add_argument("--noise-threshold", type=float, default=0.10,
+                       help="flag a cell noisy when its per-round p50s spread by more than this fraction")
+    bench.add_argument("--peak-gflops", type=float, help="the machine's peak GFLOP/s, to report the fraction reached")
+    bench.add_argument("--no-peers", action="store_true", help="skip the Optimum and OpenVINO default INT8 models")
+    bench.add_argument("--no-pt2e", action="store_true",
+                       help="skip PyTorch INT8 through Neural Compressor's PT2E path (compiles each model, ~30 s)")
+    bench.add_argument("--no-gpu", action="store_true", help="skip GPU backends even where present")
+    bench.add_argument("--only-gpu", action="store_true",
+                       help="time only the GPU variants of the models (none, with a note each, without a GPU)")
+    bench.add_argument("--no-accuracy", action="store_true", help="skip accuracy on the evaluation split")
     bench.set_defaults(func=_cmd_bench)
 
     predict = sub.add_parser("predict", help="classify texts with a bundle (torch-free)")

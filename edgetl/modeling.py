@@ -9,11 +9,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertModel, BertPreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from edgetl.bench.flops import PRUNED_LAYERS, encoder_flops
 from edgetl.models import resolve_model_source
 
 MEAN_POOL_ARCH = "MeanPoolBertForSequenceClassification"
-# config.json key with per-layer {heads, intermediate} of a structurally pruned model.
-PRUNED_LAYERS = "edgetl_layers"
 
 
 class MeanPoolBertForSequenceClassification(BertPreTrainedModel):
@@ -109,22 +108,8 @@ def layer_sizes(model) -> list[dict]:
 
 
 def flops_per_text(model, lengths: list[int]) -> int:
-    """Multiply-adds x 2 of one forward pass, averaged over texts of the given token lengths (batch 1).
-
-    Counts the encoder's matrix products (projections, attention scores and mixing, FFN) and the classifier;
-    embeddings, layer norms and softmax are lookups or elementwise and left out.
-    """
-    hidden = model.config.hidden_size
-    mean_len = sum(lengths) / len(lengths)
-    mean_sq = sum(n * n for n in lengths) / len(lengths)
-    per_token = per_token_sq = 0
-    for layer in encoder_layers(model):
-        attn = layer.attention.self.all_head_size
-        ffn = layer.intermediate.dense.out_features
-        per_token += 2 * (3 * hidden * attn + attn * hidden + 2 * hidden * ffn)
-        per_token_sq += 2 * 2 * attn  # scores (Q K^T) and mixing (P V)
-    classifier = 2 * hidden * model.config.num_labels
-    return int(per_token * mean_len + per_token_sq * mean_sq + classifier)
+    """Multiply-adds x 2 of one forward pass at batch 1, averaged over texts of these lengths (see encoder_flops)."""
+    return int(encoder_flops(model.config.to_dict(), lengths, layer_sizes(model)))
 
 
 def model_stats(model, dev_tok) -> dict:

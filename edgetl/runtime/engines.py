@@ -12,12 +12,18 @@ import numpy as np
 from edgetl.errors import MissingDependencyError
 
 
+# ONNX Runtime execution providers by device; each falls back to the CPU for operators it lacks.
+ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"],
+                 "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                 "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
 class OnnxRuntimeEngine:
-    """One ``InferenceSession`` on the CPU provider; ``run`` is safe to call from many threads."""
+    """One ``InferenceSession`` (CPU provider unless ``device`` says otherwise); ``run`` is thread-safe."""
 
     backend = "onnxruntime"
 
-    def __init__(self, model_path: str | Path, threads: int | None = None):
+    def __init__(self, model_path: str | Path, threads: int | None = None, device: str = "cpu"):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -27,7 +33,10 @@ class OnnxRuntimeEngine:
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        providers = ORT_PROVIDERS[device]
+        self.session = ort.InferenceSession(str(model_path), options, providers=providers)
+        if self.session.get_providers()[0] != providers[0]:  # ORT falls back silently; a benchmark must not
+            raise RuntimeError(f"ONNX Runtime did not start {providers[0]} (got {self.session.get_providers()})")
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
@@ -47,7 +56,9 @@ class OpenVinoEngine:
         core = ov.Core()
         # On CPUs with bf16 units (AVX512-BF16, AMX) OpenVINO would otherwise run the float parts in bf16:
         # an "FP32" model would then not be FP32, and an INT8 model would not be the one evaluated.
-        config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+        config = {"PERFORMANCE_HINT": "LATENCY"}
+        if device == "CPU":
+            config["INFERENCE_PRECISION_HINT"] = "f32"
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = core.compile_model(str(model_path), device, config)
@@ -62,6 +73,9 @@ class OpenVinoEngine:
 ENGINES = {"onnx": OnnxRuntimeEngine, "openvino": OpenVinoEngine}
 
 
-def open_engine(backend: str, model_path: str | Path, threads: int | None = None):
-    """An engine for a model file: backend 'onnx' (ONNX Runtime) or 'openvino'."""
-    return ENGINES[backend](model_path, threads)
+def open_engine(backend: str, model_path: str | Path, threads: int | None = None, device: str = "cpu"):
+    """An engine for a model file: backend 'onnx' (ONNX Runtime: device cpu, cuda, tensorrt) or 'openvino'
+    (device cpu, gpu)."""
+    if backend == "openvino":
+        return OpenVinoEngine(model_path, threads, device.upper())
+    return ENGINES[backend](model_path, threads, device)
