@@ -29,7 +29,7 @@ def main() -> int:
           f"speed-up vs PyTorch FP32 |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|")
     for row in sorted(single.values(), key=lambda r: (r["precision"] != "int8", r["backend"], r["peer"] or "")):
-        name = row["peer"] or f"edgetl {row['artifact']}"
+        name = row["peer"] or (row["artifact"] if "PT2E" in row["artifact"] else f"edgetl {row['artifact']}")
         noisy = " (noisy)" if row["noisy"] or batched[row["target"]]["noisy"] else ""
         accuracy = "–" if row["accuracy"] is None else f"{row['accuracy']:.2%}"
         print(f"| {name} | {BACKENDS[row['backend']]} | {row['precision'].upper()} | {accuracy} | "

@@ -94,13 +94,13 @@ def _cmd_bench(args) -> int:
     threads = _int_list(args.threads, "--threads")
     artifacts, data = _bench_inputs(args.targets)
     train, dev = load_labelled(data)
-    texts = dev["text"][: args.max_sentences] if args.max_sentences else dev["text"]
+    texts = list(dev["text"])[: args.max_sentences]
     machine = machine_info()
     threads_text = "default threads" if args.threads == "0" else f"{args.threads} threads"
     label = args.label or f"{machine['cpu']}, {machine['usable_cores']} cores, {threads_text}"
     result = benchmark_sweep(
-        artifacts, texts, None if args.no_accuracy else dev["label"][: len(texts)],
-        train.shuffle(seed=1)["text"][:300], out_dir=Path(args.out), title=" ".join(args.targets), label=label,
+        artifacts, texts, None if args.no_accuracy else list(dev["label"])[: len(texts)],
+        list(train.shuffle(seed=1).select(range(min(300, len(train))))["text"]), out_dir=Path(args.out), title=" ".join(args.targets), label=label,
         batch_sizes=batch_sizes, seq_lengths=seq_lengths, threads=threads, rounds=args.rounds, warmup=args.warmup,
         max_calls=args.max_calls, noise_threshold=args.noise_threshold, peak_gflops=args.peak_gflops,
         max_length=data.max_length, peers=not args.no_peers and not args.only_gpu,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -114,10 +114,11 @@ def test_flops_from_the_config_match_the_torch_count_of_a_pruned_model():
 
 @dataclass(frozen=True)
 class _SleepyTarget:
-    """A stand-in target whose calls take ``ms[i]`` milliseconds in round i."""
+    """A stand-in target whose calls take ``ms[i]`` milliseconds in round i (the i-th time it is opened)."""
 
     key: str
     ms: tuple
+    opened: list = field(default_factory=list)
 
     backend, device, precision, folder = "onnx", "cpu", "int8", "."
 
@@ -126,27 +127,28 @@ class _SleepyTarget:
         return type("A", (), {"name": self.key})()
 
     def open(self, threads):
-        target, state = self, {"calls": 0}
+        self.opened.append(threads)
+        delay = self.ms[len(self.opened) - 1] / 1e3
 
         class Engine:
             def run(self, feed):
-                state["calls"] += 1
-                time.sleep(target.ms[min((state["calls"] - 1) // 6, len(target.ms) - 1)] / 1e3)
+                time.sleep(delay)
         return Engine()
 
 
 def test_a_cell_whose_rounds_disagree_is_flagged_noisy(monkeypatch):
     from edgetl.bench import sweep
 
-    feeds = [{"input_ids": np.zeros((1, 8), dtype=np.int64)}] * 4  # 2 warm-up + 4 timed calls = 6 per round
+    feeds = [{"input_ids": np.zeros((1, 8), dtype=np.int64)}] * 4
     monkeypatch.setattr(sweep, "shape_feeds", lambda *args, **kwargs: feeds)
     monkeypatch.setattr(sweep, "SETTLE_SECONDS", 0)
     steady, jumpy = _SleepyTarget("steady", (2, 2, 2)), _SleepyTarget("jumpy", (2, 4, 2))
     rows = sweep.run_sweep([steady, jumpy], ["x"], [sweep.Shape(1, None)], [None], max_length=8, rounds=3,
-                           warmup=2, max_calls=4, noise_threshold=0.10)
+                           warmup=2, max_calls=4, noise_threshold=0.10, isolate=False)
     by_target = {r["target"]: r for r in rows}
     assert not by_target["steady"]["noisy"] and by_target["jumpy"]["noisy"]
     assert by_target["jumpy"]["round_spread"] > 0.5 and by_target["steady"]["gflops_per_call"] is None
+    assert len(steady.opened) == 3  # every round opens its engines afresh
 
 
 def test_gpu_variants_name_their_device_where_one_is_present(tiny_artifacts, monkeypatch):

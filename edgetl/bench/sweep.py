@@ -1,9 +1,11 @@
 """`edgetl bench`: model targets x thread counts x batch sizes x sequence lengths, for choosing hardware.
 
-Every (target, threads, shape) cell is timed in ``rounds`` blocks; the block order of the targets reverses
-every other round and each target's blocks start after a pause, because ONNX Runtime's and OpenVINO's
-spinning threads slow whichever runtime runs next on a small machine. A cell whose per-round medians spread
-by more than ``noise_threshold`` of their median is flagged ``noisy``: its p50 is not reproducible to that
+Every (target, threads, shape) cell is timed once per round, and each round runs in a fresh process, so
+the spread between rounds also shows what differs from one process to the next (thread placement, memory
+layout), which no repetition inside one process reveals. Within a round each target's blocks start after
+a pause and the target order reverses every other round, because ONNX Runtime's and OpenVINO's spinning
+threads slow whichever runtime runs next on a small machine. A cell whose per-round medians spread by more
+than ``noise_threshold`` of their median is flagged ``noisy``: its p50 is not reproducible to that
 precision on this machine now. The spread of single calls (IQR, coefficient of variation) is reported too;
 at the evaluation texts' own lengths it mostly reflects the spread of lengths, not noise.
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 import logging
 import tempfile
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,9 +70,14 @@ def call_flops(folder, feeds: list[dict]) -> list[float] | None:
     return flops
 
 
-def run_sweep(targets: list[Target], texts: list[str], cells: list[Shape], threads: list[int | None], *,
-              max_length: int, rounds: int, warmup: int, max_calls: int, noise_threshold: float,
-              peak_gflops: float | None = None, progress=None, notes: list[str] | None = None) -> list[dict]:
+def _cell(target_key: str, threads: int | None, cell: Shape) -> str:
+    return f"{target_key}|{threads or 0}|{cell.batch}|{cell.seq or 'own'}"
+
+
+def time_round(targets: list[Target], texts: list[str], cells: list[Shape], threads: list[int | None], *,
+               max_length: int, warmup: int, max_calls: int, reverse: bool = False,
+               notes: list[str] | None = None) -> dict[str, list[float]]:
+    """One round in this process: seconds of every timed call, keyed by ``_cell``."""
     engines, usable = {}, []
     for target in targets:
         try:
@@ -81,41 +87,105 @@ def run_sweep(targets: list[Target], texts: list[str], cells: list[Shape], threa
             if not optional(target):
                 raise
             (notes if notes is not None else []).append(f"{target.key}: skipped ({type(exc).__name__}: {exc})")
-    targets = usable
-    feeds = {(t.key, c): shape_feeds(t.folder, texts, c, max_length, max_calls) for t in targets for c in cells}
-    folders = {t.key: t.folder for t in targets}
-    flops = {key: call_flops(folders[key[0]], f) for key, f in feeds.items()}
-    times: dict[tuple, list[float]] = defaultdict(list)
-    round_p50: dict[tuple, list[float]] = defaultdict(list)
-    for round_index in range(rounds):
-        for n in threads:
-            for target in targets if round_index % 2 == 0 else list(reversed(targets)):
-                engine = engines[target.key, n]
-                if hasattr(engine, "activate"):
-                    engine.activate()
-                time.sleep(SETTLE_SECONDS)
-                for cell in cells:
-                    calls = feeds[target.key, cell]
-                    for feed in calls[:warmup]:
-                        engine.run(feed)
-                    block = _timed_calls(engine, calls)
-                    times[target.key, n, cell] += block
-                    round_p50[target.key, n, cell].append(float(np.median(block)) * 1e3)
-                if progress:
-                    progress.update(1)
-    rows = []
-    for target in targets:
-        for n in threads:
+    feeds = {(t.key, c): shape_feeds(t.folder, texts, c, max_length, max_calls) for t in usable for c in cells}
+    times = {}
+    for n in threads:
+        for target in reversed(usable) if reverse else usable:
+            engine = engines[target.key, n]
+            if hasattr(engine, "activate"):
+                engine.activate()
+            time.sleep(SETTLE_SECONDS)
             for cell in cells:
-                seconds = np.asarray(times[target.key, n, cell])
-                medians = round_p50[target.key, n, cell]
+                calls = feeds[target.key, cell]
+                for feed in calls[:warmup]:
+                    engine.run(feed)
+                times[_cell(target.key, n, cell)] = _timed_calls(engine, calls)
+    return times
+
+
+def _target_spec(target: Target) -> dict:
+    artifact = target.artifact
+    return {"path": str(artifact.path), "manifest": artifact.manifest, "label": artifact.label,
+            "backend": target.backend, "device": target.device, "pt2e": hasattr(target, "calibration")}
+
+
+def _round_in_subprocess(targets: list[Target], calibration_texts: list[str], reverse: bool, **options) -> tuple:
+    """``time_round`` in a fresh process, so that the spread between rounds includes what differs between
+    processes (thread placement, memory layout, allocator state), not only what drifts within one."""
+    import json
+    import subprocess
+    import sys
+
+    spec = {"targets": [_target_spec(t) for t in targets], "calibration_texts": calibration_texts,
+            "reverse": reverse, **options, "cells": [[c.batch, c.seq] for c in options["cells"]]}
+    with tempfile.TemporaryDirectory(prefix="edgetl-round-") as scratch:
+        spec_path, out_path = Path(scratch) / "spec.json", Path(scratch) / "times.json"
+        spec_path.write_text(json.dumps(spec))
+        done = subprocess.run([sys.executable, "-m", "edgetl.bench.sweep", str(spec_path), str(out_path)],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"a benchmark round failed:\n{done.stderr[-3000:]}")
+        result = json.loads(out_path.read_text())
+    return result["times"], result["notes"]
+
+
+def _round_main(spec_path: str, out_path: str) -> None:
+    import json
+
+    from edgetl.artifact import Artifact
+
+    spec = json.loads(Path(spec_path).read_text())
+    targets = []
+    for t in spec["targets"]:
+        artifact = Artifact(Path(t["path"]), t["manifest"], label=t["label"])
+        if t["pt2e"]:
+            targets += pt2e_variants([Target(artifact, "pytorch")], spec["calibration_texts"], spec["max_length"])
+        else:
+            targets.append(Target(artifact, t["backend"], t["device"]))
+    notes = []
+    times = time_round(targets, spec["texts"], [Shape(b, s) for b, s in spec["cells"]], spec["threads"],
+                       max_length=spec["max_length"], warmup=spec["warmup"], max_calls=spec["max_calls"],
+                       reverse=spec["reverse"], notes=notes)
+    Path(out_path).write_text(json.dumps({"times": times, "notes": notes}))
+
+
+def run_sweep(targets: list[Target], texts: list[str], cells: list[Shape], threads: list[int | None], *,
+              max_length: int, rounds: int, warmup: int, max_calls: int, noise_threshold: float,
+              peak_gflops: float | None = None, progress=None, notes: list[str] | None = None,
+              calibration_texts: list[str] = (), isolate: bool = True) -> list[dict]:
+    """``rounds`` rounds (each in its own process unless ``isolate`` is False), target order reversed every
+    other round, summarised per (target, threads, shape) cell."""
+    options = {"texts": texts, "cells": cells, "threads": threads, "max_length": max_length, "warmup": warmup,
+               "max_calls": max_calls}
+    per_round, round_notes = [], set()
+    for round_index in range(rounds):
+        reverse = round_index % 2 == 1
+        if isolate:
+            times, found = _round_in_subprocess(targets, list(calibration_texts), reverse, **options)
+        else:
+            found = []
+            times = time_round(targets, reverse=reverse, notes=found, **options)
+        per_round.append(times)
+        round_notes.update(found)
+        if progress:
+            progress.update(1)
+    if notes is not None:
+        notes += sorted(round_notes)
+    timed = [t for t in targets if all(_cell(t.key, threads[0], cells[0]) in r for r in per_round)]
+    rows = []
+    for target in timed:
+        for cell in cells:
+            cell_flops = call_flops(target.folder, shape_feeds(target.folder, texts, cell, max_length, max_calls))
+            for n in threads:
+                blocks = [r[_cell(target.key, n, cell)] for r in per_round]
+                seconds = np.concatenate(blocks)
+                medians = [float(np.median(b)) * 1e3 for b in blocks]
                 spread = (max(medians) - min(medians)) / float(np.median(medians))
-                cell_flops = flops[target.key, cell]
                 row = {
                     "target": target.key, "artifact": getattr(target, "label", target.artifact.name),
-                    "backend": target.backend,
-                    "device": target.device, "precision": target.precision, "threads": n or 0,
-                    "batch": cell.batch, "seq": cell.seq or "own", **latency_summary(list(seconds)),
+                    "backend": target.backend, "device": target.device, "precision": target.precision,
+                    "threads": n or 0, "batch": cell.batch, "seq": cell.seq or "own",
+                    **latency_summary(list(seconds)),
                     "cv": round(float(seconds.std() / seconds.mean()), 4),
                     "round_p50_ms": [round(m, 4) for m in medians],
                     "round_spread": round(spread, 4),
@@ -124,9 +194,8 @@ def run_sweep(targets: list[Target], texts: list[str], cells: list[Shape], threa
                     "gflops_per_call": None, "achieved_gflops_per_s": None, "peak_fraction": None,
                 }
                 if cell_flops:
-                    total = sum(cell_flops) * rounds
                     row["gflops_per_call"] = round(sum(cell_flops) / len(cell_flops) / 1e9, 4)
-                    row["achieved_gflops_per_s"] = round(total / float(seconds.sum()) / 1e9, 2)
+                    row["achieved_gflops_per_s"] = round(sum(cell_flops) * rounds / float(seconds.sum()) / 1e9, 2)
                     if peak_gflops:
                         row["peak_fraction"] = round(row["achieved_gflops_per_s"] / peak_gflops, 4)
                 rows.append(row)
@@ -231,10 +300,10 @@ def benchmark_sweep(artifacts: list, texts: list[str], labels: list[int] | None,
             targets.remove(target)
             notes.append(f"{target.key}: skipped ({type(exc).__name__}: {str(exc)[:300]})")
     cells = shapes(batch_sizes, seq_lengths)
-    with tqdm(total=len(targets) * len(threads) * rounds, desc="benchmark blocks") as progress:
+    with tqdm(total=rounds, desc="benchmark rounds (one process each)") as progress:
         rows = run_sweep(targets, texts, cells, threads, max_length=max_length, rounds=rounds, warmup=warmup,
                          max_calls=max_calls, noise_threshold=noise_threshold, peak_gflops=peak_gflops,
-                         progress=progress, notes=notes)
+                         progress=progress, notes=notes, calibration_texts=train_texts[:96])
     sizes = {t.key: round(t.model_bytes / 1e6, 2) for t in targets}
     scratch.cleanup()
     for row in rows:
@@ -278,3 +347,9 @@ def target_accuracy(target: Target, texts: list[str], labels: list[int], max_len
     logits = predict_logits(target.open(), load_tokenizer(target.folder, max_length), texts,
                             64 if target.batch_invariant else 1, desc=f"accuracy {target.key}")
     return round(float((logits.argmax(-1) == np.asarray(labels)).mean()), 5)
+
+
+if __name__ == "__main__":  # one isolated round: python -m edgetl.bench.sweep SPEC.json OUT.json
+    import sys
+
+    _round_main(sys.argv[1], sys.argv[2])
