@@ -106,7 +106,7 @@ def test_cli_predict_on_a_folder_that_is_not_a_bundle(tmp_path):
 def test_cli_bench_on_a_path_that_is_no_artifact(tmp_path):
     from edgetl.cli import main
 
-    with pytest.raises(UsageError, match="neither an artifact folder nor a run folder"):
+    with pytest.raises(UsageError, match="neither an artifact folder, a bundle nor a run folder"):
         main(["--debug", "bench", str(tmp_path / "missing")])
 
 

@@ -324,9 +324,12 @@ def test_cli_bench_on_one_artifact(tiny_run, tmp_path):
     from edgetl.cli import main
 
     out = tmp_path / "bench"
-    assert main(["bench", str(tiny_run / "03-quantize"), "--out", str(out), "--rounds", "1", "--max-sentences", "5"]) == 0
+    assert main(["bench", str(tiny_run / "03-quantize"), "--out", str(out), "--rounds", "1", "--max-calls", "5",
+                 "--batch-sizes", "1", "--seq-lengths", "own"]) == 0
     result = json.loads((out / "results.json").read_text())
     assert [r["target"] for r in result["rows"]] == ["onnx-int8 (03-quantize)", "openvino-int8 (03-quantize)"]
+    assert any("peers: skipped (no FP32 export" in note for note in result["notes"])
+    # Accuracy on the whole evaluation split, batched as the evaluate stage batches: the same numbers.
     evaluated = json.loads((tiny_run / "04-evaluate" / "manifest.json").read_text())["metrics"]
     for row in result["rows"]:
         assert row["calls"] == 5 and row["p50_ms"] > 0 and row["accuracy"] == evaluated[row["target"]]
