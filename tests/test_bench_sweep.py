@@ -178,6 +178,8 @@ def test_the_report_page_renders_in_headless_chromium(sweep, tmp_path):
     out, result = sweep
     done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "render_html.py"), str(out / "merged.html"),
                            "--png", str(tmp_path / "page.png")], capture_output=True, text=True, timeout=300)
+    if done.returncode != 0 and "`npm install" in done.stderr:  # the registry, not the page
+        pytest.skip(f"could not fetch Chromium from npm: {done.stderr[-300:]}")
     assert done.returncode == 0, done.stdout + done.stderr
     page = json.loads(done.stdout)
     assert page["table_rows"] > len(result["rows"]) and page["images"] == 2 and page["images_all_data_uri"]
