@@ -98,9 +98,10 @@ def _cmd_bench(args) -> int:
     machine = machine_info()
     threads_text = "default threads" if args.threads == "0" else f"{args.threads} threads"
     label = args.label or f"{machine['cpu']}, {machine['usable_cores']} cores, {threads_text}"
+    labels = None if args.no_accuracy else list(dev["label"])[: len(texts)]
+    train_texts = list(train.shuffle(seed=1).select(range(min(300, len(train))))["text"])
     result = benchmark_sweep(
-        artifacts, texts, None if args.no_accuracy else list(dev["label"])[: len(texts)],
-        list(train.shuffle(seed=1).select(range(min(300, len(train))))["text"]), out_dir=Path(args.out), title=" ".join(args.targets), label=label,
+        artifacts, texts, labels, train_texts, out_dir=Path(args.out), title=" ".join(args.targets), label=label,
         batch_sizes=batch_sizes, seq_lengths=seq_lengths, threads=threads, rounds=args.rounds, warmup=args.warmup,
         max_calls=args.max_calls, noise_threshold=args.noise_threshold, peak_gflops=args.peak_gflops,
         max_length=data.max_length, peers=not args.no_peers and not args.only_gpu,
@@ -132,8 +133,8 @@ def _cmd_serve(args) -> int:
     from edgetl.runtime.server import serve
 
     classifier = TextClassifier.load(args.bundle, backend=args.backend, threads=args.threads)
-    serve(classifier, args.host, args.port, max_batch=args.max_batch, max_body_bytes=args.max_body_bytes,
-          max_texts=args.max_texts)
+    limits = {k: v for k, v in (("max_body_bytes", args.max_body_bytes), ("max_texts", args.max_texts)) if v is not None}
+    serve(classifier, args.host, args.port, max_batch=args.max_batch, **limits)
     return 0
 
 
@@ -242,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino"])
     serve.add_argument("--threads", type=int)
     serve.add_argument("--max-batch", type=int, default=64, help="texts per batch across concurrent requests")
-    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger requests get 413")
-    serve.add_argument("--max-texts", type=int, default=1024, help="texts per request; more get 413")
+    serve.add_argument("--max-body-bytes", type=int, help="larger requests get 413 (default: 1 MiB)")
+    serve.add_argument("--max-texts", type=int, help="texts per request; more get 413 (default: 1024)")
     serve.set_defaults(func=_cmd_serve)
     return parser
 

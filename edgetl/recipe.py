@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgetl.errors import RecipeError
+from edgetl.runtime.text import BATCH_SIZE
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -183,7 +184,7 @@ class EvaluateStage(_Strict):
     """Accuracy of every model artifact so far, each through its own runtime."""
 
     stage: Literal["evaluate"]
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(BATCH_SIZE, ge=1)
 
 
 class BenchmarkStage(_Strict):

@@ -101,8 +101,7 @@ def test_the_bundle_agrees_with_the_evaluate_path_on_every_sst2_dev_sentence(min
     from edgetl.artifact import Artifact
     from edgetl.backends import Target
     from edgetl.runtime import TextClassifier
-    from edgetl.runtime.text import load_tokenizer, softmax
-    from edgetl.stages.evaluate import predict_logits
+    from edgetl.runtime.text import load_tokenizer, predict_logits, softmax
 
     _, rows = _read_tsv(SHARED_SST2 / "dev.tsv")
     texts = [row.split("\t")[0] for row in rows]

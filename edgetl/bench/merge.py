@@ -16,6 +16,7 @@ from pathlib import Path
 
 from edgetl.backends import BACKEND_LABELS
 from edgetl.bench.machine import describe
+from edgetl.bench.report import _fmt
 from edgetl.bench.sweep import RESULT_FORMAT, RESULT_VERSION
 from edgetl.errors import UsageError
 
@@ -129,10 +130,6 @@ def _ordered(rows: list[dict]) -> list[dict]:
 
     return (sorted((r for r in rows if _is_headline(r)), key=p50)
             + sorted((r for r in rows if not _is_headline(r)), key=lambda r: (*shape(r), p50(r))))
-
-
-def _fmt(value, pattern: str, scale: float = 1) -> str:
-    return "–" if value is None else pattern.format(value * scale)
 
 
 def table_rows(results: list[dict]) -> list[tuple[list[str], bool]]:

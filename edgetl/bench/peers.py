@@ -16,9 +16,8 @@ from pathlib import Path
 from edgetl.artifact import Artifact
 from edgetl.bench.machine import isa_flags
 from edgetl.runtime.text import encode, load_tokenizer
-
-TOKENIZER_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
-
+from edgetl.stages._quantize_openvino import quantize_openvino
+from edgetl.stages.export import copy_tokenizer
 
 def optimum_preset() -> str:
     """The ``AutoQuantizationConfig`` preset that fits this machine."""
@@ -26,12 +25,6 @@ def optimum_preset() -> str:
         return "arm64"
     flags = set(isa_flags())
     return "avx512_vnni" if "avx512_vnni" in flags else "avx512" if "avx512f" in flags else "avx2"
-
-
-def _copy_tokenizer(source: Path, target: Path) -> None:
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, target / name)
 
 
 def optimum_default(export: Artifact, out_dir: Path) -> Artifact:
@@ -45,7 +38,7 @@ def optimum_default(export: Artifact, out_dir: Path) -> Artifact:
     preset = optimum_preset()
     config = getattr(AutoQuantizationConfig, preset)(is_static=False, per_channel=False)
     ORTQuantizer.from_pretrained(raw.parent, file_name=raw.name).quantize(save_dir=folder, quantization_config=config)
-    _copy_tokenizer(export.model_path("onnx").parent, folder)
+    copy_tokenizer(export.model_path("onnx").parent, folder)
     quantized = next(folder.glob("*_quantized.onnx"))
     return Artifact(folder, {"kind": "quantized", "models": {"onnx": {"path": quantized.name, "precision": "int8",
                                                                       "method": f"optimum {preset} dynamic"}}},
@@ -53,20 +46,14 @@ def optimum_default(export: Artifact, out_dir: Path) -> Artifact:
 
 
 def openvino_default(export: Artifact, out_dir: Path, train_texts: list[str], max_length: int) -> Artifact:
-    import nncf
-    import openvino as ov
-
     folder = out_dir / "openvino-default"
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     source = export.model_path("openvino")
     tokenizer = load_tokenizer(source.parent, max_length)
-    model = ov.Core().read_model(str(source))
-    names = [i.get_any_name() for i in model.inputs]
     feeds = [encode(tokenizer, [text]) for text in train_texts[:300]]
-    quantized = nncf.quantize(model, nncf.Dataset(feeds, lambda feed: {k: feed[k] for k in names}))
-    ov.save_model(quantized, str(folder / "model.xml"), compress_to_fp16=False)
-    _copy_tokenizer(source.parent, folder)
+    quantize_openvino(source, folder / "model.xml", feeds, transformer=False)
+    copy_tokenizer(source.parent, folder)
     return Artifact(folder, {"kind": "quantized", "models": {"openvino": {"path": "model.xml", "precision": "int8",
                                                                           "method": "nncf.quantize defaults"}}},
                     label="OpenVINO default")

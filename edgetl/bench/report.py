@@ -31,8 +31,8 @@ def write_reports(result: dict, out_dir: Path) -> None:
     plot(rows, out_dir / "accuracy_vs_latency.png", describe(result["machine"]))
 
 
-def _fmt(value, pattern: str) -> str:
-    return "–" if value is None else pattern.format(value)
+def _fmt(value, pattern: str, scale: float = 1) -> str:
+    return "–" if value is None else pattern.format(value * scale)
 
 
 def markdown_table(rows: list[dict]) -> str:

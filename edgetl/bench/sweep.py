@@ -12,6 +12,7 @@ at the evaluation texts' own lengths it mostly reflects the spread of lengths, n
 
 from __future__ import annotations
 
+import functools
 import logging
 import tempfile
 import time
@@ -23,7 +24,7 @@ import numpy as np
 from edgetl.backends import Target
 from edgetl.bench.flops import folder_flops
 from edgetl.bench.measure import SETTLE_SECONDS, _timed_calls, latency_summary
-from edgetl.runtime.text import encode, load_tokenizer
+from edgetl.runtime.text import batch_size_for, encode, load_tokenizer, predict_logits
 
 log = logging.getLogger("edgetl")
 
@@ -34,10 +35,6 @@ RESULT_FORMAT, RESULT_VERSION = "edgetl-bench-sweep", 1
 class Shape:
     batch: int
     seq: int | None  # None: the evaluation texts at their own length, each call padded to its longest
-
-    @property
-    def label(self) -> str:
-        return f"{self.batch} x {'own length' if self.seq is None else self.seq}"
 
 
 def shapes(batch_sizes: list[int], seq_lengths: list[int | None]) -> list[Shape]:
@@ -222,19 +219,11 @@ def pt2e_variants(targets: list[Target], train_texts: list[str], max_length: int
 
 def gpu_variants(targets: list[Target]) -> tuple[list[Target], list[str]]:
     """The GPU variants of CPU targets that this machine can run, and a note for each kind it cannot."""
-    checks = {}
-
-    def available(kind: str) -> str | None:
-        """None if ``kind`` can run here, else why not."""
-        if kind not in checks:
-            checks[kind] = _why_not(kind)
-        return checks[kind]
-
     variants, notes = [], {}
     devices = {"pytorch": ["cuda"], "onnx": ["cuda", "tensorrt"], "openvino": ["gpu"]}
     for target in targets:
         for device in devices.get(target.backend, []):
-            reason = available(f"{target.backend}-{device}")
+            reason = _why_not(f"{target.backend}-{device}")
             if reason is None:
                 variants.append(Target(target.artifact, target.backend, device))
             else:
@@ -242,6 +231,7 @@ def gpu_variants(targets: list[Target]) -> tuple[list[Target], list[str]]:
     return variants, sorted(notes.values())
 
 
+@functools.cache
 def _why_not(kind: str) -> str | None:
     backend, device = kind.split("-")
     try:
@@ -342,10 +332,8 @@ def build_peers(artifacts: list, out_dir, train_texts: list[str], max_length: in
 
 def target_accuracy(target: Target, texts: list[str], labels: list[int], max_length: int) -> float:
     """Accuracy on the evaluation texts, batched as the evaluate stage does."""
-    from edgetl.stages.evaluate import predict_logits
-
     logits = predict_logits(target.open(), load_tokenizer(target.folder, max_length), texts,
-                            64 if target.batch_invariant else 1, desc=f"accuracy {target.key}")
+                            batch_size_for(target.batch_invariant), desc=f"accuracy {target.key}")
     return round(float((logits.argmax(-1) == np.asarray(labels)).mean()), 5)
 
 

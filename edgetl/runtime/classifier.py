@@ -11,7 +11,7 @@ import numpy as np
 from edgetl.artifact import verify_files
 from edgetl.errors import ArtifactError
 from edgetl.runtime.engines import ENGINES, open_engine
-from edgetl.runtime.text import encode, length_batches, load_tokenizer, softmax
+from edgetl.runtime.text import batch_size_for, load_tokenizer, predict_logits, softmax
 
 SUPPORTED_FORMAT_VERSIONS = (1,)
 
@@ -73,7 +73,7 @@ class TextClassifier:
         # A model whose INT8 activation ranges are measured per call (dynamic INT8) gives a text different
         # logits in different batches; one text per call keeps every prediction independent of the others.
         # Otherwise the evaluate stage's default batching, so predictions repeat the evaluated ones exactly.
-        self.batch_size = 64 if model.get("batch_invariant", True) else 1
+        self.batch_size = batch_size_for(model.get("batch_invariant", True))
 
     def _check_model_config(self, config_file: Path) -> None:
         """Refuse a tokenizer whose ids overrun the model's embedding, or labels the model does not have."""
@@ -110,14 +110,9 @@ class TextClassifier:
 
     def logits(self, texts: list[str], batch_size: int | None = None) -> np.ndarray:
         """Logits in the order of ``texts``; ``batch_size`` defaults to ``self.batch_size``."""
-        batch_size = batch_size or self.batch_size
         if not texts:
             return np.zeros((0, len(self.labels)), dtype=np.float32)
-        lengths = [len(e.ids) for e in self.tokenizer.encode_batch(texts)]
-        out = np.zeros((len(texts), len(self.labels)), dtype=np.float32)
-        for batch in length_batches(lengths, batch_size):
-            out[batch] = self.engine.run(encode(self.tokenizer, [texts[i] for i in batch]))
-        return out
+        return predict_logits(self.engine, self.tokenizer, texts, batch_size or self.batch_size)
 
     def predict(self, texts: list[str], batch_size: int | None = None) -> list[Prediction]:
         if isinstance(texts, str):

@@ -185,14 +185,13 @@ def create_app(classifier: TextClassifier, max_batch: int = 64, max_body_bytes: 
     async def meta(request):
         return JSONResponse(metadata(classifier))
 
-    routes = [Route("/predict", predict, methods=["POST"]), Route("/health", health, methods=["GET"]),
-              Route("/metadata", meta, methods=["GET"])]
     async def http_error(request, exc):  # 404, 405 ... as JSON like every other answer
         return error(exc.status_code, exc.detail)
 
-    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
-    app.state.batcher = batcher
-    return app
+    routes = [Route("/predict", predict, methods=["POST"]), Route("/health", health, methods=["GET"]),
+              Route("/metadata", meta, methods=["GET"])]
+
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
 
 
 def serve(classifier: TextClassifier, host: str = "127.0.0.1", port: int = 8000, **app_options) -> None:

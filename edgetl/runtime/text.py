@@ -30,6 +30,31 @@ def encode(tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
     return feeds
 
 
+# Texts per call: the runtime's default and the evaluate stage's, so predictions repeat evaluated logits.
+BATCH_SIZE = 64
+
+
+def batch_size_for(batch_invariant: bool, batch_size: int = BATCH_SIZE) -> int:
+    """One text per call for a model whose answers depend on batch-mates (dynamic INT8), else ``batch_size``."""
+    return batch_size if batch_invariant else 1
+
+
+def predict_logits(engine, tokenizer, texts: list[str], batch_size: int, desc: str | None = None) -> np.ndarray:
+    """Logits in the order of ``texts``, computed in length-grouped batches (a progress bar if ``desc``)."""
+    batches = length_batches([len(e.ids) for e in tokenizer.encode_batch(texts)], batch_size)
+    if desc is not None:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, desc=desc, leave=False)
+    logits = None
+    for batch in batches:
+        out = engine.run(encode(tokenizer, [texts[i] for i in batch]))
+        if logits is None:
+            logits = np.zeros((len(texts), out.shape[-1]), dtype=np.float32)
+        logits[batch] = out
+    return logits
+
+
 def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length, so little compute goes to padding."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)

@@ -7,27 +7,14 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from edgetl.artifact import StageOutput
 from edgetl.backends import targets_of
 from edgetl.data import load_labelled
 from edgetl.recipe import EvaluateStage
-from edgetl.runtime.text import encode, length_batches, load_tokenizer
+from edgetl.runtime.text import batch_size_for, load_tokenizer, predict_logits
 
 log = logging.getLogger("edgetl")
-
-
-def predict_logits(engine, tokenizer, texts: list[str], batch_size: int, desc: str = "") -> np.ndarray:
-    """Logits in the order of ``texts``, computed in length-grouped batches."""
-    lengths = [len(e.ids) for e in tokenizer.encode_batch(texts)]
-    logits = None
-    for batch in tqdm(length_batches(lengths, batch_size), desc=desc, leave=False):
-        out = engine.run(encode(tokenizer, [texts[i] for i in batch]))
-        if logits is None:
-            logits = np.zeros((len(texts), out.shape[-1]), dtype=np.float32)
-        logits[batch] = out
-    return logits
 
 
 def run(cfg: EvaluateStage, ctx, out_dir: Path) -> StageOutput:
@@ -37,7 +24,7 @@ def run(cfg: EvaluateStage, ctx, out_dir: Path) -> StageOutput:
     for target in targets_of(ctx.inputs):
         tokenizer = load_tokenizer(target.folder, ctx.recipe.data.max_length)
         # A batch-dependent model is evaluated one text per call, as the runtime then predicts by default.
-        batch_size = cfg.batch_size if target.batch_invariant else 1
+        batch_size = batch_size_for(target.batch_invariant, cfg.batch_size)
         logits = predict_logits(target.open(), tokenizer, texts, batch_size, desc=target.key)
         accuracy = float((logits.argmax(-1) == labels).mean())
         rows.append({"target": target.key, "artifact": target.artifact.name, "backend": target.backend,
