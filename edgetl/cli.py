@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--peak-gflops", type=float, help="the machine's peak GFLOP/s, to report the fraction reached")
     bench.add_argument("--no-peers", action="store_true", help="skip the Optimum and OpenVINO default INT8 models")
     bench.add_argument("--no-pt2e", action="store_true",
-                       help="skip PyTorch INT8 through Neural Compressor's PT2E path (compiles each model, ~30 s)")
+                       help="skip PyTorch INT8 through Neural Compressor's PT2E path (compiles each model in each round)")
     bench.add_argument("--no-gpu", action="store_true", help="skip GPU backends even where present")
     bench.add_argument("--only-gpu", action="store_true",
                        help="time only the GPU variants of the models (none, with a note each, without a GPU)")
