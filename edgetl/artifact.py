@@ -134,7 +134,7 @@ def write_json_atomic(path: Path, data) -> None:
 
 
 def write_manifest(folder: Path, output: StageOutput, *, stage: str, fingerprint: str, config: dict,
-                   inputs: list[Artifact], started: float) -> dict:
+                   inputs: list[Artifact], started: float, data: dict | None = None) -> dict:
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "kind": output.kind,
@@ -145,6 +145,7 @@ def write_manifest(folder: Path, output: StageOutput, *, stage: str, fingerprint
         "metrics": output.metrics,
         "inputs": [{"path": str(a.path), "fingerprint": a.fingerprint} for a in inputs],
         "config": config,
+        "data": data,
         "versions": library_versions(),
         "timings": {"started_unix": round(started, 3), "seconds": round(time.time() - started, 2)},
         "files": file_table(folder),

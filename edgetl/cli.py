@@ -87,13 +87,13 @@ def _cmd_bench(args) -> int:
         return 0
     from edgetl.bench.machine import machine_info
     from edgetl.bench.sweep import benchmark_sweep
-    from edgetl.data import load_labelled
+    from edgetl.data import load_evaluation, load_labelled
 
     batch_sizes = _int_list(args.batch_sizes, "--batch-sizes")
     seq_lengths = _int_list(args.seq_lengths, "--seq-lengths", allow_own=True)
     threads = _int_list(args.threads, "--threads")
     artifacts, data = _bench_inputs(args.targets)
-    train, dev = load_labelled(data)
+    train, dev = load_labelled(data)[0], load_evaluation(data)
     texts = list(dev["text"])[: args.max_sentences]
     machine = machine_info()
     threads_text = "default threads" if args.threads == "0" else f"{args.threads} threads"

@@ -38,22 +38,44 @@ def _read_file(path: Path, field: str):
     return datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
 
 
+AMAZON_DOMAINS = ("books", "dvd", "electronics", "kitchen")
+
+
+def target_dir(cfg: DataConfig) -> Path:
+    """The target domain's folder: ``amazon-reviews/<domain>`` for a domain name, else the folder named."""
+    name = cfg.target
+    if name in AMAZON_DOMAINS:
+        return datasets_dir() / "amazon-reviews" / name
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        raise DataError(f"data.target: '{name}' is neither an amazon-reviews domain ({', '.join(AMAZON_DOMAINS)}) "
+                        "nor a folder")
+    return folder
+
+
+def target_files(cfg: DataConfig) -> list[Path]:
+    """The target domain's ``train.jsonl`` (its texts serve unlabelled) and ``dev.jsonl`` (evaluation)."""
+    folder = target_dir(cfg)
+    return [folder / "train.jsonl", folder / "dev.jsonl"]
+
+
 def local_files(cfg: DataConfig) -> list[Path]:
     """The local files a data config reads (none for a hub dataset)."""
+    files = target_files(cfg) if cfg.target else []
     if cfg.dataset == "sst2":
         folder = Path(cfg.path).expanduser() if cfg.path else datasets_dir() / "sst2"
-        return [folder / "train.tsv", folder / "dev.tsv"]
-    if cfg.dataset == "files":
-        return [Path(cfg.train_file), Path(cfg.eval_file)]
-    return []
+        files = [folder / "train.tsv", folder / "dev.tsv"] + files
+    elif cfg.dataset == "files":
+        files = [Path(cfg.train_file), Path(cfg.eval_file)] + files
+    return files
 
 
 def _load_splits(cfg: DataConfig):
     import datasets
 
-    if cfg.dataset in ("sst2", "files"):
-        train, dev = local_files(cfg)
-        fields = ("path", "path") if cfg.dataset == "sst2" else ("train_file", "eval_file")
+    if cfg.dataset in ("sst2", "files", "target"):
+        train, dev = local_files(cfg)[:2]
+        fields = {"sst2": ("path", "path"), "files": ("train_file", "eval_file"), "target": ("target", "target")}[cfg.dataset]
         return _read_file(train, fields[0]), _read_file(dev, fields[1])
     # A hub dataset id, for users who are online. 'glue/sst2' is the GLUE name of our local sst2.
     repo, config = ("nyu-mll/glue", "sst2") if cfg.dataset == "glue/sst2" else (cfg.dataset, cfg.hub_config)
@@ -67,35 +89,63 @@ def _load_splits(cfg: DataConfig):
 
 
 def load_labelled(cfg: DataConfig):
-    """Return (train, eval) ``datasets.Dataset`` with columns ``text`` and ``label`` (int)."""
+    """Return (train, eval) ``datasets.Dataset`` with columns ``text`` and ``label`` (int).
+
+    The eval split is the labelled data's own (model selection); ``load_evaluation`` gives the split that
+    results are reported on, which is the target domain's when ``data.target`` is set.
+    """
     train, dev = _load_splits(cfg)
-    out = []
-    for split, ds, limit in (("train", train, cfg.max_train_samples), ("eval", dev, cfg.max_eval_samples)):
-        missing = [f for f in (cfg.text_field, cfg.label_field) if f not in ds.column_names]
-        if missing:
-            raise DataError(f"data: the {split} split has no column {missing} (columns: {ds.column_names}); "
-                            "set data.text_field / data.label_field")
-        ds = ds.select_columns([cfg.text_field, cfg.label_field])
-        ds = ds.rename_columns({cfg.text_field: "text", cfg.label_field: "label"})
-        bad = [v for v in set(ds["label"]) if not (isinstance(v, int) and 0 <= v < len(cfg.labels))]
-        if bad:
-            raise DataError(f"data.{cfg.label_field}: {split} labels {sorted(map(str, bad))[:5]} are not integers "
-                            f"in [0, {len(cfg.labels)}) matching data.labels {cfg.labels}")
-        if limit is not None and limit < len(ds):
-            # Shuffle before slicing: SST-2 and many corpora are sorted by label or source.
-            ds = ds.shuffle(seed=0).select(range(limit))
-        out.append(ds.map(lambda row: {"text": "" if row["text"] is None else str(row["text"])}))
-    return out[0], out[1]
+    fields = ("text", "label") if cfg.dataset == "target" else (cfg.text_field, cfg.label_field)
+    return (_labelled(train, cfg, fields, "train", cfg.max_train_samples),
+            _labelled(dev, cfg, fields, "eval", cfg.max_eval_samples))
 
 
-def tokenize(ds, tokenizer, max_length: int):
-    """Tokenize without padding (the collator pads each batch to its own longest text)."""
-    return ds.map(
-        lambda batch: tokenizer(batch["text"], truncation=True, max_length=max_length),
-        batched=True,
-        remove_columns=["text"],
-        desc="tokenize",
-    )
+def load_evaluation(cfg: DataConfig):
+    """The split every artifact is scored on: the target domain's dev split if there is one, else the eval split."""
+    if not cfg.target:
+        return load_labelled(cfg)[1]
+    dev = target_files(cfg)[1]
+    return _labelled(_read_file(dev, "target"), cfg, ("text", "label"), "target dev", cfg.max_eval_samples)
+
+
+def target_texts(cfg: DataConfig) -> list[str]:
+    """The target domain's training texts, labels dropped (unlabelled in-domain text)."""
+    if not cfg.target:
+        raise DataError("data.target: not set; adapt and domain_adversarial need target-domain text")
+    return read_texts(target_files(cfg)[0], "text", "data.target")
+
+
+def _labelled(ds, cfg: DataConfig, fields: tuple[str, str], split: str, limit: int | None):
+    text_field, label_field = fields
+    missing = [f for f in fields if f not in ds.column_names]
+    if missing:
+        raise DataError(f"data: the {split} split has no column {missing} (columns: {ds.column_names}); "
+                        "set data.text_field / data.label_field")
+    ds = ds.select_columns([text_field, label_field]).rename_columns({text_field: "text", label_field: "label"})
+    bad = [v for v in set(ds["label"]) if not (isinstance(v, int) and 0 <= v < len(cfg.labels))]
+    if bad:
+        raise DataError(f"data.{label_field}: {split} labels {sorted(map(str, bad))[:5]} are not integers "
+                        f"in [0, {len(cfg.labels)}) matching data.labels {cfg.labels}")
+    if limit is not None and limit < len(ds):
+        # Shuffle before slicing: SST-2 and many corpora are sorted by label or source.
+        ds = ds.shuffle(seed=0).select(range(limit))
+    return ds.map(lambda row: {"text": "" if row["text"] is None else str(row["text"])})
+
+
+def tokenize(ds, tokenizer, cfg: DataConfig, max_length: int | None = None):
+    """Tokenize without padding (the collator pads each batch to its own longest text), cut as ``cfg.truncation`` says."""
+    from edgetl.runtime.text import head_tail
+
+    max_length = max_length or cfg.max_length
+
+    def encode(batch):
+        if cfg.truncation != "head+tail":
+            tokenizer.truncation_side = cfg.truncation
+            return tokenizer(batch["text"], truncation=True, max_length=max_length)
+        out = tokenizer(batch["text"], truncation=False, verbose=False)
+        return {k: [head_tail(v, max_length, cfg.head_tokens) for v in values] for k, values in out.items()}
+
+    return ds.map(encode, batched=True, remove_columns=[c for c in ds.column_names if c == "text"], desc="tokenize")
 
 
 def read_texts(path: Path, text_field: str, field: str) -> list[str]:

@@ -31,10 +31,11 @@ class MeanPoolBertForSequenceClassification(BertPreTrainedModel):
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
-                output_hidden_states=None, output_attentions=None, **_):
+                output_hidden_states=None, output_attentions=None, inputs_embeds=None, **_):
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+            shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
+            attention_mask = torch.ones(shape, dtype=torch.long, device=(input_ids if input_ids is not None else inputs_embeds).device)
+        out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         hidden = out.last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
@@ -60,8 +61,44 @@ def new_classifier(name: str, labels: list[str], pooling: str):
     return model, AutoTokenizer.from_pretrained(source)
 
 
+SOFT_PROMPT_FILE = "soft_prompt.safetensors"
+
+
+class SoftPromptClassifier(nn.Module):
+    """A frozen classifier behind a trained soft prompt: prompt vectors go before the text's token embeddings.
+
+    The inference side of peft's prompt tuning (``PeftModelForSequenceClassification``), without peft:
+    the prompt positions are attended to and carry token type 0, as in training.
+    """
+
+    def __init__(self, model, prompt: torch.Tensor):
+        super().__init__()
+        self.model, self.config = model, model.config
+        self.prompt = nn.Parameter(prompt, requires_grad=False)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, **kwargs):
+        batch, n = input_ids.shape[0], self.prompt.shape[0]
+        embeds = self.model.get_input_embeddings()(input_ids)
+        embeds = torch.cat([self.prompt.to(embeds.dtype).expand(batch, -1, -1), embeds], dim=1)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        attention_mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
+        if token_type_ids is not None:
+            token_type_ids = torch.cat([token_type_ids.new_zeros(batch, n), token_type_ids], dim=1)
+        return self.model(inputs_embeds=embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                          labels=labels, **kwargs)
+
+
 def load_classifier(folder):
-    """Load a classifier saved by edgetl (any head it trains, pruned or not) or a plain HF one."""
+    """Load a classifier saved by edgetl (any head it trains, pruned or prompt-tuned) or a plain HF one."""
+    if (Path(folder) / SOFT_PROMPT_FILE).is_file():
+        from safetensors.torch import load_file
+
+        prompt = load_file(str(Path(folder) / SOFT_PROMPT_FILE))["prompt"]
+        config = AutoConfig.from_pretrained(folder)
+        mean_pool = MEAN_POOL_ARCH in (config.architectures or [])
+        cls = MeanPoolBertForSequenceClassification if mean_pool else AutoModelForSequenceClassification
+        return SoftPromptClassifier(cls.from_pretrained(folder), prompt).eval()
     config = AutoConfig.from_pretrained(folder)
     mean_pool = MEAN_POOL_ARCH in (config.architectures or [])
     sizes = getattr(config, PRUNED_LAYERS, None)

@@ -30,7 +30,7 @@ log = logging.getLogger("edgetl")
 # Stage name -> module; imported only when the stage runs, so validation stays light.
 STAGES = {name: f"edgetl.stages.{name}" for name in STAGE_NAMES}
 # Stages that train: under torchrun / accelerate launch every rank runs them; rank 0 alone runs the rest.
-DISTRIBUTED_STAGES = {"finetune", "distill", "prune"}
+DISTRIBUTED_STAGES = {"adapt", "finetune", "distill", "prune"}
 
 
 @dataclass
@@ -63,8 +63,13 @@ def select_inputs(stage_cfg, done: list[Artifact], compared: list[Artifact] = ()
     """Which earlier artifacts a stage reads (``compared``: other runs' artifacts named in ``bench.compare``)."""
     stage = stage_cfg.stage
     models = [a for a in done if a.kind in MODEL_KINDS]
-    last = {kind: next((a for a in reversed(done) if a.kind == kind), None) for kind in (*MODEL_KINDS, "evaluation", "benchmark")}
-    if stage in ("export", "prune") or (stage == "distill" and stage_cfg.teacher is None):
+    last = {kind: next((a for a in reversed(done) if a.kind == kind), None)
+            for kind in (*MODEL_KINDS, "encoder", "dataset", "evaluation", "benchmark")}
+    if stage == "finetune":
+        picked = [last["encoder"], last["dataset"]]
+    elif stage == "augment":
+        picked = [last["encoder"]]
+    elif stage in ("export", "prune") or (stage == "distill" and stage_cfg.teacher is None):
         picked = [last["pytorch-model"]]
     elif stage == "quantize":
         picked = [last["pytorch-model"] if stage_cfg.method == "qat" else last["exported"]]
@@ -121,12 +126,12 @@ def _data_reads(recipe: Recipe) -> dict:
 def fingerprint(stage_cfg: dict, recipe: Recipe, inputs: list[Artifact], data_reads: dict | None = None) -> str:
     """``data_reads`` (from ``_data_reads``) can be passed in so a run hashes its data files once."""
     reads = {"stage": stage_cfg, "inputs": [a.fingerprint for a in inputs], "edgetl": __version__}
-    if stage_cfg["stage"] == "finetune":
+    if stage_cfg["stage"] in ("adapt", "finetune"):
         reads["model"] = recipe.model
     if stage_cfg.get("teacher"):
         folder = Path(stage_cfg["teacher"]).expanduser()
         reads["teacher"] = file_table(folder) if folder.is_dir() else None  # a missing folder fails in the stage
-    if stage_cfg["stage"] in ("finetune", "distill", "prune", "evaluate", "benchmark", "quantize"):
+    if stage_cfg["stage"] in ("adapt", "augment", "finetune", "distill", "prune", "evaluate", "benchmark", "quantize"):
         reads["data"] = data_reads if data_reads is not None else _data_reads(recipe)
     if stage_cfg["stage"] == "benchmark":
         reads["bench"] = recipe.bench.model_dump(mode="json")
@@ -234,8 +239,9 @@ def _run_stage(stage_cfg, name: str, fp: str, recipe: Recipe, inputs, run_dir: P
     if rank != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         return
+    # How texts were read and cut (max_length, truncation side): the data section of the recipe.
     manifest = write_manifest(tmp, output, stage=stage_cfg.stage, fingerprint=fp, config=stage_cfg.model_dump(mode="json"),
-                              inputs=inputs, started=started)
+                              inputs=inputs, started=started, data=recipe.data.model_dump(mode="json"))
     _publish(tmp, run_dir / name)
     shutil.rmtree(work_dir, ignore_errors=True)
     size_mb = sum(f["bytes"] for f in manifest["files"].values()) / 1e6

@@ -28,7 +28,8 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     """Where the labelled text comes from and how it is tokenized."""
 
-    dataset: str = Field("sst2", description="'sst2' (local GLUE SST-2), 'files', or a hub dataset id.")
+    dataset: str = Field("sst2", description="'sst2' (local GLUE SST-2), 'files', 'target' (the target domain's "
+                         "own labelled reviews, for few-shot learning), or a hub dataset id.")
     path: str | None = Field(None, description="Folder holding sst2's train.tsv/dev.tsv (default: $EDGETL_DATA_DIR/sst2).")
     train_file: str | None = Field(None, description="dataset=files: csv, tsv or jsonl with the training rows.")
     eval_file: str | None = Field(None, description="dataset=files: csv, tsv or jsonl with the evaluation rows.")
@@ -39,6 +40,15 @@ class DataConfig(_Strict):
     label_field: str = "label"
     labels: list[str] = Field(default_factory=lambda: ["negative", "positive"], min_length=2)
     max_length: int = Field(128, ge=8, le=4096, description="Tokens per text; longer texts are truncated.")
+    truncation: Literal["right", "left", "head+tail"] = Field(
+        "right", description="Which part of a longer text is kept: its start, its end, or head_tokens from the "
+        "start plus the end (long reviews often end with their verdict).")
+    head_tokens: int = Field(64, ge=0, description="truncation head+tail: tokens kept from the start.")
+    target: str | None = Field(None, description="Target domain: an amazon-reviews domain (books, dvd, electronics, "
+                               "kitchen) or a folder with train.jsonl and dev.jsonl ({text, label}). Evaluation, "
+                               "benchmark and bundle report on its dev split; adapt and domain_adversarial read its "
+                               "train texts without labels; training still selects checkpoints on the labelled "
+                               "data's own dev split.")
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
 
@@ -46,6 +56,10 @@ class DataConfig(_Strict):
     def _files_need_paths(self) -> DataConfig:
         if self.dataset == "files" and not (self.train_file and self.eval_file):
             raise ValueError("dataset 'files' needs both train_file and eval_file")
+        if self.dataset == "target" and not self.target:
+            raise ValueError("dataset 'target' reads the target domain's labelled reviews; set data.target")
+        if self.truncation == "head+tail" and self.head_tokens > self.max_length - 2:
+            raise ValueError(f"head_tokens {self.head_tokens} leaves no room for the tail within max_length {self.max_length}")
         return self
 
 
@@ -63,14 +77,76 @@ class TrainingConfig(_Strict):
     group_by_length: bool = Field(True, description="Batch texts of similar length (about 3x faster on SST-2).")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Mixed precision for training; auto = bf16 where the CPU or GPU computes it natively.")
+    keep: Literal["best", "last"] = Field(
+        "best", description="best: the checkpoint with the best accuracy on the labelled data's dev split; last: "
+        "the final weights, never evaluated during training (few-shot: the only dev split is the test split).")
     seed: int = 42
 
 
+class AdaptStage(TrainingConfig):
+    """Continued masked-language-model pretraining on unlabelled in-domain text (DAPT, or TAPT on the task's text)."""
+
+    stage: Literal["adapt"]
+    text: str = Field("target", description="'target' (data.target's training texts, labels dropped), 'train' "
+                      "(the labelled training texts: task-adaptive), or a file: .txt (one text per line), or "
+                      ".jsonl/.csv/.tsv with a text_field column.")
+    text_field: str = Field("text", description="Column holding the text when `text` is a jsonl/csv/tsv file.")
+    max_texts: int | None = Field(None, ge=2, description="Use at most this many texts (shuffled first).")
+    whole_word_mask: bool = Field(True, description="Mask every piece of a word together (BERT's wwm).")
+    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    eval_fraction: float = Field(0.05, gt=0, lt=0.5, description="Texts held out to measure the MLM loss; "
+                                 "the checkpoint with the lowest held-out loss is kept.")
+    epochs: float = Field(3.0, gt=0)
+    batch_size: int = Field(16, ge=1)
+    eval_steps: int = Field(50, ge=1)
+
+
+class AugmentStage(_Strict):
+    """More labelled examples from few: token-level edits and contextual substitution by a masked language model."""
+
+    stage: Literal["augment"]
+    copies: int = Field(4, ge=1, description="New texts made from each original (before balancing).")
+    operations: list[Literal["swap", "delete", "insert", "contextual"]] = Field(
+        default_factory=lambda: ["swap", "delete", "insert"], min_length=1,
+        description="Each new text gets one of these, in turn: swap two words, delete words, insert a word of the "
+        "same text (synonym-free), or replace words with a masked language model's prediction.")
+    rate: float = Field(0.1, gt=0, le=0.5, description="Fraction of a text's words each operation touches (at least one).")
+    balance: bool = Field(True, description="Every label ends with as many examples as the largest one: "
+                          "smaller labels get more augmented copies.")
+    mlm_model: str | None = Field(None, description="Masked language model for 'contextual' (default: the "
+                                  "run's adapt stage).")
+    seed: int = 42
+
+
+class DomainAdversarialConfig(_Strict):
+    """DANN: a domain classifier on the pooled representation behind a gradient-reversal layer."""
+
+    weight: float = Field(0.1, gt=0, description="Largest gradient-reversal coefficient (lambda); it ramps up "
+                          "from 0 as 2 / (1 + exp(-10 p)) - 1 over training progress p.")
+    hidden_size: int = Field(256, ge=1, description="Width of the domain classifier's hidden layer.")
+    learning_rate: float = Field(1e-3, gt=0, lt=1, description="Learning rate of the domain classifier (a new "
+                                 "head at the encoder's rate falls behind the reversed gradient).")
+    target_batch_size: int = Field(8, ge=1, description="Unlabelled target texts per training step.")
+    target_max_length: int | None = Field(128, ge=8, description="Tokens per target text in the domain loss "
+                                          "(null: data.max_length).")
+
+
 class FinetuneStage(TrainingConfig):
-    """Full fine-tuning with a classification head (HF Trainer; best dev checkpoint kept)."""
+    """Fine-tuning with a classification head: full, LoRA or prompt tuning, optionally domain-adversarial."""
 
     stage: Literal["finetune"]
     pooling: Literal["cls", "mean"] = Field("mean", description="Sentence vector fed to the classifier.")
+    method: Literal["full", "lora", "prompt-tuning"] = Field(
+        "full", description="full: every weight trains; lora: low-rank adapters (peft), merged into the weights "
+        "afterwards; prompt-tuning: a trained soft prompt and head, the encoder frozen (PyTorch only).")
+    lora_r: int = Field(8, ge=1)
+    lora_alpha: int = Field(16, ge=1)
+    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    lora_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1,
+                                    description="Linear layers (by name) that get LoRA adapters.")
+    prompt_tokens: int = Field(20, ge=1, description="prompt-tuning: virtual tokens in the soft prompt.")
+    domain_adversarial: DomainAdversarialConfig | None = Field(
+        None, description="Train against a domain classifier on labelled source plus unlabelled data.target text.")
 
 
 class DistillationConfig(TrainingConfig):
@@ -201,10 +277,11 @@ class BundleStage(_Strict):
 
 
 StageConfig = Annotated[
-    FinetuneStage | DistillStage | PruneStage | ExportStage | QuantizeStage | EvaluateStage | BenchmarkStage | BundleStage,
+    AdaptStage | AugmentStage | FinetuneStage | DistillStage | PruneStage | ExportStage | QuantizeStage
+    | EvaluateStage | BenchmarkStage | BundleStage,
     Field(discriminator="stage"),
 ]
-STAGE_NAMES = ("finetune", "distill", "prune", "export", "quantize", "evaluate", "benchmark", "bundle")
+STAGE_NAMES = ("adapt", "augment", "finetune", "distill", "prune", "export", "quantize", "evaluate", "benchmark", "bundle")
 
 
 class BenchConfig(_Strict):
@@ -297,7 +374,7 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError(str(path), [_describe(err, raw) for err in exc.errors()] + problems) from None
-    problems = check_chain(recipe.stages) + problems
+    problems = check_chain(recipe.stages) + check_target(recipe) + problems
     if problems:
         raise RecipeError(str(path), problems)
     return recipe
@@ -329,15 +406,50 @@ def _stage_name(raw: dict, index: int) -> str:
         return "?"
 
 
+def check_target(recipe: Recipe) -> list[str]:
+    """``data.target`` names files that exist, and stages that read target-domain text have one."""
+    if recipe.data.target:
+        from edgetl.data import target_files  # light: datasets is imported only to read
+
+        try:
+            missing = [str(f) for f in target_files(recipe.data) if not f.is_file()]
+        except Exception as exc:  # DataError naming the field
+            return [str(exc)]
+        return [f"data.target: {', '.join(missing)} not found"] if missing else []
+    problems = []
+    for index, stage in enumerate(recipe.stages):
+        if isinstance(stage, AdaptStage) and stage.text == "target":
+            problems.append(f"stages[{index}] (adapt).text: 'target' needs data.target (a domain or folder)")
+        if isinstance(stage, FinetuneStage) and stage.domain_adversarial is not None:
+            problems.append(f"stages[{index}] (finetune).domain_adversarial: needs data.target, whose texts are "
+                            "the unlabelled target domain")
+    return problems
+
+
 def check_chain(stages: list) -> list[str]:
     """Simulate what each stage has available and refuse impossible orders before any work starts."""
     problems: list[str] = []
     pytorch_model = False
+    adapted = False
+    prompt_tuned = None
     exported: set[str] = set()
     quantized: set[str] = set()
     seen: set[str] = set()
     for index, stage in enumerate(stages):
         where = f"stages[{index}] ({stage.stage})"
+        if isinstance(stage, (AdaptStage, AugmentStage)) and pytorch_model:
+            problems.append(f"{where}: {stage.stage} feeds fine-tuning; move it before the finetune stage")
+        if isinstance(stage, AdaptStage):
+            adapted = True
+        if isinstance(stage, AugmentStage) and "contextual" in stage.operations and not (adapted or stage.mlm_model):
+            problems.append(f"{where}.operations: 'contextual' needs a masked language model: add an adapt stage "
+                            "before it or set mlm_model")
+        if prompt_tuned is not None and isinstance(stage, (DistillStage, PruneStage, ExportStage, QuantizeStage)):
+            problems.append(f"{where}: the model of {prompt_tuned} (method prompt-tuning) keeps its soft prompt "
+                            f"outside the encoder weights, which {stage.stage} cannot take; use method lora "
+                            "(merged into the weights) or full, or end the chain with evaluate")
+        if isinstance(stage, FinetuneStage) and stage.method == "prompt-tuning":
+            prompt_tuned = where
         if isinstance(stage, (FinetuneStage, DistillStage, PruneStage)):
             if exported:
                 problems.append(f"{where}: {stage.stage} after export would leave the exported models stale; move it before export")
@@ -365,7 +477,7 @@ def check_chain(stages: list) -> list[str]:
             missing = [b for b in stage.backends if b not in exported]
             if missing:
                 problems.append(f"{where}.backends: {missing} not exported by an earlier stage")
-        if stage.stage in seen and stage.stage in ("finetune", "evaluate", "benchmark", "bundle"):
+        if stage.stage in seen and stage.stage in ("adapt", "augment", "finetune", "evaluate", "benchmark", "bundle"):
             problems.append(f"{where}: stage '{stage.stage}' appears twice")
         seen.add(stage.stage)
     return problems

@@ -53,16 +53,26 @@ def accuracy_metric(eval_pred) -> dict:
 
 
 def labelled_data(ctx, tokenizer):
-    """Tokenized (train, dev) of the recipe's data; dev sorted by length, so its batches carry little padding."""
+    """Tokenized (train, dev) of the recipe's data; dev sorted by length, so its batches carry little padding.
+
+    The training rows come from the run's augment stage when it has one.
+    """
     data = ctx.recipe.data
     train, dev = load_labelled(data)
-    train_tok, dev_tok = tokenize(train, tokenizer, data.max_length), tokenize(dev, tokenizer, data.max_length)
+    augmented = ctx.latest("dataset")
+    if augmented is not None:
+        import datasets
+
+        train = datasets.load_dataset("json", data_files=str(augmented.path / "train.jsonl"), split="train")
+        train = train.select_columns(["text", "label"])
+    train_tok, dev_tok = tokenize(train, tokenizer, data), tokenize(dev, tokenizer, data)
     dev_tok = dev_tok.map(lambda row: {"n_tokens": len(row["input_ids"])}).sort("n_tokens").remove_columns("n_tokens")
     return train_tok, dev_tok
 
 
-def training_arguments(cfg: TrainingConfig, ctx):
-    """Trainer arguments of a training stage: evaluate and checkpoint every ``eval_steps``, keep the best."""
+def training_arguments(cfg: TrainingConfig, ctx, metric: str = "accuracy"):
+    """Trainer arguments of a training stage: evaluate and checkpoint every ``eval_steps``, keep the best
+    (highest ``metric``; lowest if it is a loss), or keep the last weights and never evaluate."""
     import torch
     from transformers import TrainingArguments
 
@@ -76,14 +86,14 @@ def training_arguments(cfg: TrainingConfig, ctx):
         weight_decay=cfg.weight_decay,
         warmup_ratio=cfg.warmup_ratio,
         lr_scheduler_type="linear",
-        eval_strategy="steps",
+        eval_strategy="steps" if cfg.keep == "best" else "no",
         eval_steps=cfg.eval_steps,
         save_strategy="steps",
         save_steps=cfg.eval_steps,
         save_total_limit=2,  # the best checkpoint is kept on top of this limit
-        load_best_model_at_end=True,
-        metric_for_best_model="accuracy",
-        greater_is_better=True,
+        load_best_model_at_end=cfg.keep == "best",
+        metric_for_best_model=metric,
+        greater_is_better=metric == "accuracy",
         group_by_length=cfg.group_by_length,
         bf16=use_bf16(cfg),
         seed=cfg.seed,
@@ -129,14 +139,15 @@ def finish_training(trainer, model, tokenizer, collator, train_tok, dev_tok, cfg
     """Save the kept classifier (rank 0) and return its artifact: FP32 dev accuracy, how it was chosen, its size."""
     from edgetl.artifact import StageOutput
     from edgetl.modeling import model_stats
+    from edgetl.peft_methods import save
 
     accuracy = fp32_accuracy(model, dev_tok, collator, cfg.eval_batch_size)
     if ctx.rank == 0:
-        model.save_pretrained(str(out_dir))
+        save(model, out_dir)
         tokenizer.save_pretrained(str(out_dir))
         write_eval_history(trainer, out_dir)
     metrics = {"accuracy": round(accuracy, 5), **training_metrics(trainer, len(train_tok), len(dev_tok)),
-               **model_stats(model, dev_tok), **extra_metrics}
+               **model_stats(getattr(model, "model", model), dev_tok), **extra_metrics}
     return StageOutput(kind="pytorch-model", precision="fp32", models={"pytorch": {"path": ".", "precision": "fp32"}},
                        metrics=metrics)
 
@@ -146,6 +157,7 @@ def training_metrics(trainer, train_samples: int, eval_samples: int) -> dict:
     state = trainer.state
     checkpoint = state.best_model_checkpoint
     return {
+        "kept": "best" if checkpoint else "last",
         "selection_accuracy": round(state.best_metric, 5) if state.best_metric is not None else None,
         "best_step": int(Path(checkpoint).name.split("-")[1]) if checkpoint else None,
         "steps": state.global_step,

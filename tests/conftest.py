@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
 SHARED_SST2 = REPO.parent / "shared" / "datasets" / "sst2"
+SHARED_ELECTRONICS = REPO.parent / "shared" / "datasets" / "amazon-reviews" / "electronics"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TRAIN_ROWS, DEV_ROWS, VOCAB_WORDS = 400, 120, 400
 
@@ -35,13 +36,20 @@ def shipped_recipes() -> list[Path]:
     return sorted(RECIPES.rglob("*.yaml"))
 
 
-def stage_names(recipe: str | Path) -> list[str]:
+def _recipe_yaml(recipe: str | Path) -> dict:
     path = Path(recipe) if str(recipe).endswith((".yaml", ".yml")) else RECIPES / f"{recipe}.yaml"
-    return [s["stage"] for s in yaml.safe_load(path.read_text())["stages"]]
+    return yaml.safe_load(path.read_text())
 
 
-def tiny_overrides(tiny_model: Path, sst2_slice: Path, recipe: str | Path = "sst-int8", **changes) -> list[str]:
-    """Overrides that shrink a recipe to the tiny model and the slice; only for stages the recipe has.
+def stage_names(recipe: str | Path) -> list[str]:
+    return [s["stage"] for s in _recipe_yaml(recipe)["stages"]]
+
+
+def tiny_overrides(tiny_model: Path, sst2_slice: Path, recipe: str | Path = "sst-int8", target: Path | None = None,
+                   **changes) -> list[str]:
+    """Overrides that shrink a recipe to the tiny model and the slices; only for stages the recipe has.
+
+    ``target``: the electronics slice, replacing the target domain of recipes that name one.
 
     ``changes`` replace or add overrides, keyed by the path with dots written as ``__``
     (``stages__finetune__max_steps=60``).
@@ -51,6 +59,10 @@ def tiny_overrides(tiny_model: Path, sst2_slice: Path, recipe: str | Path = "sst
         "model": str(tiny_model),
         "data.path": str(sst2_slice),
         "data.max_length": "64",
+        "data.head_tokens": "16",
+        "stages.adapt.max_steps": "4",
+        "stages.adapt.eval_steps": "2",
+        "stages.adapt.batch_size": "8",
         "stages.finetune.max_steps": "6",
         "stages.finetune.eval_steps": "3",
         "stages.finetune.batch_size": "16",
@@ -70,6 +82,8 @@ def tiny_overrides(tiny_model: Path, sst2_slice: Path, recipe: str | Path = "sst
         "bench.warmup": "2",
         "bench.max_sentences": "20",
     }
+    if target is not None and "target" in (_recipe_yaml(recipe).get("data") or {}):
+        wanted["data.target"] = str(target)
     wanted.update({key.replace("__", "."): str(value) for key, value in changes.items()})
     return [f"{key}={value}" for key, value in wanted.items()
             if not key.startswith("stages.") or key.split(".")[1] in stages]
@@ -149,11 +163,23 @@ def tiny_model(tmp_path_factory, sst2_slice) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shrink(tiny_model, sst2_slice):
-    """``shrink(recipe="sst-int8", **changes)``: tiny_overrides bound to this session's model and slice."""
+def electronics_slice(tmp_path_factory) -> Path:
+    """train.jsonl (80 reviews) and dev.jsonl (40), taken evenly over the shared electronics files."""
+    if not SHARED_ELECTRONICS.is_dir():
+        pytest.fail(f"the shared Amazon electronics files are missing: {SHARED_ELECTRONICS}")
+    folder = tmp_path_factory.mktemp("electronics")
+    for name, count in (("train.jsonl", 80), ("dev.jsonl", 40)):
+        rows = [line for line in (SHARED_ELECTRONICS / name).read_text().splitlines() if line.strip()]
+        (folder / name).write_text("\n".join(_spread(rows, count)) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def shrink(tiny_model, sst2_slice, electronics_slice):
+    """``shrink(recipe="sst-int8", **changes)``: tiny_overrides bound to this session's model and slices."""
 
     def make(recipe: str | Path = "sst-int8", **changes) -> list[str]:
-        return tiny_overrides(tiny_model, sst2_slice, recipe, **changes)
+        return tiny_overrides(tiny_model, sst2_slice, recipe, electronics_slice, **changes)
 
     return make
 

@@ -65,7 +65,8 @@ class TextClassifier:
             verify_files(self.folder, self.manifest["files"], "edgetl.json")
         self.backend = self._choose(backend)
         self.labels = list(self.manifest["labels"])
-        self.tokenizer = load_tokenizer(self.folder, self.manifest["max_length"])
+        self.tokenizer = load_tokenizer(self.folder, self.manifest["max_length"], self.manifest.get("truncation", "right"),
+                                        self.manifest.get("head_tokens", 0))
         model = self.manifest["models"][self.backend]
         model_file = self.folder / model["path"]
         self._check_model_config(model_file.parent / "config.json")

@@ -7,14 +7,62 @@ from pathlib import Path
 import numpy as np
 
 
-def load_tokenizer(folder: str | Path, max_length: int):
-    """The fast tokenizer saved beside a model (``tokenizer.json``), truncating to ``max_length`` tokens."""
+TRUNCATIONS = ("right", "left", "head+tail")
+
+
+def load_tokenizer(folder: str | Path, max_length: int, truncation: str = "right", head_tokens: int = 0):
+    """The fast tokenizer saved beside a model (``tokenizer.json``), cutting texts to ``max_length`` tokens.
+
+    ``truncation``: 'right' keeps the start of a long text, 'left' its end, 'head+tail' the first
+    ``head_tokens`` and the end (the verdict of a long review is often in its last sentences).
+    """
     from tokenizers import Tokenizer
 
+    if truncation not in TRUNCATIONS:
+        raise ValueError(f"truncation {truncation!r}: expected one of {TRUNCATIONS}")
     tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
-    tokenizer.enable_truncation(max_length=max_length)
     tokenizer.no_padding()
+    if truncation == "head+tail":
+        tokenizer.no_truncation()
+        return HeadTailTokenizer(tokenizer, max_length, head_tokens)
+    tokenizer.enable_truncation(max_length=max_length, direction=truncation)
     return tokenizer
+
+
+def head_tail(ids: list, max_length: int, head_tokens: int) -> list:
+    """The first token and ``head_tokens`` after it, then the end of the sequence: ``max_length`` items in all.
+
+    Special tokens survive: the first one ([CLS]) is in the head and the last one ([SEP]) in the tail.
+    """
+    if len(ids) <= max_length:
+        return ids
+    head = min(head_tokens, max_length - 2) + 1
+    return ids[:head] + ids[len(ids) - (max_length - head):]
+
+
+class _Cut:
+    __slots__ = ("ids", "attention_mask", "type_ids")
+
+    def __init__(self, encoding, max_length: int, head_tokens: int):
+        self.ids = head_tail(encoding.ids, max_length, head_tokens)
+        self.attention_mask = head_tail(encoding.attention_mask, max_length, head_tokens)
+        self.type_ids = head_tail(encoding.type_ids, max_length, head_tokens)
+
+
+class HeadTailTokenizer:
+    """A ``tokenizers.Tokenizer`` whose encodings keep the head and the tail of a long text."""
+
+    def __init__(self, tokenizer, max_length: int, head_tokens: int):
+        self.tokenizer, self.max_length, self.head_tokens = tokenizer, max_length, head_tokens
+
+    def encode(self, text: str) -> _Cut:
+        return _Cut(self.tokenizer.encode(text), self.max_length, self.head_tokens)
+
+    def encode_batch(self, texts: list[str]) -> list[_Cut]:
+        return [_Cut(e, self.max_length, self.head_tokens) for e in self.tokenizer.encode_batch(texts)]
+
+    def __getattr__(self, name: str):  # vocabulary lookups and the rest: the wrapped tokenizer's
+        return getattr(self.tokenizer, name)
 
 
 def encode(tokenizer, texts: list[str]) -> dict[str, np.ndarray]:

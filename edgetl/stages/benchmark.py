@@ -6,12 +6,12 @@ from pathlib import Path
 
 from edgetl.artifact import MODEL_KINDS, StageOutput
 from edgetl.bench.run import benchmark
-from edgetl.data import load_labelled
+from edgetl.data import load_evaluation
 from edgetl.recipe import BenchmarkStage
 
 
 def run(cfg: BenchmarkStage, ctx, out_dir: Path) -> StageOutput:
-    _, dev = load_labelled(ctx.recipe.data)
+    dev = load_evaluation(ctx.recipe.data)  # texts at the lengths the model will meet (the target domain if set)
     evaluation = ctx.latest("evaluation")
     accuracy = evaluation.metrics if evaluation else {}
     models = [a for a in ctx.inputs if a.kind in (*MODEL_KINDS, "bundle")]  # bundles: bench.compare

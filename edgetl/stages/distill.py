@@ -47,7 +47,7 @@ def unlabelled_text(path: str, ctx, tokenizer):
 
     texts = read_texts(Path(path).expanduser(), ctx.recipe.data.text_field, "distill.extra_text_file")
     ds = datasets.Dataset.from_dict({"text": texts, "label": [-100] * len(texts)})
-    return tokenize(ds, tokenizer, ctx.recipe.data.max_length)
+    return tokenize(ds, tokenizer, ctx.recipe.data)
 
 
 def run(cfg: DistillStage, ctx, out_dir: Path) -> StageOutput:

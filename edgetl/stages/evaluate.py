@@ -10,7 +10,7 @@ import numpy as np
 
 from edgetl.artifact import StageOutput
 from edgetl.backends import targets_of
-from edgetl.data import load_labelled
+from edgetl.data import load_evaluation
 from edgetl.recipe import EvaluateStage
 from edgetl.runtime.text import batch_size_for, load_tokenizer, predict_logits
 
@@ -18,17 +18,18 @@ log = logging.getLogger("edgetl")
 
 
 def run(cfg: EvaluateStage, ctx, out_dir: Path) -> StageOutput:
-    _, dev = load_labelled(ctx.recipe.data)
+    data = ctx.recipe.data
+    dev = load_evaluation(data)
     texts, labels = dev["text"], np.asarray(dev["label"])
     rows = []
     for target in targets_of(ctx.inputs):
-        tokenizer = load_tokenizer(target.folder, ctx.recipe.data.max_length)
+        tokenizer = load_tokenizer(target.folder, data.max_length, data.truncation, data.head_tokens)
         # A batch-dependent model is evaluated one text per call, as the runtime then predicts by default.
         batch_size = batch_size_for(target.batch_invariant, cfg.batch_size)
         logits = predict_logits(target.open(), tokenizer, texts, batch_size, desc=target.key)
         accuracy = float((logits.argmax(-1) == labels).mean())
         rows.append({"target": target.key, "artifact": target.artifact.name, "backend": target.backend,
-                     "precision": target.precision, "accuracy": round(accuracy, 5), "samples": len(texts),
+                     "precision": target.precision, "accuracy": round(accuracy, 5), "samples": len(texts), "split": data.target or "eval",
                      "batch_size": batch_size})
         np.save(out_dir / f"logits-{target.artifact.name.replace('/', '_')}-{target.backend}.npy", logits)
         log.info("evaluate: %-32s accuracy %.4f", target.key, accuracy)

@@ -1,7 +1,9 @@
-"""Full fine-tuning with HF Trainer: evaluate often, keep the best dev checkpoint, resume after a crash."""
+"""Fine-tuning with HF Trainer (full, LoRA or prompt tuning, optionally domain-adversarial): evaluate often,
+keep the best dev checkpoint, resume after a crash."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from edgetl.artifact import StageOutput
@@ -12,12 +14,26 @@ from edgetl.training import accuracy_metric, finish_training, labelled_data, tra
 def run(cfg: FinetuneStage, ctx, out_dir: Path) -> StageOutput:
     from transformers import DataCollatorWithPadding, Trainer
 
+    from edgetl import peft_methods
     from edgetl.modeling import new_classifier
 
-    model, tokenizer = new_classifier(ctx.recipe.model, ctx.recipe.data.labels, cfg.pooling)
+    adapted = ctx.latest("encoder")  # an adapt stage's encoder replaces the recipe's pretrained one
+    model, tokenizer = new_classifier(str(adapted.path) if adapted else ctx.recipe.model, ctx.recipe.data.labels,
+                                      cfg.pooling)
     train_tok, dev_tok = labelled_data(ctx, tokenizer)
     collator = DataCollatorWithPadding(tokenizer)
-    trainer = Trainer(
+    extra = {}
+    if cfg.method != "full":
+        model = peft_methods.wrap(model, cfg)
+        extra["trainable_parameters"] = peft_methods.trainable_parameters(model)
+    trainer_cls, dann_kwargs = Trainer, {}
+    if cfg.domain_adversarial is not None:
+        from edgetl.dann import DomainAdversarialTrainer, domain_head
+
+        model.domain_head = domain_head(model.config.hidden_size, cfg.domain_adversarial.hidden_size)
+        trainer_cls = DomainAdversarialTrainer
+        dann_kwargs = {"target_loader": target_loader(cfg, ctx, tokenizer, collator), "dann": cfg.domain_adversarial}
+    trainer = trainer_cls(
         model=model,
         args=training_arguments(cfg, ctx),
         train_dataset=train_tok,
@@ -25,6 +41,30 @@ def run(cfg: FinetuneStage, ctx, out_dir: Path) -> StageOutput:
         data_collator=collator,
         compute_metrics=accuracy_metric,
         processing_class=tokenizer,
+        **dann_kwargs,
     )
     train_and_resume(trainer, ctx.work_dir, "finetune")
-    return finish_training(trainer, model, tokenizer, collator, train_tok, dev_tok, cfg, ctx, out_dir)
+    if cfg.domain_adversarial is not None:
+        del model.domain_head  # training-only: the classifier ships without it
+        (out_dir / "domain_log.json").write_text(json.dumps(trainer.domain_log, indent=1))
+        if trainer.domain_log:
+            extra["final_domain_accuracy"] = trainer.domain_log[-1]["domain_accuracy"]
+    if cfg.method != "full":
+        model = peft_methods.unwrap(model, cfg)
+    return finish_training(trainer, model, tokenizer, collator, train_tok, dev_tok, cfg, ctx, out_dir, **extra)
+
+
+def target_loader(cfg: FinetuneStage, ctx, tokenizer, collator):
+    """Endless shuffled batches of unlabelled target-domain texts for the domain loss."""
+    import datasets
+    import torch
+    from torch.utils.data import DataLoader
+
+    from edgetl.data import target_texts, tokenize
+
+    data = ctx.recipe.data
+    texts = datasets.Dataset.from_dict({"text": target_texts(data)})
+    tokens = tokenize(texts, tokenizer, data, cfg.domain_adversarial.target_max_length)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return DataLoader(tokens, batch_size=cfg.domain_adversarial.target_batch_size, shuffle=True, drop_last=True,
+                      collate_fn=collator, generator=generator)

@@ -128,7 +128,7 @@ def run(cfg: PruneStage, ctx, out_dir: Path) -> StageOutput:
         keep = used_token_ids(tokenizer, train["text"], cfg.vocab_min_count)
         metrics["vocabulary"] = prune_vocabulary(model, tokenizer, keep, out_dir)
         tokenizer = AutoTokenizer.from_pretrained(out_dir)
-        dev_tok = tokenize(dev, tokenizer, ctx.recipe.data.max_length)
+        dev_tok = tokenize(dev, tokenizer, ctx.recipe.data)
         collator = DataCollatorWithPadding(tokenizer)
     else:
         tokenizer.save_pretrained(str(out_dir))
