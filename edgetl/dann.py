@@ -103,7 +103,7 @@ class DomainAdversarialTrainer(Trainer):
         per_text = nn.functional.cross_entropy(domain_logits, domains, reduction="none")
         domain_loss = 0.5 * (per_text[: len(source)].mean() + per_text[len(source) :].mean())
         loss = outputs.loss + domain_loss
-        if self.state.global_step % max(1, self.args.logging_steps) == 0 and model.training:
+        if self.state.global_step % max(1, self.args.logging_steps) == 0:
             right = (domain_logits.argmax(-1) == domains).float()
             accuracy = 0.5 * float(right[: len(source)].mean() + right[len(source) :].mean())  # balanced
             self.domain_log.append({"step": self.state.global_step, "domain_loss": round(float(domain_loss), 4),

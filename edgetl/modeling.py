@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertModel, BertPreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
@@ -33,8 +34,8 @@ class MeanPoolBertForSequenceClassification(BertPreTrainedModel):
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
                 output_hidden_states=None, output_attentions=None, inputs_embeds=None, **_):
         if attention_mask is None:
-            shape = input_ids.shape if input_ids is not None else inputs_embeds.shape[:2]
-            attention_mask = torch.ones(shape, dtype=torch.long, device=(input_ids if input_ids is not None else inputs_embeds).device)
+            given = input_ids if input_ids is not None else inputs_embeds
+            attention_mask = torch.ones(given.shape[:2], dtype=torch.long, device=given.device)
         out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds,
                         output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         hidden = out.last_hidden_state
@@ -91,27 +92,25 @@ class SoftPromptClassifier(nn.Module):
 
 def load_classifier(folder):
     """Load a classifier saved by edgetl (any head it trains, pruned or prompt-tuned) or a plain HF one."""
-    if (Path(folder) / SOFT_PROMPT_FILE).is_file():
-        from safetensors.torch import load_file
+    model = _load_encoder_classifier(folder)
+    prompt_file = Path(folder) / SOFT_PROMPT_FILE
+    if prompt_file.is_file():
+        model = SoftPromptClassifier(model, load_file(str(prompt_file))["prompt"])
+    return model.eval()
 
-        prompt = load_file(str(Path(folder) / SOFT_PROMPT_FILE))["prompt"]
-        config = AutoConfig.from_pretrained(folder)
-        mean_pool = MEAN_POOL_ARCH in (config.architectures or [])
-        cls = MeanPoolBertForSequenceClassification if mean_pool else AutoModelForSequenceClassification
-        return SoftPromptClassifier(cls.from_pretrained(folder), prompt).eval()
+
+def _load_encoder_classifier(folder):
     config = AutoConfig.from_pretrained(folder)
     mean_pool = MEAN_POOL_ARCH in (config.architectures or [])
     sizes = getattr(config, PRUNED_LAYERS, None)
     if sizes is None:
         cls = MeanPoolBertForSequenceClassification if mean_pool else AutoModelForSequenceClassification
-        return cls.from_pretrained(folder).eval()
+        return cls.from_pretrained(folder)
     # Pruned layers differ in width, which a config cannot say: build the recorded shapes, then load exactly.
-    from safetensors.torch import load_file
-
     model = MeanPoolBertForSequenceClassification(config) if mean_pool else AutoModelForSequenceClassification.from_config(config)
     resize_layers(model, sizes)
     model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")), strict=True)
-    return model.eval()
+    return model
 
 
 def resize_layers(model, sizes: list[dict]) -> None:

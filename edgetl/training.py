@@ -138,7 +138,7 @@ def finish_training(trainer, model, tokenizer, collator, train_tok, dev_tok, cfg
                     **extra_metrics):
     """Save the kept classifier (rank 0) and return its artifact: FP32 dev accuracy, how it was chosen, its size."""
     from edgetl.artifact import StageOutput
-    from edgetl.modeling import model_stats
+    from edgetl.modeling import SoftPromptClassifier, model_stats
     from edgetl.peft_methods import save
 
     accuracy = fp32_accuracy(model, dev_tok, collator, cfg.eval_batch_size)
@@ -147,7 +147,7 @@ def finish_training(trainer, model, tokenizer, collator, train_tok, dev_tok, cfg
         tokenizer.save_pretrained(str(out_dir))
         write_eval_history(trainer, out_dir)
     metrics = {"accuracy": round(accuracy, 5), **training_metrics(trainer, len(train_tok), len(dev_tok)),
-               **model_stats(getattr(model, "model", model), dev_tok), **extra_metrics}
+               **model_stats(model.model if isinstance(model, SoftPromptClassifier) else model, dev_tok), **extra_metrics}
     return StageOutput(kind="pytorch-model", precision="fp32", models={"pytorch": {"path": ".", "precision": "fp32"}},
                        metrics=metrics)
 

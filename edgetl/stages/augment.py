@@ -121,7 +121,7 @@ def run(cfg: AugmentStage, ctx, out_dir: Path) -> StageOutput:
     from edgetl.data import load_labelled
 
     train, _ = load_labelled(ctx.recipe.data)
-    contextual = None
+    contextual = mlm = None
     if "contextual" in cfg.operations:
         adapted = ctx.latest("encoder")
         mlm = cfg.mlm_model or (str(adapted.path) if adapted else None)
@@ -137,5 +137,4 @@ def run(cfg: AugmentStage, ctx, out_dir: Path) -> StageOutput:
                "per_operation": dict(Counter(r["operation"] for r in rows))}
     log.info("augment: %d originals -> %d rows %s", len(train), len(rows), metrics["per_label"])
     return StageOutput(kind="dataset", metrics=metrics,
-                       extra={"provenance": {"data": ctx.recipe.data.model_dump(mode="json"), "mlm_model":
-                                             (cfg.mlm_model or (str(ctx.latest("encoder").path) if contextual else None))}})
+                       extra={"provenance": {"data": ctx.recipe.data.model_dump(mode="json"), "mlm_model": mlm}})
