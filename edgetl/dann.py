@@ -106,6 +106,6 @@ class DomainAdversarialTrainer(Trainer):
         if self.state.global_step % max(1, self.args.logging_steps) == 0:
             right = (domain_logits.argmax(-1) == domains).float()
             accuracy = 0.5 * float(right[: len(source)].mean() + right[len(source) :].mean())  # balanced
-            self.domain_log.append({"step": self.state.global_step, "domain_loss": round(float(domain_loss), 4),
+            self.domain_log.append({"step": self.state.global_step, "domain_loss": round(float(domain_loss.detach()), 4),
                                     "domain_accuracy": round(accuracy, 4), "coefficient": round(coefficient, 4)})
         return (loss, outputs) if return_outputs else loss

@@ -30,7 +30,7 @@ log = logging.getLogger("edgetl")
 # Stage name -> module; imported only when the stage runs, so validation stays light.
 STAGES = {name: f"edgetl.stages.{name}" for name in STAGE_NAMES}
 # Stages that train: under torchrun / accelerate launch every rank runs them; rank 0 alone runs the rest.
-DISTRIBUTED_STAGES = {"adapt", "finetune", "distill", "prune"}
+DISTRIBUTED_STAGES = {"adapt", "finetune", "self_train", "distill", "prune"}
 
 
 @dataclass
@@ -69,7 +69,7 @@ def select_inputs(stage_cfg, done: list[Artifact], compared: list[Artifact] = ()
         picked = [last["encoder"], last["dataset"]]
     elif stage == "augment":
         picked = [last["encoder"]]
-    elif stage in ("export", "prune") or (stage == "distill" and stage_cfg.teacher is None):
+    elif stage in ("export", "prune", "self_train") or (stage == "distill" and stage_cfg.teacher is None):
         picked = [last["pytorch-model"]]
     elif stage == "quantize":
         picked = [last["pytorch-model"] if stage_cfg.method == "qat" else last["exported"]]
@@ -131,7 +131,7 @@ def fingerprint(stage_cfg: dict, recipe: Recipe, inputs: list[Artifact], data_re
     if stage_cfg.get("teacher"):
         folder = Path(stage_cfg["teacher"]).expanduser()
         reads["teacher"] = file_table(folder) if folder.is_dir() else None  # a missing folder fails in the stage
-    if stage_cfg["stage"] in ("adapt", "augment", "finetune", "distill", "prune", "evaluate", "benchmark", "quantize"):
+    if stage_cfg["stage"] in ("adapt", "augment", "finetune", "self_train", "distill", "prune", "evaluate", "benchmark", "quantize"):
         reads["data"] = data_reads if data_reads is not None else _data_reads(recipe)
     if stage_cfg["stage"] == "benchmark":
         reads["bench"] = recipe.bench.model_dump(mode="json")

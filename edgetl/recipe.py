@@ -149,6 +149,25 @@ class FinetuneStage(TrainingConfig):
         None, description="Train against a domain classifier on labelled source plus unlabelled data.target text.")
 
 
+class SelfTrainStage(TrainingConfig):
+    """Self-training on the unlabelled target domain: pseudo-label its texts, keep the surest, train on them
+    with labelled rows mixed in; repeat."""
+
+    stage: Literal["self_train"]
+    rounds: int = Field(2, ge=1, description="Pseudo-label / train rounds; round k of n keeps fraction x k/n.")
+    fraction: float = Field(0.8, gt=0, le=1, description="Share of the target texts pseudo-labelled in the last "
+                            "round (surest first).")
+    balance: bool = Field(True, description="Same number of pseudo-labels for every label (assumes the target's "
+                          "labels are roughly balanced); false: each predicted label keeps its own share.")
+    source_ratio: float = Field(1.0, ge=0, description="Labelled rows mixed in per pseudo-labelled text, so the "
+                                "model keeps what the labels taught it.")
+    epochs: float = Field(1.0, gt=0, description="Epochs over each round's mixed data.")
+    learning_rate: float = Field(2e-5, gt=0, lt=1)
+    batch_size: int = Field(16, ge=1)
+    keep: Literal["best", "last"] = Field("last", description="last: no target labels are read to choose weights "
+                                          "(best would choose on the labelled data's dev split, not the target).")
+
+
 class DistillationConfig(TrainingConfig):
     """Training against a teacher: soft targets, optionally hidden states and attention maps (TinyBERT)."""
 
@@ -277,11 +296,11 @@ class BundleStage(_Strict):
 
 
 StageConfig = Annotated[
-    AdaptStage | AugmentStage | FinetuneStage | DistillStage | PruneStage | ExportStage | QuantizeStage
+    AdaptStage | AugmentStage | FinetuneStage | SelfTrainStage | DistillStage | PruneStage | ExportStage | QuantizeStage
     | EvaluateStage | BenchmarkStage | BundleStage,
     Field(discriminator="stage"),
 ]
-STAGE_NAMES = ("adapt", "augment", "finetune", "distill", "prune", "export", "quantize", "evaluate", "benchmark", "bundle")
+STAGE_NAMES = ("adapt", "augment", "finetune", "self_train", "distill", "prune", "export", "quantize", "evaluate", "benchmark", "bundle")
 
 
 class BenchConfig(_Strict):
@@ -423,6 +442,8 @@ def check_target(recipe: Recipe) -> list[str]:
         if isinstance(stage, FinetuneStage) and stage.domain_adversarial is not None:
             problems.append(f"stages[{index}] (finetune).domain_adversarial: needs data.target, whose texts are "
                             "the unlabelled target domain")
+        if isinstance(stage, SelfTrainStage):
+            problems.append(f"stages[{index}] (self_train): needs data.target, whose texts it pseudo-labels")
     return problems
 
 
@@ -444,17 +465,18 @@ def check_chain(stages: list) -> list[str]:
         if isinstance(stage, AugmentStage) and "contextual" in stage.operations and not (adapted or stage.mlm_model):
             problems.append(f"{where}.operations: 'contextual' needs a masked language model: add an adapt stage "
                             "before it or set mlm_model")
-        if prompt_tuned is not None and isinstance(stage, (DistillStage, PruneStage, ExportStage, QuantizeStage)):
+        if prompt_tuned is not None and isinstance(stage, (SelfTrainStage, DistillStage, PruneStage, ExportStage,
+                                                             QuantizeStage)):
             problems.append(f"{where}: the model of {prompt_tuned} (method prompt-tuning) keeps its soft prompt "
                             f"outside the encoder weights, which {stage.stage} cannot take; use method lora "
                             "(merged into the weights) or full, or end the chain with evaluate")
         if isinstance(stage, FinetuneStage) and stage.method == "prompt-tuning":
             prompt_tuned = where
-        if isinstance(stage, (FinetuneStage, DistillStage, PruneStage)):
+        if isinstance(stage, (FinetuneStage, SelfTrainStage, DistillStage, PruneStage)):
             if exported:
                 problems.append(f"{where}: {stage.stage} after export would leave the exported models stale; move it before export")
-            if isinstance(stage, PruneStage) and not pytorch_model:
-                problems.append(f"{where}: prune needs a PyTorch model; add a finetune or distill stage before it")
+            if isinstance(stage, (PruneStage, SelfTrainStage)) and not pytorch_model:
+                problems.append(f"{where}: {stage.stage} needs a PyTorch model; add a finetune stage before it")
             if isinstance(stage, DistillStage) and not pytorch_model and stage.teacher is None:
                 problems.append(f"{where}.teacher: no teacher; name a folder or add a finetune stage before distill")
             if isinstance(stage, PruneStage) and not (stage.structured or stage.vocabulary):
@@ -477,7 +499,7 @@ def check_chain(stages: list) -> list[str]:
             missing = [b for b in stage.backends if b not in exported]
             if missing:
                 problems.append(f"{where}.backends: {missing} not exported by an earlier stage")
-        if stage.stage in seen and stage.stage in ("adapt", "augment", "finetune", "evaluate", "benchmark", "bundle"):
+        if stage.stage in seen and stage.stage in ("adapt", "augment", "finetune", "self_train", "evaluate", "benchmark", "bundle"):
             problems.append(f"{where}: stage '{stage.stage}' appears twice")
         seen.add(stage.stage)
     return problems

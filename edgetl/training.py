@@ -112,12 +112,22 @@ def train_and_resume(trainer, work_dir: Path, stage: str):
     trainer.train(resume_from_checkpoint=resume)
 
 
+def without_autocast(model):
+    """Undo the bf16 autocast wrapper that accelerate puts around ``forward`` when Trainer trains in bf16
+    (it stays on the module after training, so a later forward would still run in bf16)."""
+    for module in model.modules():
+        if "_original_forward" in module.__dict__:
+            del module.__dict__["_original_forward"]
+            module.__dict__.pop("forward", None)  # back to the class's own forward
+    return model
+
+
 def fp32_accuracy(model, dataset, collator, batch_size: int) -> float:
     """Accuracy of the kept model in FP32, as it is exported (Trainer evaluates under bf16 autocast)."""
     import torch
     from torch.utils.data import DataLoader
 
-    model.eval()
+    without_autocast(model).eval()
     correct = 0
     with torch.inference_mode():
         for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):

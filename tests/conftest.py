@@ -66,6 +66,8 @@ def tiny_overrides(tiny_model: Path, sst2_slice: Path, recipe: str | Path = "sst
         "stages.finetune.max_steps": "6",
         "stages.finetune.eval_steps": "3",
         "stages.finetune.batch_size": "16",
+        "stages.self_train.max_steps": "3",
+        "stages.self_train.batch_size": "8",
         "stages.distill.layers": "[0]",  # the tiny teacher has 2 layers
         "stages.distill.max_steps": "6",
         "stages.distill.eval_steps": "3",
@@ -84,6 +86,9 @@ def tiny_overrides(tiny_model: Path, sst2_slice: Path, recipe: str | Path = "sst
     }
     if target is not None and "target" in (_recipe_yaml(recipe).get("data") or {}):
         wanted["data.target"] = str(target)
+    if any(s.get("student") for s in _recipe_yaml(recipe)["stages"] if s["stage"] == "distill"):
+        del wanted["stages.distill.layers"]  # a named pretrained student (sst-int8's born-again one): the tiny model
+        wanted["stages.distill.student"] = str(tiny_model)
     wanted.update({key.replace("__", "."): str(value) for key, value in changes.items()})
     return [f"{key}={value}" for key, value in wanted.items()
             if not key.startswith("stages.") or key.split(".")[1] in stages]
@@ -195,7 +200,8 @@ def quiet_cwd(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory, shrink, quiet_cwd):
-    """``tiny_runs(recipe)``: a recipe run end to end on the tiny model, once per session per recipe.
+    """``tiny_runs(recipe, *overrides)``: a recipe run end to end on the tiny model, once per session per recipe
+    and overrides.
 
     Runs sit side by side under one folder, as under ``runs/``, so ``bench.compare: [sst-int8:bundle]``
     finds the tiny sst-int8 run; a recipe's compared runs are run first.
@@ -206,10 +212,10 @@ def tiny_runs(tmp_path_factory, shrink, quiet_cwd):
     root = tmp_path_factory.mktemp("runs")
     done: dict[str, Path] = {}
 
-    def get(recipe: str | Path = "sst-int8") -> Path:
-        key = str(recipe)
+    def get(recipe: str | Path = "sst-int8", *overrides: str) -> Path:
+        key = " ".join([str(recipe), *overrides])
         if key not in done:
-            loaded = load_recipe(key, shrink(recipe))
+            loaded = load_recipe(str(recipe), [*shrink(recipe), *overrides])
             for entry in loaded.bench.compare:
                 get(entry.partition(":")[0])
             run_dir = root / (loaded.name if key == loaded.name else f"{loaded.name}-{len(done)}")
@@ -255,6 +261,6 @@ def dynamic_run(tmp_path_factory, tiny_run, shrink, quiet_cwd) -> dict:
     run_dir = copy_run(tiny_run, tmp_path_factory.mktemp("dynamic") / "run")
     before = manifests(run_dir)
     recipe = load_recipe("sst-int8", shrink(stages__quantize__onnx_method="dynamic"))
-    assert recipe.stages[2].onnx_method == "dynamic"
+    assert recipe.stages[3].onnx_method == "dynamic"
     run_recipe(recipe, run_dir)
     return {"run_dir": run_dir, "before": before, "after": manifests(run_dir)}

@@ -208,8 +208,11 @@ def test_prompt_tuning_saves_and_loads_as_it_trained(tiny_model, tmp_path):
     assert not torch.allclose(trained, without_prompt, atol=1e-3), "the soft prompt changes the answer"
 
 
+DANN = "stages.finetune.domain_adversarial={weight: 0.1}"
+
+
 def test_domain_adversarial_finetune_trains_the_domain_classifier_and_ships_without_it(tiny_runs):
-    run_dir = tiny_runs("amazon-electronics")
+    run_dir = tiny_runs("amazon-electronics", DANN)
     finetune = run_dir / "02-finetune"
     log = json.loads((finetune / "domain_log.json").read_text())
     assert log and all(0 <= e["domain_accuracy"] <= 1 and e["coefficient"] >= 0 for e in log)
@@ -258,12 +261,13 @@ def test_head_tail_cuts_the_same_in_training_and_at_runtime(tiny_model):
 
 @pytest.mark.parametrize(("overrides", "message"), [
     (["data.target=null"], "stages[0] (adapt).text: 'target' needs data.target"),
-    (["data.target=null", "stages.adapt.text=train"], "stages[1] (finetune).domain_adversarial: needs data.target"),
+    (["data.target=null", "stages.adapt.text=train", DANN], "stages[1] (finetune).domain_adversarial: needs data.target"),
     (["data.target=atlantis"], "data.target: 'atlantis' is neither an amazon-reviews domain"),
-    (["stages.finetune.method=prompt-tuning"], "stages[2] (export): the model of stages[1] (finetune) (method prompt-tuning)"),
+    (["stages.finetune.method=prompt-tuning"], "stages[2] (self_train): the model of stages[1] (finetune) (method prompt-tuning)"),
     (["stages.finetune.method=adapter"], "stages[1] (finetune).method"),
-    (["stages.finetune.domain_adversarial.wieght=1"], "stages[1] (finetune).domain_adversarial.wieght: unknown field"),
+    (["stages.finetune.domain_adversarial={wieght: 1}"], "stages[1] (finetune).domain_adversarial.wieght: unknown field"),
     (["data.head_tokens=300"], "head_tokens 300 leaves no room for the tail"),
+    (["data.target=null", "stages.adapt.text=train"], "stages[2] (self_train): needs data.target"),
 ])
 def test_bad_adaptation_recipes_fail_early_naming_the_field(overrides, message):
     with pytest.raises(RecipeError) as info:
@@ -314,3 +318,60 @@ def test_the_domain_classifier_learns_at_its_own_rate_and_both_domains_weigh_hal
     loss.backward()
     assert model.domain_head[0].weight.grad.abs().sum() > 0, "the domain classifier learns from both domains"
     assert trainer.domain_log and 0 <= trainer.domain_log[0]["domain_accuracy"] <= 1
+
+
+def test_self_training_keeps_the_surest_texts_and_balances_labels():
+    import numpy as np
+
+    from edgetl.stages.self_train import select_confident
+
+    p_pos = np.array([0.99, 0.95, 0.9, 0.8, 0.7, 0.6, 0.55, 0.4, 0.2, 0.1])  # a model leaning positive
+    probs = np.stack([1 - p_pos, p_pos], axis=1)
+    picked, labels = select_confident(probs, 0.4, balance=True)
+    assert sorted(zip(picked.tolist(), labels.tolist(), strict=True)) == [(0, 1), (1, 1), (8, 0), (9, 0)]
+    picked, labels = select_confident(probs, 0.8, balance=True)
+    assert Counter(labels.tolist()) == {0: 4, 1: 4} and len(set(picked.tolist())) == 8
+    assert set(picked[labels == 0].tolist()) == {6, 7, 8, 9}, "the threshold moved: 0.55 positive becomes negative"
+    picked, labels = select_confident(probs, 0.5, balance=False)  # 7 predicted positive, 3 negative
+    assert Counter(labels.tolist()) == {1: 3, 0: 1}
+    assert set(picked[labels == 1].tolist()) == {0, 1, 2} and picked[labels == 0].tolist() == [9]
+
+
+def test_self_train_pseudo_labels_the_target_and_resumes_after_a_killed_round(tiny_runs, shrink, tmp_path, monkeypatch):
+    import shutil
+
+    from transformers import Trainer
+
+    from edgetl.pipeline import run_recipe
+
+    run_dir = tiny_runs("amazon-electronics")
+    stage = run_dir / "03-self_train"
+    history = json.loads((stage / "self_training.json").read_text())
+    assert [h["round"] for h in history] == [1, 2]
+    assert all(h["per_label"][0] == h["per_label"][1] == h["pseudo_labelled"] // 2 for h in history), "balanced"
+    assert history[1]["pseudo_labelled"] == 2 * history[0]["pseudo_labelled"], "round 2 keeps twice as many"
+    inputs = json.loads((stage / "manifest.json").read_text())["inputs"]
+    assert [i["path"].rsplit("/", 1)[-1] for i in inputs] == ["02-finetune"]
+
+    # Kill the second round: the rerun takes round 1's weights and trains round 2 only.
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("03-*", "04-*", "05-*", "06-*", "07-*", "08-*"))
+    train, calls = Trainer.train, []
+
+    def dies_in_round_2(self, *args, **kwargs):
+        calls.append(self.args.output_dir)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train", dies_in_round_2)
+    recipe = load_recipe("amazon-electronics", shrink("amazon-electronics"))
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(recipe, copy)
+    assert not (copy / "03-self_train").exists(), "a killed stage must not look finished"
+    calls.clear()
+    monkeypatch.setattr(Trainer, "train", lambda self, *a, **k: calls.append(self.args.output_dir) or train(self, *a, **k))
+    run_recipe(recipe, copy)
+    assert len(calls) == 1 and calls[0].endswith("train-2"), "only round 2 trains again"
+    resumed = json.loads((copy / "03-self_train" / "self_training.json").read_text())
+    assert [(h["round"], h["per_label"]) for h in resumed] == [(h["round"], h["per_label"]) for h in history]
