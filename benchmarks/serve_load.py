@@ -1,6 +1,6 @@
 """Load test of `edgetl serve` on loopback: concurrent clients, one text per request, bounded in count and time.
 
-    .venv/bin/python benchmarks/serve_load.py runs/sst-int8/07-bundle --backend onnxruntime --concurrency 16 \
+    .venv/bin/python benchmarks/serve_load.py runs/sst-int8/06-bundle --backend onnxruntime --concurrency 16 \
         --requests 4000 --out benchmarks/results/sst-int8
 
 Starts `edgetl serve BUNDLE --port 0`, sends the SST-2 dev sentences round-robin from `concurrency` threads

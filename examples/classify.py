@@ -1,6 +1,6 @@
 """A minimal app embedding an edgetl bundle (numpy + tokenizers + ONNX Runtime; no torch).
 
-    python examples/classify.py runs/sst-int8/07-bundle "a gorgeous, witty, seductive movie" "the plot is a mess"
+    python examples/classify.py runs/sst-int8/06-bundle "a gorgeous, witty, seductive movie" "the plot is a mess"
 """
 
 import sys

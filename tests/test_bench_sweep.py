@@ -27,7 +27,7 @@ def test_every_target_threads_and_shape_has_a_row(sweep):
     _, result = sweep
     assert (result["format"], result["format_version"], result["label"]) == ("edgetl-bench-sweep", 1, "tiny <b>")
     targets = {r["target"] for r in result["rows"]}
-    assert {"pytorch-fp32 (01-finetune)", "onnx-int8 (04-quantize)", "openvino-int8 (04-quantize)",
+    assert {"pytorch-fp32 (01-finetune)", "onnx-int8 (03-quantize)", "openvino-int8 (03-quantize)",
             "onnx-int8 (Optimum default)", "openvino-int8 (OpenVINO default)"} <= targets
     cells = {(r["target"], r["threads"], r["batch"], r["seq"]) for r in result["rows"]}
     assert len(cells) == len(result["rows"]) == len(targets) * 2 * 2 * 2
@@ -63,7 +63,7 @@ def test_only_gpu_without_a_gpu_writes_notes_and_no_rows(tiny_run, tmp_path):
 
     if gpus():
         pytest.skip("this machine has a GPU")
-    done = edgetl_cli("bench", str(tiny_run / "07-bundle"), "--only-gpu", "--out", str(tmp_path), "--rounds", "1",
+    done = edgetl_cli("bench", str(tiny_run / "06-bundle"), "--only-gpu", "--out", str(tmp_path), "--rounds", "1",
                       cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads((tmp_path / "results.json").read_text())
@@ -83,7 +83,7 @@ def test_bad_sweep_options_are_named(tiny_run, tmp_path, option, value, message)
 def test_fixed_lengths_pad_every_call_and_own_lengths_do_not(tiny_run, dev_texts):
     from edgetl.bench.sweep import Shape, shape_feeds
 
-    folder = tiny_run / "03-export" / "onnx"
+    folder = tiny_run / "02-export" / "onnx"
     fixed = shape_feeds(folder, dev_texts, Shape(4, 24), max_length=64, max_calls=5)
     assert len(fixed) == 5 and all(f["input_ids"].shape == (4, 24) for f in fixed)
     assert all(f["attention_mask"].sum() < f["attention_mask"].size for f in fixed)  # padding, not more text
@@ -158,7 +158,7 @@ def test_gpu_variants_name_their_device_where_one_is_present(tiny_artifacts, mon
     cpu = targets_of([tiny_artifacts["finetune"], tiny_artifacts["quantize"]])
     monkeypatch.setattr(sweep, "_why_not", lambda kind: None if kind != "openvino-gpu" else "no GPU device")
     variants, notes = sweep.gpu_variants(cpu)
-    assert sorted(t.key for t in variants) == ["onnx-int8 [cuda] (04-quantize)", "onnx-int8 [tensorrt] (04-quantize)",
+    assert sorted(t.key for t in variants) == ["onnx-int8 [cuda] (03-quantize)", "onnx-int8 [tensorrt] (03-quantize)",
                                                "pytorch-fp16 [cuda] (01-finetune)"]
     assert notes == ["openvino on gpu: skipped (no GPU device)"]
 

@@ -19,7 +19,7 @@ TEXTS = ["a gorgeous , witty , seductive movie that is also one of the best film
 def test_bundle_manifest(tiny_run, tiny_artifacts):
     from edgetl.artifact import sha256_file
 
-    bundle = tiny_run / "07-bundle"
+    bundle = tiny_run / "06-bundle"
     info = json.loads((bundle / "edgetl.json").read_text())
     assert (info["format"], info["format_version"]) == ("edgetl-bundle", 1)
     assert info["labels"] == ["negative", "positive"] and info["max_length"] == 64
@@ -31,15 +31,15 @@ def test_bundle_manifest(tiny_run, tiny_artifacts):
     for rel, entry in info["files"].items():
         assert sha256_file(bundle / rel) == entry["sha256"], rel
     accuracy = tiny_artifacts["evaluate"].metrics
-    assert info["metrics"]["per_backend"]["onnx"]["accuracy"] == accuracy["onnx-int8 (04-quantize)"]
-    assert info["provenance"]["source_artifact"] == "04-quantize"
+    assert info["metrics"]["per_backend"]["onnx"]["accuracy"] == accuracy["onnx-int8 (03-quantize)"]
+    assert info["provenance"]["source_artifact"] == "03-quantize"
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_bundle_loads_and_predicts(tiny_run, backend):
     from edgetl.runtime import TextClassifier
 
-    classifier = TextClassifier.load(tiny_run / "07-bundle", backend=backend)
+    classifier = TextClassifier.load(tiny_run / "06-bundle", backend=backend)
     predictions = classifier.predict(TEXTS)
     assert [p.label in ("negative", "positive") for p in predictions] == [True, True]
     for p in predictions:
@@ -48,7 +48,7 @@ def test_bundle_loads_and_predicts(tiny_run, backend):
 
 @pytest.fixture
 def bundle_copy(tiny_run, tmp_path) -> Path:
-    return Path(shutil.copytree(tiny_run / "07-bundle", tmp_path / "bundle"))
+    return Path(shutil.copytree(tiny_run / "06-bundle", tmp_path / "bundle"))
 
 
 @pytest.mark.parametrize("rel", ["onnx/model.onnx", "openvino/model.bin", "tokenizer.json"])
@@ -95,7 +95,7 @@ def test_folder_that_is_not_a_bundle_is_refused(tiny_run):
     from edgetl.runtime import TextClassifier
 
     with pytest.raises(ArtifactError, match=r"not an edgetl bundle \(no edgetl\.json\)"):
-        TextClassifier.load(tiny_run / "04-quantize")
+        TextClassifier.load(tiny_run / "03-quantize")
 
 
 def test_bundle_without_the_requested_backend_is_refused(bundle_copy):
@@ -112,7 +112,7 @@ def test_bundle_without_the_requested_backend_is_refused(bundle_copy):
 
 @pytest.fixture
 def quantize_copy(tiny_run, tmp_path) -> Path:
-    return Path(shutil.copytree(tiny_run / "04-quantize", tmp_path / "04-quantize"))
+    return Path(shutil.copytree(tiny_run / "03-quantize", tmp_path / "03-quantize"))
 
 
 def test_artifact_verify_catches_an_edited_file(quantize_copy):
@@ -170,12 +170,12 @@ def test_the_onnx_folder_loads_unchanged_in_optimum(tiny_run):
 
     from edgetl.runtime import TextClassifier
 
-    folder = tiny_run / "07-bundle" / "onnx"
+    folder = tiny_run / "06-bundle" / "onnx"
     model = ORTModelForSequenceClassification.from_pretrained(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     theirs = model(**tokenizer(TEXTS, return_tensors="pt", padding=True)).logits.numpy()
     # One batch on both sides: this model's dynamic-INT8 layers make logits depend on batch-mates.
-    ours = TextClassifier.load(tiny_run / "07-bundle", backend="onnxruntime").logits(TEXTS, batch_size=len(TEXTS))
+    ours = TextClassifier.load(tiny_run / "06-bundle", backend="onnxruntime").logits(TEXTS, batch_size=len(TEXTS))
     assert abs(theirs - ours).max() < 1e-5
 
 
@@ -185,7 +185,7 @@ def test_the_openvino_ir_runs_in_benchmark_app(tiny_run, tmp_path):
 
     tool = Path(sys.executable).with_name("benchmark_app")
     shape = ",".join(f"{name}[1,16]" for name in ("input_ids", "attention_mask", "token_type_ids"))
-    done = subprocess.run([str(tool), "-m", str(tiny_run / "07-bundle" / "openvino" / "model.xml"), "-d", "CPU",
+    done = subprocess.run([str(tool), "-m", str(tiny_run / "06-bundle" / "openvino" / "model.xml"), "-d", "CPU",
                            "-niter", "10", "-api", "sync", "-data_shape", shape],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]

@@ -179,7 +179,7 @@ def test_sst_tiny_benchmarks_the_sst_int8_bundle_in_the_same_run(tiny_runs):
     run_dir = tiny_runs("sst-tiny")
     rows = json.loads((run_dir / "07-benchmark" / "results.json").read_text())["rows"]
     targets = {row["target"] for row in rows}
-    assert {"onnx-int8 (sst-int8/07-bundle)", "pytorch-fp32 (01-finetune)", "onnx-int8 (05-quantize)"} <= targets
+    assert {"onnx-int8 (sst-int8/06-bundle)", "pytorch-fp32 (01-finetune)", "onnx-int8 (05-quantize)"} <= targets
     assert all(row["accuracy"] is not None for row in rows)
     bundle = json.loads((run_dir / "08-bundle" / "edgetl.json").read_text())
     assert list(bundle["models"]) == ["onnx"]

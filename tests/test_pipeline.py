@@ -18,7 +18,7 @@ import yaml
 from conftest import copy_run, manifests
 from edgetl.errors import RecipeError
 
-STAGES = ["01-finetune", "02-distill", "03-export", "04-quantize", "05-evaluate", "06-benchmark", "07-bundle"]
+STAGES = ["01-finetune", "02-export", "03-quantize", "04-evaluate", "05-benchmark", "06-bundle"]
 
 
 def run(recipe_overrides: list[str], run_dir: Path, from_stage: str | None = None):
@@ -47,14 +47,14 @@ def test_changing_one_stage_reruns_it_and_the_later_ones_only(dynamic_run):
     before, after = dynamic_run["before"], dynamic_run["after"]
     assert list(after) == STAGES
     kept = [s for s in STAGES if after[s] == before[s]]
-    assert kept == ["01-finetune", "02-distill", "03-export"]
-    for stage in STAGES[3:]:
+    assert kept == ["01-finetune", "02-export"]
+    for stage in STAGES[2:]:
         assert after[stage]["fingerprint"] != before[stage]["fingerprint"], stage
-        assert after[stage]["timings"]["started_unix"] > before["07-bundle"]["timings"]["started_unix"], stage
-    assert after["04-quantize"]["config"]["onnx_method"] == "dynamic"
+        assert after[stage]["timings"]["started_unix"] > before["06-bundle"]["timings"]["started_unix"], stage
+    assert after["03-quantize"]["config"]["onnx_method"] == "dynamic"
     # Each rerun stage read the new artifacts, not the old ones.
-    evaluate_inputs = {Path(i["path"]).name: i["fingerprint"] for i in after["05-evaluate"]["inputs"]}
-    assert evaluate_inputs["04-quantize"] == after["04-quantize"]["fingerprint"]
+    evaluate_inputs = {Path(i["path"]).name: i["fingerprint"] for i in after["04-evaluate"]["inputs"]}
+    assert evaluate_inputs["03-quantize"] == after["03-quantize"]["fingerprint"]
     assert not list(dynamic_run["run_dir"].glob(".stale-*"))
 
 
@@ -63,13 +63,13 @@ def test_from_stage_forces_that_stage_and_later_ones(tiny_run, shrink, tmp_path,
     before = manifests(run_dir)
     run(shrink(), run_dir, from_stage="bundle")
     after = manifests(run_dir)
-    assert [s for s in STAGES if after[s] != before[s]] == ["07-bundle"]
-    assert after["07-bundle"]["fingerprint"] == before["07-bundle"]["fingerprint"]
-    assert after["07-bundle"]["timings"]["started_unix"] > before["07-bundle"]["timings"]["started_unix"]
+    assert [s for s in STAGES if after[s] != before[s]] == ["06-bundle"]
+    assert after["06-bundle"]["fingerprint"] == before["06-bundle"]["fingerprint"]
+    assert after["06-bundle"]["timings"]["started_unix"] > before["06-bundle"]["timings"]["started_unix"]
 
 
 def test_from_a_stage_the_recipe_lacks(shrink, tmp_path):
-    with pytest.raises(RecipeError, match=r"'prune' is not a stage of sst-int8 \(stages: finetune, distill, export"):
+    with pytest.raises(RecipeError, match=r"'prune' is not a stage of sst-int8 \(stages: finetune, export"):
         run(shrink(), tmp_path / "run", from_stage="prune")
     assert not (tmp_path / "run").exists()
 
@@ -90,9 +90,9 @@ def test_fingerprints_follow_what_each_stage_reads():
                 if fingerprint(s.model_dump(mode="json"), base, []) != fingerprint(v.model_dump(mode="json"), variant, [])]
 
     assert changed(variants["bench"]) == ["benchmark"]
-    assert changed(variants["data"]) == ["finetune", "distill", "quantize", "evaluate", "benchmark"]
+    assert changed(variants["data"]) == ["finetune", "quantize", "evaluate", "benchmark"]
     assert changed(variants["name"]) == []  # the recipe's name is no input of any stage
-    stage = base.stages[2].model_dump(mode="json")
+    stage = base.stages[1].model_dump(mode="json")
     assert fingerprint(stage, base, []) != fingerprint({**stage, "opset": 18}, base, [])
 
 
@@ -112,25 +112,25 @@ def _fail_after_writing(monkeypatch, module: str):
 
 def test_failed_stage_publishes_nothing_and_a_rerun_completes(tiny_run, shrink, tmp_path, monkeypatch, quiet_cwd):
     run_dir = copy_run(tiny_run, tmp_path / "run")
-    original = json.loads((run_dir / "07-bundle" / "manifest.json").read_text())
+    original = json.loads((run_dir / "06-bundle" / "manifest.json").read_text())
     import shutil
 
-    shutil.rmtree(run_dir / "07-bundle")
+    shutil.rmtree(run_dir / "06-bundle")
     with monkeypatch.context() as patch:
         _fail_after_writing(patch, "edgetl.stages.bundle")
         with pytest.raises(RuntimeError, match="boom"):
             run(shrink(), run_dir)
-    assert not (run_dir / "07-bundle").exists()
-    leftover = run_dir / ".tmp" / "07-bundle"
+    assert not (run_dir / "06-bundle").exists()
+    leftover = run_dir / ".tmp" / "06-bundle"
     assert (leftover / "half-written.txt").is_file()
     # Even a manifest with the right fingerprint in .tmp (a crash just before the rename) is not a finished stage.
     (leftover / "manifest.json").write_text(json.dumps(original))
     failed_at = time.time()
     artifacts = run(shrink(), run_dir)
-    bundle = json.loads((run_dir / "07-bundle" / "manifest.json").read_text())
+    bundle = json.loads((run_dir / "06-bundle" / "manifest.json").read_text())
     assert bundle["timings"]["started_unix"] >= round(failed_at, 3) - 0.01
     assert bundle["fingerprint"] == original["fingerprint"]
-    assert not (run_dir / "07-bundle" / "half-written.txt").exists()
+    assert not (run_dir / "06-bundle" / "half-written.txt").exists()
     assert not leftover.exists()
     artifacts[-1].verify()
 
@@ -138,17 +138,17 @@ def test_failed_stage_publishes_nothing_and_a_rerun_completes(tiny_run, shrink, 
 def test_failed_rerun_keeps_the_old_artifact_until_the_new_one_is_finished(tiny_run, shrink, tmp_path, monkeypatch,
                                                                           quiet_cwd):
     run_dir = copy_run(tiny_run, tmp_path / "run")
-    old = json.loads((run_dir / "07-bundle" / "manifest.json").read_text())
+    old = json.loads((run_dir / "06-bundle" / "manifest.json").read_text())
     onnx_only = shrink(stages__bundle__backends="[onnx]")
     with monkeypatch.context() as patch:
         _fail_after_writing(patch, "edgetl.stages.bundle")
         with pytest.raises(RuntimeError, match="boom"):
             run(onnx_only, run_dir)
-    assert json.loads((run_dir / "07-bundle" / "manifest.json").read_text()) == old
+    assert json.loads((run_dir / "06-bundle" / "manifest.json").read_text()) == old
     run(onnx_only, run_dir)
-    new = json.loads((run_dir / "07-bundle" / "manifest.json").read_text())
+    new = json.loads((run_dir / "06-bundle" / "manifest.json").read_text())
     assert new["fingerprint"] != old["fingerprint"] and list(new["models"]) == ["onnx"]
-    assert not (run_dir / "07-bundle" / "openvino").exists()
+    assert not (run_dir / "06-bundle" / "openvino").exists()
     assert not list(run_dir.glob(".stale-*"))
 
 
@@ -174,16 +174,15 @@ def test_a_failed_stage_raises_its_error_in_the_library(shrink, tmp_path, quiet_
 
 EXPECTED_INPUTS = {
     "01-finetune": [],
-    "02-distill": ["01-finetune"],
-    "03-export": ["02-distill"],
-    "04-quantize": ["03-export"],
-    "05-evaluate": ["01-finetune", "02-distill", "03-export", "04-quantize"],
-    "06-benchmark": ["01-finetune", "02-distill", "03-export", "04-quantize", "05-evaluate"],
-    "07-bundle": ["04-quantize", "05-evaluate", "06-benchmark"],
+    "02-export": ["01-finetune"],
+    "03-quantize": ["02-export"],
+    "04-evaluate": ["01-finetune", "02-export", "03-quantize"],
+    "05-benchmark": ["01-finetune", "02-export", "03-quantize", "04-evaluate"],
+    "06-bundle": ["03-quantize", "04-evaluate", "05-benchmark"],
 }
-EXPECTED_KINDS = {"01-finetune": ("pytorch-model", "fp32"), "02-distill": ("pytorch-model", "fp32"), "03-export": ("exported", "fp32"),
-                  "04-quantize": ("quantized", "int8"), "05-evaluate": ("evaluation", None),
-                  "06-benchmark": ("benchmark", None), "07-bundle": ("bundle", "int8")}
+EXPECTED_KINDS = {"01-finetune": ("pytorch-model", "fp32"), "02-export": ("exported", "fp32"),
+                  "03-quantize": ("quantized", "int8"), "04-evaluate": ("evaluation", None),
+                  "05-benchmark": ("benchmark", None), "06-bundle": ("bundle", "int8")}
 
 
 def test_manifests_describe_each_artifact(tiny_run):
@@ -268,12 +267,12 @@ def test_kill_during_finetune_then_resume(shrink, tmp_path):
     assert not list(run_dir.glob(".work/01-finetune-*")), "a finished stage's checkpoints are removed"
     from edgetl.runtime import TextClassifier
 
-    assert TextClassifier.load(run_dir / "07-bundle").predict_one("a fine film").label in ("negative", "positive")
+    assert TextClassifier.load(run_dir / "06-bundle").predict_one("a fine film").label in ("negative", "positive")
 
 
 def test_kill_during_quantize_then_rerun(tiny_run, shrink, tmp_path):
     run_dir = copy_run(tiny_run, tmp_path / "run")
-    for later in STAGES[3:]:
+    for later in STAGES[2:]:
         shutil.rmtree(run_dir / later)
     command = [sys.executable, "-m", "edgetl", "run", "sst-int8", *shrink(), "--run-dir", str(run_dir)]
     with open(tmp_path / "first.log", "w") as log:
@@ -281,19 +280,19 @@ def test_kill_during_quantize_then_rerun(tiny_run, shrink, tmp_path):
         try:
             # The ONNX folder appears just before ONNX Runtime's quantizer starts writing into it.
             deadline = time.monotonic() + 300
-            while proc.poll() is None and time.monotonic() < deadline and not (run_dir / ".tmp/04-quantize/onnx").exists():
+            while proc.poll() is None and time.monotonic() < deadline and not (run_dir / ".tmp/03-quantize/onnx").exists():
                 time.sleep(0.005)
-            caught = proc.poll() is None and (run_dir / ".tmp/04-quantize/onnx").exists()
+            caught = proc.poll() is None and (run_dir / ".tmp/03-quantize/onnx").exists()
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=60)
     assert caught, (tmp_path / "first.log").read_text()[-3000:]
-    assert not (run_dir / "04-quantize").exists(), "a killed stage must not look finished"
+    assert not (run_dir / "03-quantize").exists(), "a killed stage must not look finished"
 
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "03-export: finished earlier" in done.stderr and "04-quantize: started" in done.stderr
+    assert "02-export: finished earlier" in done.stderr and "03-quantize: started" in done.stderr
     from edgetl.artifact import Artifact
 
     for stage in STAGES:

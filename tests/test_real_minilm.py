@@ -35,8 +35,7 @@ def minilm_run(tmp_path_factory, minilm_cwd) -> Path:
     overrides = [
         "model=minilm-l6", f"data.path={data}",
         "stages.finetune.max_steps=40", "stages.finetune.eval_steps=20", "stages.finetune.batch_size=32",
-        "stages.finetune.learning_rate=1e-4", "stages.distill.max_steps=40", "stages.distill.eval_steps=20",
-        "stages.distill.batch_size=32", "stages.distill.learning_rate=1e-4", "stages.quantize.calibration_samples=100",
+        "stages.finetune.learning_rate=1e-4", "stages.quantize.calibration_samples=100",
         "bench.max_sentences=50", "bench.rounds=1", "bench.warmup=5",
     ]
     run_dir = tmp_path_factory.mktemp("minilm") / "run"
@@ -50,9 +49,9 @@ def test_int8_models_are_at_most_30_percent_of_fp32_onnx(minilm_run):
     from edgetl.artifact import Artifact
     from edgetl.backends import Target
 
-    fp32 = (minilm_run / "03-export" / "raw" / "model.onnx").stat().st_size
+    fp32 = (minilm_run / "02-export" / "raw" / "model.onnx").stat().st_size
     assert fp32 > 50e6  # the real model, not a stub
-    quantized = Artifact.load(minilm_run / "04-quantize")
+    quantized = Artifact.load(minilm_run / "03-quantize")
     for backend in ("onnx", "openvino"):
         int8 = Target(quantized, backend).model_bytes
         assert int8 <= INT8_SIZE_RATIO * fp32, f"{backend}: {int8 / fp32:.1%} of the FP32 ONNX size"
@@ -60,7 +59,7 @@ def test_int8_models_are_at_most_30_percent_of_fp32_onnx(minilm_run):
 
 def test_int8_accuracy_is_within_a_few_points_of_fp32(minilm_run):
     rows = {(r["backend"], r["precision"]): r["accuracy"]
-            for r in json.loads((minilm_run / "05-evaluate" / "evaluation.json").read_text())}
+            for r in json.loads((minilm_run / "04-evaluate" / "evaluation.json").read_text())}
     fp32 = rows[("onnx", "fp32")]
     assert fp32 >= 0.65, f"40 steps of MiniLM should learn SST-2 well past chance; got {fp32}"
     assert abs(rows[("pytorch", "fp32")] - fp32) < 1e-9
@@ -72,8 +71,8 @@ def test_benchmark_has_a_row_per_target(minilm_run):
     from edgetl.artifact import Artifact
     from edgetl.backends import targets_of
 
-    result = json.loads((minilm_run / "06-benchmark" / "results.json").read_text())
-    models = [Artifact.load(minilm_run / n) for n in ("01-finetune", "02-distill", "03-export", "04-quantize")]
+    result = json.loads((minilm_run / "05-benchmark" / "results.json").read_text())
+    models = [Artifact.load(minilm_run / n) for n in ("01-finetune", "02-export", "03-quantize")]
     assert [r["target"] for r in result["rows"]] == [t.key for t in targets_of(models)]
     for row in result["rows"]:
         assert row["p50_ms"] > 0 and row["calls"] == 50 and row["accuracy"] is not None
@@ -82,7 +81,7 @@ def test_benchmark_has_a_row_per_target(minilm_run):
 def test_bundle_predicts_sentiment(minilm_run):
     from edgetl.runtime import TextClassifier
 
-    classifier = TextClassifier.load(minilm_run / "07-bundle")
+    classifier = TextClassifier.load(minilm_run / "06-bundle")
     labels = [p.label for p in classifier.predict(["a gorgeous , witty , seductive movie .",
                                                    "the plot is dull and the acting is worse ."])]
     assert labels == ["positive", "negative"]
@@ -107,11 +106,11 @@ def test_the_bundle_agrees_with_the_evaluate_path_on_every_sst2_dev_sentence(min
     _, rows = _read_tsv(SHARED_SST2 / "dev.tsv")
     texts = [row.split("\t")[0] for row in rows]
     assert len(texts) == 872
-    target = Target(Artifact.load(minilm_run / "04-quantize"), backend)
-    max_length = json.loads((minilm_run / "07-bundle" / "edgetl.json").read_text())["max_length"]
+    target = Target(Artifact.load(minilm_run / "03-quantize"), backend)
+    max_length = json.loads((minilm_run / "06-bundle" / "edgetl.json").read_text())["max_length"]
     evaluated = softmax(predict_logits(target.open(), load_tokenizer(target.folder, max_length), texts,
                                        64 if target.batch_invariant else 1))
-    predictions = TextClassifier.load(minilm_run / "07-bundle", backend=backend).predict(texts)
+    predictions = TextClassifier.load(minilm_run / "06-bundle", backend=backend).predict(texts)
     assert [p.label for p in predictions] == [("negative", "positive")[i] for i in evaluated.argmax(-1)]
     scores = np.array([[p.scores["negative"], p.scores["positive"]] for p in predictions])
     np.testing.assert_allclose(scores, evaluated, rtol=0, atol=1e-4)

@@ -65,20 +65,20 @@ def test_defaults_live_in_the_schema(tmp_path):
 # --- overrides --------------------------------------------------------------------------------------------
 
 def test_overrides_address_stages_by_name_and_by_index():
-    recipe = load_recipe("sst-int8", ["stages.finetune.epochs=1", "stages.3.calibration_samples=7",
+    recipe = load_recipe("sst-int8", ["stages.finetune.epochs=1", "stages.2.calibration_samples=7",
                                        "data.max_length=64", "bench.rounds=3"])
-    finetune, quantize = recipe.stages[0], recipe.stages[3]
+    finetune, quantize = recipe.stages[0], recipe.stages[2]
     assert (finetune.epochs, quantize.calibration_samples) == (1.0, 7)
     assert (recipe.data.max_length, recipe.bench.rounds) == (64, 3)
     # Untouched fields keep the file's values.
     shipped = yaml.safe_load((REPO / "recipes" / "sst-int8.yaml").read_text())["stages"]
-    assert finetune.learning_rate == shipped[0]["learning_rate"] and quantize.onnx_method == shipped[3]["onnx_method"]
+    assert finetune.learning_rate == shipped[0]["learning_rate"] and quantize.onnx_method == shipped[2]["onnx_method"]
 
 
 def test_overrides_parse_values_as_yaml():
     recipe = load_recipe("sst-int8", ["stages.export.formats=[onnx]", "stages.bundle.backends=[onnx]",
                                        "stages.quantize.backends=[onnx]", "bench.include_pytorch=false"])
-    assert recipe.stages[2].formats == ["onnx"] and recipe.bench.include_pytorch is False
+    assert recipe.stages[1].formats == ["onnx"] and recipe.bench.include_pytorch is False
 
 
 @pytest.mark.parametrize("override", ["stages.finetune.epochs", "=3", "no-equals-sign"])
@@ -140,7 +140,7 @@ def test_wrong_type():
 
 
 def test_value_out_of_range():
-    with pytest.raises(RecipeError, match=r"stages\[3\] \(quantize\)\.onnx_method: Input should be 'static' or 'dynamic'"):
+    with pytest.raises(RecipeError, match=r"stages\[2\] \(quantize\)\.onnx_method: Input should be 'static' or 'dynamic'"):
         load_recipe("sst-int8", ["stages.quantize.onnx_method=float8"])
     with pytest.raises(RecipeError, match=r"data\.max_length: Input should be greater than or equal to 8"):
         load_recipe("sst-int8", ["data.max_length=4"])
@@ -192,7 +192,7 @@ def test_every_problem_is_reported_together():
     problems = problems_of(excinfo)
     assert len(problems) == 3, problems
     assert any(p.startswith("stages[0] (finetune).epochs:") for p in problems)
-    assert any(p.startswith("stages[2] (export).opset:") for p in problems)
+    assert any(p.startswith("stages[1] (export).opset:") for p in problems)
     assert any(p.startswith("modle:") for p in problems)
 
 
@@ -250,12 +250,12 @@ def test_impossible_chain_fails_before_any_work(tmp_path, stages, message):
 
 
 def test_chain_check_follows_the_formats_each_stage_made():
-    with pytest.raises(RecipeError, match=r"stages\[3\] \(quantize\)\.backends: \['openvino'\] not exported yet"):
+    with pytest.raises(RecipeError, match=r"stages\[2\] \(quantize\)\.backends: \['openvino'\] not exported yet"):
         load_recipe("sst-int8", ["stages.export.formats=[onnx]", "stages.bundle.backends=[onnx]"])
     # With every later stage restricted to what was exported, the same chain is valid.
     recipe = load_recipe("sst-int8", ["stages.export.formats=[onnx]", "stages.quantize.backends=[onnx]",
                                        "stages.bundle.backends=[onnx]"])
-    assert recipe.stages[2].formats == ["onnx"]
+    assert recipe.stages[1].formats == ["onnx"]
 
 
 def test_chain_problems_are_collected(tmp_path):
@@ -289,7 +289,7 @@ def test_validating_recipes_never_imports_torch(tmp_path):
 def test_cli_validate_accepts_a_shipped_recipe(tmp_path):
     done = edgetl_cli("validate", "sst-int8", "stages.finetune.epochs=1", cwd=tmp_path, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert "sst-int8: valid (7 stages: finetune -> distill -> export -> quantize" in done.stdout
+    assert "sst-int8: valid (6 stages: finetune -> export -> quantize" in done.stdout
 
 
 def test_cli_validate_refuses_a_recipe_without_model_fast(tmp_path):

@@ -39,13 +39,13 @@ assert not heavy, heavy
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_loading_a_bundle_and_predicting_never_imports_torch(tiny_run, tmp_path, backend):
-    done = run_python(_LOAD_AND_PREDICT, str(tiny_run / "07-bundle"), backend, cwd=tmp_path)
+    done = run_python(_LOAD_AND_PREDICT, str(tiny_run / "06-bundle"), backend, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
 
 
 def test_cli_predict_prints_one_line_per_text(tiny_run, tmp_path):
     texts = ["a gorgeous , witty film", "dull and lifeless", "it 's a movie"]
-    done = edgetl_cli("predict", str(tiny_run / "07-bundle"), *texts, "--backend", "onnxruntime", cwd=tmp_path, timeout=120)
+    done = edgetl_cli("predict", str(tiny_run / "06-bundle"), *texts, "--backend", "onnxruntime", cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert len(lines) == len(texts)
@@ -58,8 +58,8 @@ def test_cli_predict_without_texts(tiny_run):
     from edgetl.cli import main
 
     with pytest.raises(UsageError, match="predict: give texts on the command line or --input FILE.jsonl"):
-        main(["--debug", "predict", str(tiny_run / "07-bundle")])
-    assert main(["predict", str(tiny_run / "07-bundle")]) == 2
+        main(["--debug", "predict", str(tiny_run / "06-bundle")])
+    assert main(["predict", str(tiny_run / "06-bundle")]) == 2
 
 
 def test_cli_predict_a_jsonl_file_matches_the_library(tiny_run, tmp_path):
@@ -71,11 +71,11 @@ def test_cli_predict_a_jsonl_file_matches_the_library(tiny_run, tmp_path):
     source = tmp_path / "in.jsonl"
     source.write_text("\n".join(json.dumps({"text": t} if i % 2 else t) for i, t in enumerate(texts)) + "\n\n")
     target = tmp_path / "out.jsonl"
-    done = edgetl_cli("predict", str(tiny_run / "07-bundle"), "--input", str(source), "--output", str(target),
+    done = edgetl_cli("predict", str(tiny_run / "06-bundle"), "--input", str(source), "--output", str(target),
                       "--backend", "onnxruntime", cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in target.read_text().splitlines()]
-    expected = TextClassifier.load(tiny_run / "07-bundle", backend="onnxruntime").predict(texts)
+    expected = TextClassifier.load(tiny_run / "06-bundle", backend="onnxruntime").predict(texts)
     assert [r["text"] for r in rows] == texts
     assert [r["label"] for r in rows] == [p.label for p in expected]
     assert all(abs(r["score"] - p.score) < 1e-6 for r, p in zip(rows, expected, strict=True))
@@ -92,7 +92,7 @@ def test_cli_predict_names_the_bad_line_and_writes_nothing(tiny_run, tmp_path, c
     (tmp_path / "in.jsonl").write_text(content)
     target = tmp_path / "out.jsonl"
     with pytest.raises(UsageError, match=message):
-        main(["--debug", "predict", str(tiny_run / "07-bundle"), "--input", str(tmp_path / "in.jsonl"),
+        main(["--debug", "predict", str(tiny_run / "06-bundle"), "--input", str(tmp_path / "in.jsonl"),
               "--output", str(target)])
     assert not target.exists()
 
@@ -114,10 +114,10 @@ def test_cli_bench_on_a_path_that_is_no_artifact(tmp_path):
 def test_runtime_agrees_with_the_evaluate_stage(tiny_run, dev_texts, backend):
     from edgetl.runtime import TextClassifier
 
-    saved = np.load(tiny_run / "05-evaluate" / f"logits-04-quantize-{backend}.npy")
-    classifier = TextClassifier.load(tiny_run / "07-bundle", backend=backend)
-    rows = json.loads((tiny_run / "05-evaluate" / "evaluation.json").read_text())
-    evaluated = next(r for r in rows if r["target"] == f"{backend}-int8 (04-quantize)")
+    saved = np.load(tiny_run / "04-evaluate" / f"logits-03-quantize-{backend}.npy")
+    classifier = TextClassifier.load(tiny_run / "06-bundle", backend=backend)
+    rows = json.loads((tiny_run / "04-evaluate" / "evaluation.json").read_text())
+    evaluated = next(r for r in rows if r["target"] == f"{backend}-int8 (03-quantize)")
     # The runtime batches as the evaluate stage did (one text per call for a batch-dependent model), so the
     # same engine must give the same logits.
     assert classifier.batch_size == evaluated["batch_size"]
@@ -131,7 +131,7 @@ def test_a_model_with_per_call_activation_ranges_classifies_each_text_alone(tiny
     from edgetl.backends import per_call_activation_scales
     from edgetl.runtime import TextClassifier
 
-    bundle = tiny_run / "07-bundle"
+    bundle = tiny_run / "06-bundle"
     models = json.loads((bundle / "edgetl.json").read_text())["models"]
     assert per_call_activation_scales(bundle / models["onnx"]["path"])
     assert models["onnx"]["batch_invariant"] is False and models["openvino"]["batch_invariant"] is True
@@ -148,7 +148,7 @@ def test_a_model_with_per_call_activation_ranges_classifies_each_text_alone(tiny
 def test_predict_validates_its_input(tiny_run):
     from edgetl.runtime import TextClassifier
 
-    classifier = TextClassifier.load(tiny_run / "07-bundle", backend="onnxruntime")
+    classifier = TextClassifier.load(tiny_run / "06-bundle", backend="onnxruntime")
     with pytest.raises(TypeError, match="predict takes a list of strings; use predict_one"):
         classifier.predict("a single string")
     with pytest.raises(TypeError, match=r"texts\[1\] is int, not str"):
@@ -165,8 +165,8 @@ def test_predictions_do_not_depend_on_batching(tiny_run, dev_texts, tmp_path):
 
     # The FP32 model in the bundle's place: INT8 kernels may round a value to the next step when the batch shape
     # changes, FP32 does not, so any difference here comes from how the runtime batches, pads and reorders.
-    bundle = shutil.copytree(tiny_run / "07-bundle", tmp_path / "bundle")
-    shutil.copy2(tiny_run / "03-export" / "onnx" / "model.onnx", bundle / "onnx" / "model.onnx")
+    bundle = shutil.copytree(tiny_run / "06-bundle", tmp_path / "bundle")
+    shutil.copy2(tiny_run / "02-export" / "onnx" / "model.onnx", bundle / "onnx" / "model.onnx")
     classifier = TextClassifier.load(bundle, backend="onnxruntime", verify=False)
     texts = dev_texts[:40]
     batched = classifier.logits(texts, batch_size=16)
@@ -179,7 +179,7 @@ def test_predictions_do_not_depend_on_batching(tiny_run, dev_texts, tmp_path):
 def test_auto_backend_prefers_openvino_when_installed(tiny_run):
     from edgetl.runtime import TextClassifier
 
-    assert TextClassifier.load(tiny_run / "07-bundle").backend == "openvino"
+    assert TextClassifier.load(tiny_run / "06-bundle").backend == "openvino"
 
 
 @pytest.mark.parametrize("backend, package", [("onnx", "onnxruntime"), ("openvino", "openvino")])
@@ -188,7 +188,7 @@ def test_missing_runtime_says_what_to_install(tiny_run, monkeypatch, backend, pa
     from edgetl.runtime.engines import open_engine
 
     monkeypatch.setitem(sys.modules, package, None)  # what an environment without the package looks like
-    model = tiny_run / "07-bundle" / ("onnx/model.onnx" if backend == "onnx" else "openvino/model.xml")
+    model = tiny_run / "06-bundle" / ("onnx/model.onnx" if backend == "onnx" else "openvino/model.xml")
     with pytest.raises(MissingDependencyError, match=rf"the .* backend needs the '{package}' package; install it with: pip install"):
         open_engine(backend, model)
 
@@ -203,7 +203,7 @@ def test_install_hints_name_an_extra_that_exists(tiny_run, monkeypatch, backend)
     from edgetl.runtime.engines import open_engine
 
     monkeypatch.setitem(sys.modules, {"onnx": "onnxruntime", "openvino": "openvino"}[backend], None)
-    model = tiny_run / "07-bundle" / ("onnx/model.onnx" if backend == "onnx" else "openvino/model.xml")
+    model = tiny_run / "06-bundle" / ("onnx/model.onnx" if backend == "onnx" else "openvino/model.xml")
     with pytest.raises(MissingDependencyError) as excinfo:
         open_engine(backend, model)
     extra = re.search(r"edgetl\[(\w+)\]", str(excinfo.value)).group(1)
@@ -214,7 +214,7 @@ def test_install_hints_name_an_extra_that_exists(tiny_run, monkeypatch, backend)
 def test_the_example_app_is_short_and_classifies_with_a_bundle(tiny_run, tmp_path):
     example = REPO / "examples" / "classify.py"
     assert len(example.read_text().splitlines()) < 30
-    done = subprocess.run([sys.executable, str(example), str(tiny_run / "07-bundle"), "a witty film", "dull"],
+    done = subprocess.run([sys.executable, str(example), str(tiny_run / "06-bundle"), "a witty film", "dull"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     labels = [line.split("\t")[0] for line in done.stdout.splitlines()]
@@ -242,7 +242,7 @@ def _fuzz_texts(count: int, seed: int = 0) -> list[str]:
 def test_fuzz_ten_thousand_generated_inputs_give_valid_predictions(tiny_run):
     from edgetl.runtime import TextClassifier
 
-    classifier = TextClassifier.load(tiny_run / "07-bundle", backend="onnxruntime")
+    classifier = TextClassifier.load(tiny_run / "06-bundle", backend="onnxruntime")
     texts = _fuzz_texts(10_000)
     predictions = classifier.predict(texts)  # one call with all 10,000: batched by length inside
     assert len(predictions) == len(texts)
@@ -259,7 +259,7 @@ def test_fuzz_ten_thousand_generated_inputs_give_valid_predictions(tiny_run):
 def test_lone_surrogates_are_replaced_not_fatal(tiny_run):
     from edgetl.runtime import TextClassifier
 
-    classifier = TextClassifier.load(tiny_run / "07-bundle", backend="onnxruntime")
+    classifier = TextClassifier.load(tiny_run / "06-bundle", backend="onnxruntime")
     assert classifier.predict_one("a witty \ud800 film") == classifier.predict_one("a witty \ufffd film")
 
 
@@ -269,7 +269,7 @@ def test_one_classifier_serves_many_threads(tiny_run, dev_texts, backend):
 
     from edgetl.runtime import TextClassifier
 
-    classifier = TextClassifier.load(tiny_run / "07-bundle", backend=backend)
+    classifier = TextClassifier.load(tiny_run / "06-bundle", backend=backend)
     chunks = [dev_texts[i:i + 7] for i in range(0, len(dev_texts), 7)] * 4
     expected = [classifier.predict(chunk) for chunk in chunks]
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -281,7 +281,7 @@ def test_one_classifier_serves_many_threads(tiny_run, dev_texts, backend):
 def test_a_one_megabyte_text_is_truncated_to_max_length(tiny_run):
     from edgetl.runtime import TextClassifier
 
-    classifier = TextClassifier.load(tiny_run / "07-bundle", backend="onnxruntime")
+    classifier = TextClassifier.load(tiny_run / "06-bundle", backend="onnxruntime")
     huge = "a witty film " * 80_000  # ~1 MB
     assert len(huge.encode()) > 1_000_000
     head = classifier.tokenizer.decode(classifier.tokenizer.encode(huge).ids, skip_special_tokens=True)

@@ -21,7 +21,7 @@ from serve_load import request, run_load, start_server, stop_server  # noqa: E40
 
 @pytest.fixture(scope="module")
 def bundle(tiny_run):
-    return tiny_run / "07-bundle"
+    return tiny_run / "06-bundle"
 
 
 @pytest.fixture(scope="module")

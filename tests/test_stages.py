@@ -56,11 +56,10 @@ def parity_feeds(tokenizer_dir: Path, max_length: int = 64) -> dict[str, np.ndar
 
 @pytest.fixture(scope="module")
 def torch_logits(tiny_artifacts):
-    """Logits of the exported model (sst-int8 exports the distilled one) in PyTorch, on parity feeds."""
     from edgetl.backends import Target
 
     feeds = parity_feeds(tiny_artifacts["export"].path / "onnx")
-    return feeds, Target(tiny_artifacts["distill"], "pytorch").open().run(feeds)
+    return feeds, Target(tiny_artifacts["finetune"], "pytorch").open().run(feeds)
 
 
 # --- finetune ---------------------------------------------------------------------------------------------
@@ -158,7 +157,7 @@ def test_onnx_target_opens_the_fused_model(tiny_artifacts, torch_logits):
 
     feeds, expected = torch_logits
     target = Target(tiny_artifacts["export"], "onnx")
-    assert target.key == "onnx-fp32 (03-export)"
+    assert target.key == "onnx-fp32 (02-export)"
     np.testing.assert_allclose(target.open().run(feeds), expected, rtol=0, atol=PARITY_ATOL)
     assert op_counts(tiny_artifacts["export"].model_path("onnx"))["Attention"] == 2  # one fused block per layer
 
@@ -277,8 +276,8 @@ def test_dynamic_onnx_int8_uses_integer_matmuls(dynamic_run):
     import onnx
 
     run_dir = dynamic_run["run_dir"]
-    raw = onnx.load(str(run_dir / "03-export" / "raw" / "model.onnx")).graph
-    graph = onnx.load(str(run_dir / "04-quantize" / "onnx" / "model.onnx")).graph
+    raw = onnx.load(str(run_dir / "02-export" / "raw" / "model.onnx")).graph
+    graph = onnx.load(str(run_dir / "03-quantize" / "onnx" / "model.onnx")).graph
     counts = collections.Counter(n.op_type for n in graph.node)
     raw_inits, inits = {i.name for i in raw.initializer}, {i.name for i in graph.initializer}
     weight_matmuls = sum(n.op_type == "MatMul" and any(i in raw_inits for i in n.input) for n in raw.node)
@@ -287,17 +286,17 @@ def test_dynamic_onnx_int8_uses_integer_matmuls(dynamic_run):
     assert counts["QuantizeLinear"] == 0  # no static QDQ pairs
     float_weight_matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and any(i in inits for i in n.input)]
     assert float_weight_matmuls == []
-    manifest = dynamic_run["after"]["04-quantize"]
+    manifest = dynamic_run["after"]["03-quantize"]
     assert manifest["models"]["onnx"]["method"] == "dynamic"
 
 
 # --- evaluate ---------------------------------------------------------------------------------------------
 
 def test_evaluation_has_a_row_per_model_artifact_and_backend(tiny_run, tiny_artifacts):
-    rows = json.loads((tiny_run / "05-evaluate" / "evaluation.json").read_text())
+    rows = json.loads((tiny_run / "04-evaluate" / "evaluation.json").read_text())
     expected = {(a.name, backend) for a in tiny_artifacts.values()
                 if a.kind in ("pytorch-model", "exported", "quantized") for backend in a.models}
-    assert len(expected) == 6
+    assert len(expected) == 5
     assert {(r["artifact"], r["backend"]) for r in rows} == expected and len(rows) == len(expected)
     assert [r["artifact"] for r in rows] == sorted(r["artifact"] for r in rows)  # in stage order
     evaluation = tiny_artifacts["evaluate"]
@@ -312,22 +311,22 @@ def test_evaluation_accuracy_is_that_of_its_saved_logits(tiny_run, sst2_slice):
 
     _, dev = load_labelled(DataConfig(path=str(sst2_slice)))
     labels = np.asarray(dev["label"])
-    for row in json.loads((tiny_run / "05-evaluate" / "evaluation.json").read_text()):
-        logits = np.load(tiny_run / "05-evaluate" / f"logits-{row['artifact']}-{row['backend']}.npy")
+    for row in json.loads((tiny_run / "04-evaluate" / "evaluation.json").read_text()):
+        logits = np.load(tiny_run / "04-evaluate" / f"logits-{row['artifact']}-{row['backend']}.npy")
         assert logits.shape == (120, 2)
         assert row["accuracy"] == pytest.approx(float((logits.argmax(-1) == labels).mean()), abs=1e-5)
 
 
 def test_evaluated_onnx_fp32_logits_match_pytorch(tiny_run):
-    folder = tiny_run / "05-evaluate"
-    reference = np.load(folder / "logits-02-distill-pytorch.npy")
-    np.testing.assert_allclose(np.load(folder / "logits-03-export-onnx.npy"), reference, rtol=0, atol=PARITY_ATOL)
+    folder = tiny_run / "04-evaluate"
+    reference = np.load(folder / "logits-01-finetune-pytorch.npy")
+    np.testing.assert_allclose(np.load(folder / "logits-02-export-onnx.npy"), reference, rtol=0, atol=PARITY_ATOL)
 
 
 # --- benchmark --------------------------------------------------------------------------------------------
 
 def test_benchmark_has_a_row_per_target_with_the_evaluated_accuracy(tiny_run, tiny_artifacts):
-    result = json.loads((tiny_run / "06-benchmark" / "results.json").read_text())
+    result = json.loads((tiny_run / "05-benchmark" / "results.json").read_text())
     accuracy = tiny_artifacts["evaluate"].metrics
     assert [r["target"] for r in result["rows"]] == list(accuracy)
     assert result["settings"]["sentences"] == 20 and result["settings"]["rounds"] == 1
@@ -336,20 +335,20 @@ def test_benchmark_has_a_row_per_target_with_the_evaluated_accuracy(tiny_run, ti
         assert row["calls"] == 20 and row["throughput_per_s"] > 0 and row["model_mb"] > 0
         assert row["accuracy"] == accuracy[row["target"]]
     for name in ("report.md", "results.csv", "accuracy_vs_latency.png"):
-        assert (tiny_run / "06-benchmark" / name).stat().st_size > 0
+        assert (tiny_run / "05-benchmark" / name).stat().st_size > 0
 
 
 def test_cli_bench_on_one_artifact(tiny_run, tmp_path):
     from edgetl.cli import main
 
     out = tmp_path / "bench"
-    assert main(["bench", str(tiny_run / "04-quantize"), "--out", str(out), "--rounds", "1", "--max-calls", "5",
+    assert main(["bench", str(tiny_run / "03-quantize"), "--out", str(out), "--rounds", "1", "--max-calls", "5",
                  "--batch-sizes", "1", "--seq-lengths", "own"]) == 0
     result = json.loads((out / "results.json").read_text())
-    assert [r["target"] for r in result["rows"]] == ["onnx-int8 (04-quantize)", "openvino-int8 (04-quantize)"]
+    assert [r["target"] for r in result["rows"]] == ["onnx-int8 (03-quantize)", "openvino-int8 (03-quantize)"]
     assert any("peers: skipped (no FP32 export" in note for note in result["notes"])
     # Accuracy on the whole evaluation split, batched as the evaluate stage batches: the same numbers.
-    evaluated = json.loads((tiny_run / "05-evaluate" / "manifest.json").read_text())["metrics"]
+    evaluated = json.loads((tiny_run / "04-evaluate" / "manifest.json").read_text())["metrics"]
     for row in result["rows"]:
         assert row["calls"] == 5 and row["p50_ms"] > 0 and row["accuracy"] == evaluated[row["target"]]
 
@@ -386,5 +385,5 @@ def test_bundle_of_a_backend_the_model_lacks(tiny_artifacts, shrink, tmp_path):
                                                            "models": {"onnx": tiny_artifacts["quantize"].models["onnx"]}})
     recipe = load_recipe("sst-int8", shrink())
     ctx = StageContext(recipe, [onnx_only], tmp_path, tmp_path / "work")
-    with pytest.raises(StageError, match=r"bundle: 04-quantize has no \['openvino'\] model; backends there: \['onnx'\]"):
+    with pytest.raises(StageError, match=r"bundle: 03-quantize has no \['openvino'\] model; backends there: \['onnx'\]"):
         bundle.run(recipe.stages[-1], ctx, tmp_path)
