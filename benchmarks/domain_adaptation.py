@@ -5,8 +5,8 @@
 ``da``: amazon-electronics-baseline (SST-2 only) against amazon-electronics (DAPT + self-training, then
 INT8), every seed in its own run folder; the adapt stage does not depend on the fine-tuning seed, so later
 seeds copy the first one's. ``ablation``: amazon-electronics without self-training (DAPT only), with DANN
-instead of self-training, and without DAPT (self-training only). ``fewshot``: amazon-electronics-fewshot with method full | lora | prompt-tuning, with and
-without its augment stage. Each run is ``edgetl run`` in a subprocess (log beside its run folder); finished
+instead of self-training, and without DAPT (self-training only). ``fewshot``: amazon-electronics-fewshot
+with method full | lora | prompt-tuning, with and without its augment stage. Each run is ``edgetl run`` in a subprocess (log beside its run folder); finished
 runs are skipped, so an interrupted experiment resumes. Writes ``<out>/<target>/<part>.json`` and
 ``<part>.json`` and ``<part>.md`` (mean and sample standard deviation over seeds, each seed's value, and the checks of issue 5).
 """
