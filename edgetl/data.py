@@ -111,8 +111,15 @@ def load_evaluation(cfg: DataConfig):
 def target_texts(cfg: DataConfig) -> list[str]:
     """The target domain's training texts, labels dropped (unlabelled in-domain text)."""
     if not cfg.target:
-        raise DataError("data.target: not set; adapt and domain_adversarial need target-domain text")
+        raise DataError("data.target: not set; adapt, domain_adversarial and self_train need target-domain text")
     return read_texts(target_files(cfg)[0], "text", "data.target")
+
+
+def target_tokens(cfg: DataConfig, tokenizer, max_length: int | None = None):
+    """``target_texts`` tokenized as ``tokenize`` cuts them (a dataset without labels)."""
+    import datasets
+
+    return tokenize(datasets.Dataset.from_dict({"text": target_texts(cfg)}), tokenizer, cfg, max_length)
 
 
 def _labelled(ds, cfg: DataConfig, fields: tuple[str, str], split: str, limit: int | None):

@@ -122,18 +122,24 @@ def without_autocast(model):
     return model
 
 
-def fp32_accuracy(model, dataset, collator, batch_size: int) -> float:
-    """Accuracy of the kept model in FP32, as it is exported (Trainer evaluates under bf16 autocast)."""
+def logits_of(model, dataset, collator, batch_size: int, bf16: bool = False) -> np.ndarray:
+    """A PyTorch classifier's logits over a tokenized dataset (its labels, if any, unused), in FP32 unless ``bf16``."""
     import torch
     from torch.utils.data import DataLoader
 
     without_autocast(model).eval()
-    correct = 0
-    with torch.inference_mode():
+    out = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
-            labels = batch.pop("labels")
-            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
-    return correct / len(dataset)
+            batch.pop("labels", None)
+            out.append(model(**batch).logits.float().numpy())
+    return np.concatenate(out)
+
+
+def fp32_accuracy(model, dataset, collator, batch_size: int) -> float:
+    """Accuracy of the kept model in FP32, as it is exported (Trainer evaluates under bf16 autocast)."""
+    logits = logits_of(model, dataset, collator, batch_size)
+    return float((logits.argmax(-1) == np.asarray(dataset["label"])).mean())
 
 
 def write_eval_history(trainer, out_dir: Path) -> None:

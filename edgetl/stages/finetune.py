@@ -56,15 +56,12 @@ def run(cfg: FinetuneStage, ctx, out_dir: Path) -> StageOutput:
 
 def target_loader(cfg: FinetuneStage, ctx, tokenizer, collator):
     """Endless shuffled batches of unlabelled target-domain texts for the domain loss."""
-    import datasets
     import torch
     from torch.utils.data import DataLoader
 
-    from edgetl.data import target_texts, tokenize
+    from edgetl.data import target_tokens
 
-    data = ctx.recipe.data
-    texts = datasets.Dataset.from_dict({"text": target_texts(data)})
-    tokens = tokenize(texts, tokenizer, data, cfg.domain_adversarial.target_max_length)
+    tokens = target_tokens(ctx.recipe.data, tokenizer, cfg.domain_adversarial.target_max_length)
     generator = torch.Generator().manual_seed(cfg.seed)
     return DataLoader(tokens, batch_size=cfg.domain_adversarial.target_batch_size, shuffle=True, drop_last=True,
                       collate_fn=collator, generator=generator)

@@ -46,36 +46,22 @@ def select_confident(probs: np.ndarray, fraction: float, balance: bool) -> tuple
     return np.concatenate(picked), np.concatenate(labels)
 
 
-def predict_probs(model, dataset, collator, batch_size: int, bf16: bool) -> np.ndarray:
-    import torch
-    from torch.utils.data import DataLoader
-
-    from edgetl.runtime.text import softmax
-
-    model.eval()
-    out = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
-            out.append(model(**batch).logits.float().numpy())
-    return softmax(np.concatenate(out))
-
-
 def run(cfg: SelfTrainStage, ctx, out_dir: Path) -> StageOutput:
     import datasets
     from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer
 
-    from edgetl.data import target_texts, tokenize
+    from edgetl.data import target_tokens
     from edgetl.modeling import load_classifier
-    from edgetl.training import (accuracy_metric, finish_training, labelled_data, train_and_resume,
-                                 training_arguments, use_bf16, without_autocast)
+    from edgetl.runtime.text import softmax
+    from edgetl.training import (accuracy_metric, finish_training, labelled_data, logits_of, train_and_resume,
+                                 training_arguments, use_bf16)
 
     source = ctx.latest("pytorch-model")
     model = load_classifier(source.path)  # never prompt-tuned: the recipe check refuses that chain
     tokenizer = AutoTokenizer.from_pretrained(str(source.path))
-    data = ctx.recipe.data
     collator = DataCollatorWithPadding(tokenizer)
     train_tok, dev_tok = labelled_data(ctx, tokenizer)
-    target_tok = tokenize(datasets.Dataset.from_dict({"text": target_texts(data)}), tokenizer, data)
+    target_tok = target_tokens(ctx.recipe.data, tokenizer)
     bf16 = use_bf16(cfg)
     history: list[dict] = []
     trainer = None
@@ -86,7 +72,7 @@ def run(cfg: SelfTrainStage, ctx, out_dir: Path) -> StageOutput:
             history.append(json.loads((done / "round.json").read_text()))
             log.info("self_train: round %d finished before; resuming after it", k)
             continue
-        probs = predict_probs(without_autocast(model), target_tok, collator, cfg.eval_batch_size, bf16)
+        probs = softmax(logits_of(model, target_tok, collator, cfg.eval_batch_size, bf16))
         picked, labels = select_confident(probs, cfg.fraction * k / cfg.rounds, cfg.balance)
         if len(picked) == 0:
             raise StageError(f"self_train.fraction: {cfg.fraction} keeps no target text of {len(target_tok)}")
@@ -94,10 +80,11 @@ def run(cfg: SelfTrainStage, ctx, out_dir: Path) -> StageOutput:
         n_source = min(len(train_tok), round(cfg.source_ratio * len(picked)))
         mixed = datasets.concatenate_datasets(
             [train_tok.shuffle(seed=cfg.seed + k).select(range(n_source)), pseudo.cast(train_tok.features)])
-        trainer = Trainer(model=model, args=training_arguments(cfg, replace(ctx, work_dir=ctx.work_dir / f"train-{k}")),
+        work_dir = ctx.work_dir / f"train-{k}"
+        trainer = Trainer(model=model, args=training_arguments(cfg, replace(ctx, work_dir=work_dir)),
                           train_dataset=mixed, eval_dataset=dev_tok, data_collator=collator,
                           compute_metrics=accuracy_metric, processing_class=tokenizer)
-        train_and_resume(trainer, ctx.work_dir / f"train-{k}", f"self_train round {k}")
+        train_and_resume(trainer, work_dir, f"self_train round {k}")
         entry = {"round": k, "pseudo_labelled": len(picked), "source_rows": n_source,
                  "per_label": np.bincount(labels, minlength=probs.shape[1]).tolist(),
                  "mean_confidence": round(float(probs[picked, labels].mean()), 4),
