@@ -267,12 +267,17 @@ class QuantizeStage(_Strict):
         "Applies to OpenVINO, and to ONNX when onnx_method is static (dynamic INT8 has no calibrated layers to revert).")
     qat: QATConfig = Field(default_factory=QATConfig, description="Training settings for method: qat.")
     onnx_method: Literal["static", "dynamic"] = Field("static", description="ONNX Runtime QDQ with calibration, or dynamic INT8.")
-    calibration_samples: int = Field(300, ge=1, description="Training sentences used to calibrate activations.")
+    calibration_samples: int = Field(300, ge=1, description="Texts that calibrate activations: training sentences, "
+                                     "or data.target's unlabelled training texts when it is set (what the model will serve).")
     per_channel: bool = True
     onnx_calibration: Literal["minmax", "percentile"] = Field("minmax", description="Static activation ranges: min/max or 99.999th percentile.")
     onnx_dynamic_ffn_down: bool = Field(
         True, description="Static INT8 everywhere except the FFN down-projections, which get dynamic INT8 "
         "(cuts the logit error about 3x; see benchmarks/ort_int8_configs.py).")
+    smooth_alpha: float | None = Field(
+        None, ge=0, le=1, description="ONNX Runtime PTQ: SmoothQuant before INT8, moving activation outliers into the "
+        "weights (strength alpha, measured on the calibration texts); none: off. OpenVINO's nncf.quantize already "
+        "smooths MatMuls (alpha 0.95) under its transformer preset.")
 
 
 class EvaluateStage(_Strict):

@@ -247,6 +247,80 @@ def test_static_onnx_int8_quantizes_every_matmul_and_the_embeddings(tiny_artifac
     assert len(float_matrices) == 1 and float_matrices[0].startswith("classifier.weight"), float_matrices
 
 
+def test_smoothing_keeps_the_fp32_function_and_evens_out_the_activation_channels(tiny_artifacts, dev_texts, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from edgetl.runtime.engines import open_engine
+    from edgetl.runtime.text import encode, load_tokenizer
+    from edgetl.stages._quantize_ort import _weight_matmuls, quantize_onnx, smooth
+
+    export = tiny_artifacts["export"]
+    raw = export.path / "raw" / "model.onnx"
+    tokenizer = load_tokenizer(export.model_path("onnx").parent, 64)
+    feeds = [encode(tokenizer, [text]) for text in dev_texts[:16]]
+    smoothed = tmp_path / "smoothed.onnx"
+    assert smooth(raw, smoothed, feeds, alpha=0.85) == 8  # per layer: q/k/v input, context, FFN in, FFN out
+    graph = onnx.load(str(smoothed)).graph
+    muls = [n for n in graph.node if n.name.endswith("_smooth")]
+    assert len(muls) == 8 and all(n.op_type == "Mul" for n in muls)
+    # Every constant-weight MatMul now reads a smoothed input.
+    assert sorted(_weight_matmuls(onnx.load(str(smoothed)))) == sorted(m.output[0] for m in muls)
+    before, after = open_engine("onnx", raw), open_engine("onnx", smoothed)
+    held_out = [encode(tokenizer, [text]) for text in dev_texts[16:40]]
+    for feed in held_out:
+        np.testing.assert_allclose(after.run(feed), before.run(feed), atol=1e-4)
+
+    # The channel peaks of each smoothed activation are evener than those of the activation it replaced.
+    def peaks(model, names):
+        for name in names:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        inputs = [i.name for i in session.get_inputs()]
+        outs = [session.run(names, {k: f[k] for k in inputs}) for f in feeds]
+        return [np.max([np.abs(o[i]).reshape(-1, o[i].shape[-1]).max(0) for o in outs], 0) for i in range(len(names))]
+
+    spread = [p.max() / p.mean() for p in peaks(onnx.load(str(smoothed)), [m.input[0] for m in muls])]
+    smoothed_spread = [p.max() / p.mean() for p in peaks(onnx.load(str(smoothed)), [m.output[0] for m in muls])]
+    assert all(b < a for a, b in zip(spread, smoothed_spread, strict=True)), (spread, smoothed_spread)
+
+    # Dynamic INT8 of the smoothed model: every encoder weight MatMul is integer, fed through its smoothing Mul
+    # (the classifier, a Gemm in the export, is quantized but not smoothed).
+    int8 = tmp_path / "int8.onnx"
+    quantize_onnx(raw, int8, "dynamic", feeds, per_channel=True, smooth_alpha=0.85)
+    graph = onnx.load(str(int8)).graph
+    producer = {out: node for node in graph.node for out in node.output}
+    weights = {i.name for i in graph.initializer}
+    integer = [n for n in graph.node if n.op_type == "MatMulInteger" and n.input[1] in weights
+               and n.name.startswith("/bert/encoder/")]
+    assert len(integer) == 12
+    assert all(producer[producer[n.input[0]].input[0]].name.endswith("_smooth") for n in integer)
+
+
+def test_calibration_uses_the_target_domains_unlabelled_texts_cut_as_the_runtime_cuts_them(
+        tiny_model, sst2_slice, electronics_slice):
+    from types import SimpleNamespace
+
+    from edgetl.data import load_labelled, target_texts
+    from edgetl.recipe import DataConfig
+    from edgetl.runtime.text import encode, load_tokenizer
+    from edgetl.stages.quantize import calibration_feeds
+
+    data = DataConfig(path=str(sst2_slice), target=str(electronics_slice), max_length=64, truncation="head+tail",
+                      head_tokens=16)
+    feeds = calibration_feeds(SimpleNamespace(recipe=SimpleNamespace(data=data)), tiny_model, 30)
+    tokenizer = load_tokenizer(tiny_model, 64, "head+tail", 16)
+    reviews = {tuple(encode(tokenizer, [t])["input_ids"][0]) for t in target_texts(data)}
+    sentences = {tuple(encode(tokenizer, [t])["input_ids"][0]) for t in load_labelled(data)[0]["text"]}
+    ids = [tuple(f["input_ids"][0]) for f in feeds]
+    assert len(set(ids)) == 30 and set(ids) <= reviews and not set(ids) & sentences
+    assert max(len(i) for i in ids) == 64  # long reviews are cut to max_length, head and tail kept
+    # Without a target domain: the labelled training sentences.
+    plain_data = DataConfig(path=str(sst2_slice), max_length=64)
+    plain = calibration_feeds(SimpleNamespace(recipe=SimpleNamespace(data=plain_data)), tiny_model, 30)
+    assert {tuple(f["input_ids"][0]) for f in plain} <= sentences
+
+
 def test_openvino_int8_ir_holds_fake_quantize_and_int8_weights(tiny_artifacts):
     fp32_types, fp32_consts = ir_counts(tiny_artifacts["export"].model_path("openvino"))
     int8_types, int8_consts = ir_counts(tiny_artifacts["quantize"].model_path("openvino"))

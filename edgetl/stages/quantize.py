@@ -1,12 +1,13 @@
-"""Post-training INT8 quantization of exported models, calibrated on training sentences."""
+"""Post-training INT8 quantization of exported models, calibrated on training text (never the evaluation split)."""
 
 from __future__ import annotations
 
+import random
 import shutil
 from pathlib import Path
 
 from edgetl.artifact import StageOutput, model_file_bytes
-from edgetl.data import load_labelled
+from edgetl.data import load_labelled, target_texts
 from edgetl.errors import StageError
 from edgetl.recipe import QuantizeStage
 from edgetl.runtime.text import encode, load_tokenizer
@@ -14,19 +15,25 @@ from edgetl.stages.export import copy_tokenizer
 
 
 def encode_texts(data, texts: list[str], tokenizer_dir: Path) -> list[dict]:
-    """One feed per text, at its own length, with the tokenizer in ``tokenizer_dir``."""
-    tokenizer = load_tokenizer(tokenizer_dir, data.max_length)
+    """One feed per text, at its own length, cut as the recipe's data section says (as the runtime will)."""
+    tokenizer = load_tokenizer(tokenizer_dir, data.max_length, data.truncation, data.head_tokens)
     return [encode(tokenizer, [text]) for text in texts]
 
 
 def calibration_feeds(ctx, tokenizer_dir: Path, samples: int) -> list[dict]:
-    """``samples`` training sentences (shuffled, fixed seed), one per feed at its own length.
+    """``samples`` texts (shuffled, fixed seed), one per feed at its own length: data.target's unlabelled
+    training texts when the recipe has a target domain (the text the model will serve), else training sentences.
 
     Training text, never the evaluation split: calibrating on dev would leak it into the model.
     """
-    train, _ = load_labelled(ctx.recipe.data)
-    texts = train.shuffle(seed=1).select(range(min(samples, len(train))))["text"]
-    return encode_texts(ctx.recipe.data, texts, tokenizer_dir)
+    data = ctx.recipe.data
+    if data.target:
+        texts = target_texts(data)
+        texts = random.Random(1).sample(texts, len(texts))[:samples]  # benchmarks/ort_int8_configs.py draws the same
+    else:
+        train, _ = load_labelled(data)
+        texts = train.shuffle(seed=1).select(range(min(samples, len(train))))["text"]
+    return encode_texts(data, texts, tokenizer_dir)
 
 
 def evaluation_feeds(ctx, tokenizer_dir: Path) -> tuple[list[dict], list[int]]:
@@ -67,8 +74,9 @@ def _onnxruntime_int8(cfg: QuantizeStage, source, folder: Path, feeds: list[dict
 
     unfused = source.path / source.manifest["unfused_onnx"]
     dynamic_nodes = quantize_onnx(unfused, folder / "model.onnx", cfg.onnx_method, feeds, cfg.per_channel,
-                                  cfg.onnx_calibration, cfg.onnx_dynamic_ffn_down)
-    return {"path": "onnx/model.onnx", "precision": "int8", "method": cfg.onnx_method, "dynamic_int8_nodes": dynamic_nodes}
+                                  cfg.onnx_calibration, cfg.onnx_dynamic_ffn_down, cfg.smooth_alpha)
+    return {"path": "onnx/model.onnx", "precision": "int8", "method": cfg.onnx_method, "smooth_alpha": cfg.smooth_alpha,
+            "dynamic_int8_nodes": dynamic_nodes}
 
 
 def _openvino_int8(source, folder: Path, feeds: list[dict]) -> dict:
