@@ -2,20 +2,19 @@
 
 Fidelity = share of held-out texts (not used for calibration) on which the INT8 model predicts the same
 label as the FP32 model, plus the mean absolute logit error, one text per call as the runtime runs them.
-The texts are SST-2 *training* sentences, or with --target the unlabelled training reviews of that
-Amazon domain (what a domain-adapted model serves). This is how the defaults of `quantize.onnx_*` and
-`quantize.smooth_alpha` were chosen; dev accuracy is reported by the recipe, never used here.
+The texts and their cut come from the export's recipe (its manifest's data section), drawn as the quantize
+stage draws calibration texts: SST-2 *training* sentences, or for a recipe with data.target the unlabelled
+training reviews of that domain (what a domain-adapted model serves). This is how the defaults of
+`quantize.onnx_*` and `quantize.smooth_alpha` were chosen; dev accuracy is reported by the recipe, never used here.
 
     .venv/bin/python benchmarks/ort_int8_configs.py runs/sst-int8/02-export [--only dynamic] [--out benchmarks/results]
-    .venv/bin/python benchmarks/ort_int8_configs.py RUN/04-export --target electronics --max-length 256 \
-        --truncation head+tail --only dynamic --out benchmarks/results
+    .venv/bin/python benchmarks/ort_int8_configs.py RUN/04-export --only dynamic --out benchmarks/results
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 from pathlib import Path
@@ -24,11 +23,11 @@ import numpy as np
 
 from edgetl.artifact import Artifact
 from edgetl.bench.machine import describe, machine_info
-from edgetl.data import load_labelled, target_texts
 from edgetl.recipe import DataConfig
 from edgetl.runtime.engines import open_engine
 from edgetl.runtime.text import encode, load_tokenizer
 from edgetl.stages._quantize_ort import quantize_onnx
+from edgetl.stages.quantize import calibration_pool
 
 # name -> (method, quantize_onnx options)
 CONFIGS = {
@@ -50,23 +49,17 @@ def main() -> int:
     parser.add_argument("--held-out", type=int, default=2000)
     parser.add_argument("--out", default=None)
     parser.add_argument("--only", default=None, help="run only the settings whose name starts with this, e.g. dynamic")
-    parser.add_argument("--target", default=None, help="Amazon domain whose unlabelled training reviews are used")
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--truncation", default="right")
-    parser.add_argument("--head-tokens", type=int, default=DataConfig().head_tokens)
     args = parser.parse_args()
     exported = Artifact.load(args.export_dir)
     unfused = exported.path / exported.manifest["unfused_onnx"]
-    tokenizer = load_tokenizer(exported.model_path("onnx").parent, args.max_length, args.truncation, args.head_tokens)
-    if args.target:
-        texts = target_texts(DataConfig(target=args.target))
-        shuffled = random.Random(1).sample(texts, len(texts))
-        calib_texts, held = shuffled[: args.calibration], shuffled[args.calibration :][: args.held_out]
+    data = DataConfig(**exported.manifest["data"])
+    tokenizer = load_tokenizer(exported.model_path("onnx").parent, data.max_length, data.truncation, data.head_tokens)
+    pool = calibration_pool(data)
+    calib_texts = pool[: args.calibration]
+    if data.target:
+        held = pool[args.calibration :][: args.held_out]
     else:
-        train, _ = load_labelled(DataConfig())
-        shuffled = train.shuffle(seed=1)["text"]
-        calib_texts = shuffled[: args.calibration]
-        held = [t for t in shuffled[len(shuffled) // 2 :] if len(t.split()) >= MIN_WORDS][: args.held_out]
+        held = [t for t in pool[len(pool) // 2 :] if len(t.split()) >= MIN_WORDS][: args.held_out]
     calib = [encode(tokenizer, [t]) for t in calib_texts]
     feeds = [encode(tokenizer, [t]) for t in held]
     reference = np.concatenate([open_engine("onnx", unfused).run(f) for f in feeds])
@@ -86,10 +79,10 @@ def main() -> int:
             print(name, results[name], flush=True)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        record = {"export": str(exported.path), "texts": f"{args.target} reviews" if args.target else "SST-2 train",
+        record = {"export": str(exported.path), "texts": f"{data.target} reviews" if data.target else "SST-2 train",
                   "held_out_texts": len(held), "calibration_texts": len(calib),
                   "machine": describe(machine_info()), "configs": results}
-        name = "ort_int8_configs" + "".join(f"-{part}" for part in (args.target, args.only) if part) + ".json"
+        name = "ort_int8_configs" + "".join(f"-{part}" for part in (data.target, args.only) if part) + ".json"
         (Path(args.out) / name).write_text(json.dumps(record, indent=1))
     return 0
 

@@ -70,7 +70,8 @@ def smooth(source: Path, target: Path, feeds: list[dict], alpha: float) -> int:
 
     model = onnx.load(str(source))
     groups = _weight_matmuls(model)
-    probe = onnx.load(str(source))
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
     probe.graph.output.extend(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in groups)
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the probed tensors

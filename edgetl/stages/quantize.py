@@ -20,20 +20,21 @@ def encode_texts(data, texts: list[str], tokenizer_dir: Path) -> list[dict]:
     return [encode(tokenizer, [text]) for text in texts]
 
 
-def calibration_feeds(ctx, tokenizer_dir: Path, samples: int) -> list[dict]:
-    """``samples`` texts (shuffled, fixed seed), one per feed at its own length: data.target's unlabelled
-    training texts when the recipe has a target domain (the text the model will serve), else training sentences.
-
-    Training text, never the evaluation split: calibrating on dev would leak it into the model.
+def calibration_pool(data) -> list[str]:
+    """The texts calibration draws from, in the fixed shuffled order it draws them: data.target's unlabelled
+    training texts when the recipe has a target domain (the text the model will serve), else the training
+    sentences. Training text, never the evaluation split: calibrating on dev would leak it into the model.
     """
-    data = ctx.recipe.data
     if data.target:
         texts = target_texts(data)
-        texts = random.Random(1).sample(texts, len(texts))[:samples]  # benchmarks/ort_int8_configs.py draws the same
-    else:
-        train, _ = load_labelled(data)
-        texts = train.shuffle(seed=1).select(range(min(samples, len(train))))["text"]
-    return encode_texts(data, texts, tokenizer_dir)
+        return random.Random(1).sample(texts, len(texts))
+    train, _ = load_labelled(data)
+    return train.shuffle(seed=1)["text"]
+
+
+def calibration_feeds(ctx, tokenizer_dir: Path, samples: int) -> list[dict]:
+    """The first ``samples`` texts of ``calibration_pool``, one per feed at its own length."""
+    return encode_texts(ctx.recipe.data, calibration_pool(ctx.recipe.data)[:samples], tokenizer_dir)
 
 
 def evaluation_feeds(ctx, tokenizer_dir: Path) -> tuple[list[dict], list[int]]:
