@@ -147,6 +147,10 @@ class FinetuneStage(TrainingConfig):
     prompt_tokens: int = Field(20, ge=1, description="prompt-tuning: virtual tokens in the soft prompt.")
     domain_adversarial: DomainAdversarialConfig | None = Field(
         None, description="Train against a domain classifier on labelled source plus unlabelled data.target text.")
+    ema_decay: float | None = Field(
+        None, gt=0, lt=1, description="Keep an exponential moving average of the weights (decay per step; 0.999 "
+        "averages over about the last 1,000 steps): the average is evaluated, checkpointed and kept, and the "
+        "training weights' dev accuracy is logged beside it.")
 
 
 class SelfTrainStage(TrainingConfig):

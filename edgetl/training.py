@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,110 @@ def train_and_resume(trainer, work_dir: Path, stage: str):
     trainer.train(resume_from_checkpoint=resume)
 
 
+class WeightAverage:
+    """Exponential moving average of a model's trainable weights, updated after every optimizer step.
+
+    The first updates average over fewer steps (decay ``min(decay, (1 + n) / (10 + n))``, as TensorFlow's
+    ExponentialMovingAverage with ``num_updates``), so the average does not cling to the pretrained weights.
+    """
+
+    FILE = "weight_average.safetensors"
+
+    def __init__(self, model, decay: float):
+        self.decay = decay
+        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self.average = {name: p.detach().float().clone() for name, p in self.params.items()}
+        self.updates = 0
+
+    def update(self) -> None:
+        import torch
+
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        with torch.no_grad():
+            for name, p in self.params.items():
+                self.average[name].lerp_(p.detach().float(), 1 - decay)
+
+    def copy_to_model(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for name, p in self.params.items():
+                p.copy_(self.average[name])
+
+    @contextmanager
+    def applied(self):
+        """The model holds the average inside the block and its training weights again after it."""
+        import torch
+
+        training = {name: p.detach().clone() for name, p in self.params.items()}
+        self.copy_to_model()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, p in self.params.items():
+                    p.copy_(training[name])
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.average, str(path), metadata={"updates": str(self.updates), "decay": str(self.decay)})
+
+    def load(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            self.updates = int(f.metadata()["updates"])
+            for name in self.average:
+                self.average[name].copy_(f.get_tensor(name))
+
+
+def averaging(trainer_cls, decay: float):
+    """``trainer_cls`` keeping a :class:`WeightAverage`: the average is what is evaluated (the training
+    weights' dev accuracy is logged beside it as ``eval_raw_accuracy``), checkpointed and kept at the end."""
+    from transformers import TrainerCallback
+
+    class Update(TrainerCallback):
+        def __init__(self, average: WeightAverage):
+            self.average = average
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.average.update()
+
+    class AveragingTrainer(trainer_cls):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.average = WeightAverage(self.model, decay)
+            self.add_callback(Update(self.average))
+
+        def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+            super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_raw")
+            with self.average.applied():
+                return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+        def _save_checkpoint(self, model, trial):
+            # Before Trainer's own files: the trainer_state.json it writes last marks a complete checkpoint.
+            if self.args.should_save:
+                folder = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+                folder.mkdir(parents=True, exist_ok=True)
+                self.average.save(folder / WeightAverage.FILE)
+            super()._save_checkpoint(model, trial)
+
+        def train(self, resume_from_checkpoint=None, **kwargs):
+            if resume_from_checkpoint:
+                self.average.load(Path(resume_from_checkpoint) / WeightAverage.FILE)
+                log.info("weight average of %d steps restored from %s", self.average.updates, resume_from_checkpoint)
+            output = super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+            best = self.state.best_model_checkpoint
+            if best and self.args.load_best_model_at_end:
+                self.average.load(Path(best) / WeightAverage.FILE)
+            self.average.copy_to_model()
+            return output
+
+    return AveragingTrainer
+
+
 def without_autocast(model):
     """Undo the bf16 autocast wrapper that accelerate puts around ``forward`` when Trainer trains in bf16
     (it stays on the module after training, so a later forward would still run in bf16)."""
@@ -143,10 +248,14 @@ def fp32_accuracy(model, dataset, collator, batch_size: int) -> float:
 
 
 def write_eval_history(trainer, out_dir: Path) -> None:
-    """The dev accuracy at every evaluation, as ``eval_history.json``."""
+    """The dev accuracy at every evaluation, as ``eval_history.json`` (with a weight average: the average's,
+    and the training weights' as ``eval_raw_accuracy``)."""
     import json
 
-    history = [h for h in trainer.state.log_history if "eval_accuracy" in h]
+    log_history = trainer.state.log_history
+    raw = {h["step"]: h["eval_raw_accuracy"] for h in log_history if "eval_raw_accuracy" in h}
+    history = [h | ({"eval_raw_accuracy": raw[h["step"]]} if h["step"] in raw else {})
+               for h in log_history if "eval_accuracy" in h]
     (out_dir / "eval_history.json").write_text(json.dumps(history, indent=1))
 
 

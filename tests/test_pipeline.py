@@ -259,6 +259,7 @@ def test_kill_during_finetune_then_resume(shrink, tmp_path):
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "finetune: resuming from" in done.stderr and "/checkpoint-" in done.stderr
+    assert "weight average of" in done.stderr, "sst-int8's ema_decay: the average resumes with the weights"
     found = manifests(run_dir)
     assert list(found) == STAGES
     assert found["01-finetune"]["metrics"]["steps"] == 60

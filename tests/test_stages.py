@@ -110,6 +110,68 @@ def test_finetune_keeps_the_best_checkpoint_and_records_its_accuracy(tiny_artifa
     assert 1_000 < metrics["parameters"] < 100_000
 
 
+def test_weight_average_follows_the_steps_swaps_in_and_out_and_reloads(tiny_model, tmp_path):
+    import torch
+
+    from edgetl.modeling import load_classifier
+    from edgetl.training import WeightAverage
+
+    model = load_classifier(tiny_model)
+    average = WeightAverage(model, decay=0.9)
+    name, param = next(iter(average.params.items()))
+    expected = param.detach().clone()
+    for n in range(1, 30):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.01)
+        average.update()
+        decay = min(0.9, (1 + n) / (10 + n))
+        expected = decay * expected + (1 - decay) * param.detach()
+    torch.testing.assert_close(average.average[name], expected, rtol=0, atol=1e-6)
+    training = {n: p.detach().clone() for n, p in average.params.items()}
+    with average.applied():
+        assert torch.equal(param, average.average[name])
+    assert all(torch.equal(p, training[n]) for n, p in average.params.items()), "training weights restored exactly"
+
+    average.save(tmp_path / "avg.safetensors")
+    other = WeightAverage(load_classifier(tiny_model), decay=0.9)
+    other.load(tmp_path / "avg.safetensors")
+    assert other.updates == 29 and all(torch.equal(other.average[n], t) for n, t in average.average.items())
+
+
+def test_averaging_trainer_evaluates_and_keeps_the_average_of_its_best_checkpoint(tiny_model, sst2_slice, tmp_path):
+    import torch
+    from transformers import DataCollatorWithPadding, Trainer
+
+    from edgetl.data import load_labelled, tokenize
+    from edgetl.modeling import new_classifier
+    from edgetl.recipe import DataConfig, FinetuneStage
+    from edgetl.training import WeightAverage, accuracy_metric, averaging, fp32_accuracy, training_arguments
+
+    data = DataConfig(path=str(sst2_slice), max_length=32, max_train_samples=128, max_eval_samples=64)
+    cfg = FinetuneStage(stage="finetune", max_steps=12, eval_steps=4, batch_size=16, learning_rate=3e-3,
+                        precision="fp32", ema_decay=0.5)
+    model, tokenizer = new_classifier(str(tiny_model), data.labels, "mean")
+    train, dev = (tokenize(split, tokenizer, data) for split in load_labelled(data))
+    collator = DataCollatorWithPadding(tokenizer)
+    ctx = type("Ctx", (), {"work_dir": tmp_path, "world_size": 1})()
+    trainer = averaging(Trainer, cfg.ema_decay)(
+        model=model, args=training_arguments(cfg, ctx), train_dataset=train, eval_dataset=dev,
+        data_collator=collator, compute_metrics=accuracy_metric)
+    trainer.train()
+
+    history = [h for h in trainer.state.log_history if "eval_accuracy" in h]
+    raw = [h for h in trainer.state.log_history if "eval_raw_accuracy" in h]
+    assert [h["step"] for h in history] == [h["step"] for h in raw] == [4, 8, 12]
+    best = trainer.state.best_model_checkpoint
+    kept = WeightAverage(model, cfg.ema_decay)
+    kept.load(Path(best) / WeightAverage.FILE)
+    assert kept.updates == int(Path(best).name.split("-")[1])
+    for name, p in kept.params.items():
+        assert torch.equal(p, kept.average[name]), f"{name} is not the best checkpoint's average"
+    assert fp32_accuracy(model, dev, collator, 64) == pytest.approx(trainer.state.best_metric, abs=1e-6)
+
+
 def test_the_fp32_accuracy_runs_without_the_bf16_autocast_training_left_on_the_model(tiny_model):
     import torch
     from accelerate import Accelerator

@@ -8,7 +8,14 @@ from pathlib import Path
 
 from edgetl.artifact import StageOutput
 from edgetl.recipe import FinetuneStage
-from edgetl.training import accuracy_metric, finish_training, labelled_data, train_and_resume, training_arguments
+from edgetl.training import (
+    accuracy_metric,
+    averaging,
+    finish_training,
+    labelled_data,
+    train_and_resume,
+    training_arguments,
+)
 
 
 def run(cfg: FinetuneStage, ctx, out_dir: Path) -> StageOutput:
@@ -33,6 +40,8 @@ def run(cfg: FinetuneStage, ctx, out_dir: Path) -> StageOutput:
         model.domain_head = domain_head(model.config.hidden_size, cfg.domain_adversarial.hidden_size)
         trainer_cls = DomainAdversarialTrainer
         dann_kwargs = {"target_loader": target_loader(cfg, ctx, tokenizer, collator), "dann": cfg.domain_adversarial}
+    if cfg.ema_decay is not None:
+        trainer_cls = averaging(trainer_cls, cfg.ema_decay)
     trainer = trainer_cls(
         model=model,
         args=training_arguments(cfg, ctx),
