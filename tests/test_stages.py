@@ -146,7 +146,14 @@ def test_averaging_trainer_evaluates_and_keeps_the_average_of_its_best_checkpoin
     from edgetl.data import load_labelled, tokenize
     from edgetl.modeling import new_classifier
     from edgetl.recipe import DataConfig, FinetuneStage
-    from edgetl.training import WeightAverage, accuracy_metric, averaging, fp32_accuracy, training_arguments
+    from edgetl.training import (
+        WeightAverage,
+        accuracy_metric,
+        averaging,
+        fp32_accuracy,
+        training_arguments,
+        write_eval_history,
+    )
 
     data = DataConfig(path=str(sst2_slice), max_length=32, max_train_samples=128, max_eval_samples=64)
     cfg = FinetuneStage(stage="finetune", max_steps=12, eval_steps=4, batch_size=16, learning_rate=3e-3,
@@ -170,6 +177,10 @@ def test_averaging_trainer_evaluates_and_keeps_the_average_of_its_best_checkpoin
     for name, p in kept.params.items():
         assert torch.equal(p, kept.average[name]), f"{name} is not the best checkpoint's average"
     assert fp32_accuracy(model, dev, collator, 64) == pytest.approx(trainer.state.best_metric, abs=1e-6)
+    write_eval_history(trainer, tmp_path)
+    written = json.loads((tmp_path / "eval_history.json").read_text())
+    assert [(h["eval_accuracy"], h["eval_raw_accuracy"]) for h in written] == \
+        [(h["eval_accuracy"], r["eval_raw_accuracy"]) for h, r in zip(history, raw, strict=True)]
 
 
 def test_the_fp32_accuracy_runs_without_the_bf16_autocast_training_left_on_the_model(tiny_model):
