@@ -137,26 +137,23 @@ class WeightAverage:
             for name, p in self.params.items():
                 self.average[name].lerp_(p.detach().float(), 1 - decay)
 
-    def copy_to_model(self) -> None:
+    def copy_to_model(self, tensors: dict | None = None) -> None:
+        """Write ``tensors`` (default: the average) into the model's trainable weights."""
         import torch
 
         with torch.no_grad():
             for name, p in self.params.items():
-                p.copy_(self.average[name])
+                p.copy_((tensors or self.average)[name])
 
     @contextmanager
     def applied(self):
         """The model holds the average inside the block and its training weights again after it."""
-        import torch
-
         training = {name: p.detach().clone() for name, p in self.params.items()}
         self.copy_to_model()
         try:
             yield
         finally:
-            with torch.no_grad():
-                for name, p in self.params.items():
-                    p.copy_(training[name])
+            self.copy_to_model(training)
 
     def save(self, path: Path) -> None:
         from safetensors.torch import save_file
