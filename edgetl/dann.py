@@ -11,9 +11,9 @@ import math
 
 import torch
 from torch import nn
-from transformers import Trainer
 
 from edgetl.recipe import DomainAdversarialConfig
+from edgetl.training import Trainer
 
 
 class _ReverseGradient(torch.autograd.Function):

@@ -11,10 +11,10 @@ import copy
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import Trainer
 
 from edgetl.modeling import PRUNED_LAYERS, encoder_layers, layer_sizes
 from edgetl.recipe import DistillationConfig
+from edgetl.training import Trainer
 
 
 def shallow_copy(teacher, layers: list[int]):

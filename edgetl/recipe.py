@@ -74,7 +74,8 @@ class TrainingConfig(_Strict):
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     eval_steps: int = Field(200, ge=1, description="Evaluate and checkpoint every this many steps.")
-    group_by_length: bool = Field(True, description="Batch texts of similar length (about 3x faster on SST-2).")
+    group_by_length: bool = Field(True, description="Batch texts of similar length (about 3x faster on SST-2), "
+                                  "the batches in random order.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Mixed precision for training; auto = bf16 where the CPU or GPU computes it natively.")
     keep: Literal["best", "last"] = Field(

@@ -8,6 +8,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
+import transformers
+from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from edgetl.data import load_labelled, tokenize
 from edgetl.recipe import TrainingConfig
@@ -33,10 +36,37 @@ def last_good_checkpoint(work_dir: Path) -> str | None:
     return str(good) if good else None
 
 
+class ShuffledLengthGroupedSampler(LengthGroupedSampler):
+    """HF's batches of similar length, in random order.
+
+    HF's sampler sorts each mega-batch of 50 batches by length and yields it longest first, so the model trains
+    from its longest texts down to its shortest every 50 steps, and an evaluation every multiple of 50 steps
+    always follows the shortest ones (on SST-2: one- and two-word phrases). Here the longest batch still comes
+    first (a memory error shows at once) and a last, smaller batch stays last, so every other batch keeps its
+    size; the batches between are shuffled.
+    """
+
+    def __iter__(self):
+        indices = get_length_grouped_indices(self.lengths, self.batch_size, generator=self.generator)
+        size = self.batch_size
+        full = len(indices) // size
+        order = [0, *(torch.randperm(full - 1, generator=self.generator) + 1).tolist()] if full else []
+        shuffled = [i for b in order for i in indices[b * size:(b + 1) * size]]
+        return iter(shuffled + indices[full * size:])
+
+
+class Trainer(transformers.Trainer):
+    """HF Trainer whose length-grouped batches come in random order (:class:`ShuffledLengthGroupedSampler`)."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        sampler = super()._get_train_sampler(train_dataset)
+        if type(sampler) is LengthGroupedSampler:
+            return ShuffledLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths)
+        return sampler
+
+
 def native_bf16() -> bool:
     """Whether this machine computes bf16 matrix products natively (else autocast would only slow training)."""
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
     from edgetl.bench.machine import isa_flags
@@ -74,7 +104,6 @@ def labelled_data(ctx, tokenizer):
 def training_arguments(cfg: TrainingConfig, ctx, metric: str = "accuracy"):
     """Trainer arguments of a training stage: evaluate and checkpoint every ``eval_steps``, keep the best
     (highest ``metric``; lowest if it is a loss), or keep the last weights and never evaluate."""
-    import torch
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -129,8 +158,6 @@ class WeightAverage:
         self.updates = 0
 
     def update(self) -> None:
-        import torch
-
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         with torch.no_grad():
@@ -139,8 +166,6 @@ class WeightAverage:
 
     def copy_to_model(self, tensors: dict | None = None) -> None:
         """Write ``tensors`` (default: the average) into the model's trainable weights."""
-        import torch
-
         with torch.no_grad():
             for name, p in self.params.items():
                 p.copy_((tensors or self.average)[name])
@@ -226,7 +251,6 @@ def without_autocast(model):
 
 def logits_of(model, dataset, collator, batch_size: int, bf16: bool = False) -> np.ndarray:
     """A PyTorch classifier's logits over a tokenized dataset (its labels, if any, unused), in FP32 unless ``bf16``."""
-    import torch
     from torch.utils.data import DataLoader
 
     without_autocast(model).eval()

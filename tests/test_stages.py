@@ -110,6 +110,39 @@ def test_finetune_keeps_the_best_checkpoint_and_records_its_accuracy(tiny_artifa
     assert 1_000 < metrics["parameters"] < 100_000
 
 
+def test_length_grouped_batches_come_in_random_order_longest_first_and_the_short_remainder_last(tiny_model, tmp_path):
+    import torch
+    from transformers import TrainingArguments
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from edgetl.modeling import load_classifier
+    from edgetl.training import ShuffledLengthGroupedSampler, Trainer
+
+    size, lengths = 16, torch.randint(3, 60, (16 * 200 + 5,), generator=torch.Generator().manual_seed(0)).tolist()
+    ours = list(ShuffledLengthGroupedSampler(size, lengths=lengths, generator=torch.Generator().manual_seed(1)))
+    hf = get_length_grouped_indices(lengths, size, generator=torch.Generator().manual_seed(1))
+
+    def batches(indices):
+        return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+    def trend(indices):
+        """Correlation of a full batch's place in its mega-batch of 50 with its mean length."""
+        full = batches(indices)[:-1]
+        return np.corrcoef([i % 50 for i in range(len(full))], [np.mean([lengths[j] for j in b]) for b in full])[0, 1]
+
+    assert sorted(ours) == list(range(len(lengths)))
+    assert sorted(map(tuple, batches(ours))) == sorted(map(tuple, batches(hf))), "HF's groups, each kept whole"
+    assert batches(ours)[0] == batches(hf)[0] and max(lengths[i] for i in ours[:size]) == max(lengths)
+    assert batches(ours)[-1] == batches(hf)[-1] and len(batches(ours)[-1]) == 5
+    assert trend(hf) < -0.8 and abs(trend(ours)) < 0.2, (trend(hf), trend(ours))
+
+    rows = [{"input_ids": [1] * n, "label": 0} for n in lengths[:100]]
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, group_by_length=True,
+                             use_cpu=True, report_to=[])
+    sampler = Trainer(model=load_classifier(tiny_model), args=args, train_dataset=rows)._get_train_sampler()
+    assert type(sampler) is ShuffledLengthGroupedSampler and sampler.lengths == lengths[:100]
+
+
 def test_weight_average_follows_the_steps_swaps_in_and_out_and_reloads(tiny_model, tmp_path):
     import torch
 
@@ -141,12 +174,13 @@ def test_weight_average_follows_the_steps_swaps_in_and_out_and_reloads(tiny_mode
 
 def test_averaging_trainer_evaluates_and_keeps_the_average_of_its_best_checkpoint(tiny_model, sst2_slice, tmp_path):
     import torch
-    from transformers import DataCollatorWithPadding, Trainer
+    from transformers import DataCollatorWithPadding
 
     from edgetl.data import load_labelled, tokenize
     from edgetl.modeling import new_classifier
     from edgetl.recipe import DataConfig, FinetuneStage
     from edgetl.training import (
+        Trainer,
         WeightAverage,
         accuracy_metric,
         averaging,

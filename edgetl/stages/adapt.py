@@ -92,10 +92,10 @@ class MaskingCollator:
 
 def run(cfg: AdaptStage, ctx, out_dir: Path) -> StageOutput:
     import datasets
-    from transformers import AutoTokenizer, Trainer
+    from transformers import AutoTokenizer
 
     from edgetl.models import resolve_model_source
-    from edgetl.training import train_and_resume, training_arguments
+    from edgetl.training import Trainer, train_and_resume, training_arguments
 
     source = resolve_model_source(ctx.recipe.model)
     tokenizer = AutoTokenizer.from_pretrained(source)

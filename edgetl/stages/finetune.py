@@ -9,6 +9,7 @@ from pathlib import Path
 from edgetl.artifact import StageOutput
 from edgetl.recipe import FinetuneStage
 from edgetl.training import (
+    Trainer,
     accuracy_metric,
     averaging,
     finish_training,
@@ -19,7 +20,7 @@ from edgetl.training import (
 
 
 def run(cfg: FinetuneStage, ctx, out_dir: Path) -> StageOutput:
-    from transformers import DataCollatorWithPadding, Trainer
+    from transformers import DataCollatorWithPadding
 
     from edgetl import peft_methods
     from edgetl.modeling import new_classifier

@@ -48,12 +48,12 @@ def select_confident(probs: np.ndarray, fraction: float, balance: bool) -> tuple
 
 def run(cfg: SelfTrainStage, ctx, out_dir: Path) -> StageOutput:
     import datasets
-    from transformers import AutoTokenizer, DataCollatorWithPadding, Trainer
+    from transformers import AutoTokenizer, DataCollatorWithPadding
 
     from edgetl.data import target_tokens
     from edgetl.modeling import load_classifier
     from edgetl.runtime.text import softmax
-    from edgetl.training import (accuracy_metric, finish_training, labelled_data, logits_of, train_and_resume,
+    from edgetl.training import (Trainer, accuracy_metric, finish_training, labelled_data, logits_of, train_and_resume,
                                  training_arguments, use_bf16)
 
     source = ctx.latest("pytorch-model")
