@@ -152,6 +152,16 @@ class FinetuneStage(TrainingConfig):
         None, gt=0, lt=1, description="Keep an exponential moving average of the weights (decay per step; 0.999 "
         "averages over about the last 1,000 steps): the average is evaluated, checkpointed and kept, and the "
         "training weights' dev accuracy is logged beside it.")
+    rdrop_alpha: float | None = Field(
+        None, gt=0, description="R-Drop (Liang et al. 2021): each batch goes through the model twice under "
+        "different dropout, and the loss adds alpha times the symmetric KL divergence of the two predictions "
+        "(about 2x the training compute).")
+
+    @model_validator(mode="after")
+    def _one_extra_loss(self) -> FinetuneStage:
+        if self.rdrop_alpha is not None and self.domain_adversarial is not None:
+            raise ValueError("rdrop_alpha and domain_adversarial both change the training loss; use one of them")
+        return self
 
 
 class SelfTrainStage(TrainingConfig):
@@ -425,6 +435,8 @@ def _describe(err: dict, raw: dict) -> str:
         message = f"unknown stage '{err['input'].get('stage')}'; known stages: {', '.join(STAGE_NAMES)}"
     elif err["type"] == "union_tag_not_found":
         message = f"missing 'stage:' key; known stages: {', '.join(STAGE_NAMES)}"
+    elif err["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
     return f"{field}: {message}"
 
 

@@ -65,6 +65,28 @@ class Trainer(transformers.Trainer):
         return sampler
 
 
+def regularized_dropout(trainer_cls, alpha: float):
+    """``trainer_cls`` training with R-Drop: every batch twice through the model (dropout differs), loss = the
+    mean cross-entropy of both + ``alpha`` x their symmetric KL divergence. Evaluation is unchanged."""
+    from torch.nn import functional as F
+
+    class RDropTrainer(trainer_cls):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not model.training:
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            labels = inputs["labels"]
+            outputs = model(**{k: torch.cat([v, v]) for k, v in inputs.items() if k != "labels"})
+            first, second = outputs.logits.float().chunk(2)
+            cross_entropy = (F.cross_entropy(first, labels) + F.cross_entropy(second, labels)) / 2
+            p, q = F.log_softmax(first, -1), F.log_softmax(second, -1)
+            kl = (F.kl_div(p, q, log_target=True, reduction="batchmean")
+                  + F.kl_div(q, p, log_target=True, reduction="batchmean")) / 2
+            loss = cross_entropy + alpha * kl
+            return (loss, outputs) if return_outputs else loss
+
+    return RDropTrainer
+
+
 def native_bf16() -> bool:
     """Whether this machine computes bf16 matrix products natively (else autocast would only slow training)."""
     if torch.cuda.is_available():

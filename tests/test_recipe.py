@@ -331,6 +331,14 @@ def test_compression_recipe_errors_name_the_field(override, message):
         load_recipe("sst-tiny", override)
 
 
+def test_rdrop_and_domain_adversarial_are_refused_together():
+    from edgetl.errors import RecipeError
+    from edgetl.recipe import load_recipe
+
+    with pytest.raises(RecipeError, match=r"stages\[0\] \(finetune\): rdrop_alpha and domain_adversarial"):
+        load_recipe("sst-int8", ["stages.finetune.rdrop_alpha=1.0", "stages.finetune.domain_adversarial={}"])
+
+
 def test_prune_and_distill_refuse_to_come_after_export(tmp_path):
     from edgetl.errors import RecipeError
     from edgetl.recipe import load_recipe

@@ -143,6 +143,38 @@ def test_length_grouped_batches_come_in_random_order_longest_first_and_the_short
     assert type(sampler) is ShuffledLengthGroupedSampler and sampler.lengths == lengths[:100]
 
 
+def test_rdrop_adds_alpha_times_the_symmetric_kl_of_two_dropout_passes_and_leaves_evaluation_alone(tiny_model, tmp_path):
+    import torch
+    from transformers import TrainingArguments
+
+    from edgetl.modeling import load_classifier
+    from edgetl.training import Trainer, regularized_dropout
+
+    model = load_classifier(tiny_model)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    labels = torch.tensor([0, 1, 1, 0])
+    inputs = {"input_ids": torch.randint(5, 100, (4, 12), generator=torch.Generator().manual_seed(0)),
+              "attention_mask": torch.ones(4, 12, dtype=torch.long), "labels": labels}
+
+    def loss(alpha: float) -> float:
+        trainer = regularized_dropout(Trainer, alpha)(model=model, args=args)
+        torch.manual_seed(0)  # the same dropout masks for every alpha
+        return float(trainer.compute_loss(model, dict(inputs)))
+
+    model.train()
+    torch.manual_seed(0)
+    first, second = model(**{k: torch.cat([v, v]) for k, v in inputs.items() if k != "labels"}).logits.chunk(2)
+    p, q = first.softmax(-1), second.softmax(-1)
+    kl = float(((p * (p / q).log()).sum(-1) + (q * (q / p).log()).sum(-1)).mean() / 2)
+    assert kl > 0, "dropout made the two passes differ"
+    assert loss(3.0) - loss(1.0) == pytest.approx(2 * kl, rel=1e-4)
+
+    model.eval()
+    with torch.no_grad():
+        plain = float(model(**inputs).loss)
+    assert loss(5.0) == pytest.approx(plain, rel=1e-5), "evaluation: one pass, plain cross-entropy"
+
+
 def test_weight_average_follows_the_steps_swaps_in_and_out_and_reloads(tiny_model, tmp_path):
     import torch
 

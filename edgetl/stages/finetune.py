@@ -14,6 +14,7 @@ from edgetl.training import (
     averaging,
     finish_training,
     labelled_data,
+    regularized_dropout,
     train_and_resume,
     training_arguments,
 )
@@ -41,6 +42,8 @@ def run(cfg: FinetuneStage, ctx, out_dir: Path) -> StageOutput:
         model.domain_head = domain_head(model.config.hidden_size, cfg.domain_adversarial.hidden_size)
         trainer_cls = DomainAdversarialTrainer
         dann_kwargs = {"target_loader": target_loader(cfg, ctx, tokenizer, collator), "dann": cfg.domain_adversarial}
+    if cfg.rdrop_alpha is not None:
+        trainer_cls = regularized_dropout(trainer_cls, cfg.rdrop_alpha)
     if cfg.ema_decay is not None:
         trainer_cls = averaging(trainer_cls, cfg.ema_decay)
     trainer = trainer_cls(
