@@ -167,7 +167,7 @@ def test_rdrop_adds_alpha_times_the_symmetric_kl_of_two_dropout_passes_and_leave
     p, q = first.softmax(-1), second.softmax(-1)
     kl = float(((p * (p / q).log()).sum(-1) + (q * (q / p).log()).sum(-1)).mean() / 2)
     assert kl > 0, "dropout made the two passes differ"
-    assert loss(3.0) - loss(1.0) == pytest.approx(2 * kl, rel=1e-4)
+    assert loss(101.0) - loss(1.0) == pytest.approx(100 * kl, rel=1e-3)  # float32 losses: a wide alpha gap
 
     model.eval()
     with torch.no_grad():
