@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
+from torch.nn import functional as F
+from torch.utils.data import DataLoader
+from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
 
 from edgetl.data import load_labelled, tokenize
@@ -68,8 +71,6 @@ class Trainer(transformers.Trainer):
 def regularized_dropout(trainer_cls, alpha: float):
     """``trainer_cls`` training with R-Drop: every batch twice through the model (dropout differs), loss = the
     mean cross-entropy of both + ``alpha`` x their symmetric KL divergence. Evaluation is unchanged."""
-    from torch.nn import functional as F
-
     class RDropTrainer(trainer_cls):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             if not model.training:
@@ -126,8 +127,6 @@ def labelled_data(ctx, tokenizer):
 def training_arguments(cfg: TrainingConfig, ctx, metric: str = "accuracy"):
     """Trainer arguments of a training stage: evaluate and checkpoint every ``eval_steps``, keep the best
     (highest ``metric``; lowest if it is a loss), or keep the last weights and never evaluate."""
-    from transformers import TrainingArguments
-
     return TrainingArguments(
         output_dir=str(ctx.work_dir),
         num_train_epochs=cfg.epochs,
@@ -219,8 +218,6 @@ class WeightAverage:
 def averaging(trainer_cls, decay: float):
     """``trainer_cls`` keeping a :class:`WeightAverage`: the average is what is evaluated (the training
     weights' dev accuracy is logged beside it as ``eval_raw_accuracy``), checkpointed and kept at the end."""
-    from transformers import TrainerCallback
-
     class Update(TrainerCallback):
         def __init__(self, average: WeightAverage):
             self.average = average
@@ -273,8 +270,6 @@ def without_autocast(model):
 
 def logits_of(model, dataset, collator, batch_size: int, bf16: bool = False) -> np.ndarray:
     """A PyTorch classifier's logits over a tokenized dataset (its labels, if any, unused), in FP32 unless ``bf16``."""
-    from torch.utils.data import DataLoader
-
     without_autocast(model).eval()
     out = []
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
