@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import platform
+import subprocess
 import time
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -112,8 +114,29 @@ def file_table(folder: Path) -> dict[str, dict]:
     return table
 
 
+@functools.lru_cache(maxsize=1)
+def source_commit() -> str | None:
+    """The git commit of the edgetl code that runs, with ``-dirty`` when its code or recipes differ from that
+    commit; None outside a git checkout (an installed wheel)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        changed = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no", "--",
+                                  "edgetl", "recipes"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if head.returncode != 0:
+        return None
+    return head.stdout.strip() + ("-dirty" if changed.stdout.strip() else "")
+
+
 def library_versions() -> dict[str, str]:
     versions = {"python": platform.python_version(), "edgetl": __version__}
+    commit = source_commit()
+    if commit:
+        versions["edgetl_commit"] = commit
     for name in _VERSIONED:
         try:
             versions[name] = metadata.version(name)

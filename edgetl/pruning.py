@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from edgetl.modeling import PRUNED_LAYERS, encoder_layers, layer_sizes
 
@@ -34,7 +35,10 @@ class PrunePlan:
 
 
 def _gate_hooks(model, gates: dict) -> list:
-    """Multiply each head's context, each FFN neuron and each layer's residual update by a gate of ones."""
+    """Multiply each head's context, each FFN neuron and each layer's residual update by a gate of ones.
+
+    Gates have a leading batch axis of 1 (one gate for the whole batch) or of the batch size (one per text).
+    """
     handles = []
     for index, layer in enumerate(encoder_layers(model)):
         attn = layer.attention.self
@@ -42,50 +46,79 @@ def _gate_hooks(model, gates: dict) -> list:
         def gate_heads(module, args, output, index=index):
             context = output[0] if isinstance(output, tuple) else output
             b, s, _ = context.shape
-            gated = (context.view(b, s, module.num_attention_heads, -1) * gates["heads"][index][:, None]).view(b, s, -1)
+            gate = gates["heads"][index][:, None, :, None]
+            gated = (context.view(b, s, module.num_attention_heads, -1) * gate).view(b, s, -1)
             return (gated, *output[1:]) if isinstance(output, tuple) else gated
 
         def gate_layer(module, args, kwargs, output, index=index):
             before = args[0] if args else kwargs["hidden_states"]
             after = output[0] if isinstance(output, tuple) else output
-            gated = before + gates["layers"][index] * (after - before)  # gate 0 = the layer replaced by identity
+            gate = gates["layers"][index][:, None, None]
+            gated = before + gate * (after - before)  # gate 0 = the layer replaced by identity
             return (gated, *output[1:]) if isinstance(output, tuple) else gated
 
         handles.append(attn.register_forward_hook(gate_heads))
-        handles.append(layer.intermediate.register_forward_hook(lambda m, a, out, i=index: out * gates["neurons"][i]))
+        handles.append(layer.intermediate.register_forward_hook(
+            lambda m, a, out, i=index: out * gates["neurons"][i][:, None, :]))
         handles.append(layer.register_forward_hook(gate_layer, with_kwargs=True))
     return handles
+
+
+def _gate_scores(model, batches, per_text: bool) -> Importance:
+    """Summed |dL/dg| of batch-wide gates (``per_text`` False), or summed (dL_i/dg_i)^2 of one gate per text."""
+    layers = encoder_layers(model)
+    widths = {"heads": [layer.attention.self.num_attention_heads for layer in layers],
+              "neurons": [layer.intermediate.dense.out_features for layer in layers],
+              "layers": [1 for _ in layers]}
+    scores = {key: [torch.zeros(w) for w in values] for key, values in widths.items()}
+    was_training = model.training
+    model.eval()  # no dropout: score the model as it predicts
+    gates: dict = {}
+    handles = _gate_hooks(model, gates)
+    try:
+        for batch in batches:
+            batch = dict(batch)
+            labels = batch.pop("labels")
+            rows = len(labels) if per_text else 1
+            for key, values in widths.items():
+                gates[key] = [torch.ones(rows, w, requires_grad=True) for w in values]
+                if key == "layers":
+                    gates[key] = [torch.ones(rows, requires_grad=True) for _ in values]
+            flat = [g for key in widths for g in gates[key]]
+            with torch.enable_grad():
+                logits = model(**batch).logits.float()
+                # Summed over texts: each text's loss reaches only its own gates, so per-text gates get
+                # per-text gradients from one backward pass.
+                loss = F.cross_entropy(logits, labels, reduction="sum" if per_text else "mean")
+                grads = torch.autograd.grad(loss, flat)
+            targets = [s for key in widths for s in scores[key]]
+            for score, grad in zip(targets, grads, strict=True):
+                score += (grad.pow(2) if per_text else grad.abs()).sum(0).reshape(score.shape)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return Importance(scores["heads"], scores["neurons"], torch.stack([s.squeeze() for s in scores["layers"]]))
 
 
 def taylor_importance(model, batches) -> Importance:
     """First-order Taylor scores: the summed |dL/d gate| of a gate on each head, neuron and layer.
 
     |dL/dg| at g = 1 estimates how much the loss moves when the unit is removed (Michel et al., 2019;
-    Molchanov et al., 2019). ``batches`` are dicts of tensors with ``labels``.
+    Molchanov et al., 2019). ``batches`` are dicts of tensors with ``labels``. The gradient is taken on
+    each batch's mean loss, so texts that pull a gate in opposite directions cancel.
     """
-    layers = encoder_layers(model)
-    gates = {
-        "heads": [torch.ones(layer.attention.self.num_attention_heads, requires_grad=True) for layer in layers],
-        "neurons": [torch.ones(layer.intermediate.dense.out_features, requires_grad=True) for layer in layers],
-        "layers": [torch.ones((), requires_grad=True) for _ in layers],
-    }
-    scores = {key: [torch.zeros_like(g) for g in values] for key, values in gates.items()}
-    was_training = model.training
-    model.eval()  # no dropout: score the model as it predicts
-    handles = _gate_hooks(model, gates)
-    try:
-        for batch in batches:
-            with torch.enable_grad():
-                loss = model(**batch).loss
-                grads = torch.autograd.grad(loss, [g for values in gates.values() for g in values])
-            flat = [s for values in scores.values() for s in values]
-            for score, grad in zip(flat, grads, strict=True):
-                score += grad.abs()
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    return Importance(scores["heads"], scores["neurons"], torch.stack(scores["layers"]))
+    return _gate_scores(model, batches, per_text=False)
+
+
+def fisher_importance(model, batches) -> Importance:
+    """Empirical Fisher scores: the sum over texts of (dL_i/d gate)^2, one gate per text (Kwon et al., 2022).
+
+    Squared per-text gradients never cancel between texts, so a unit that matters for some texts in one
+    direction and for others in the other still scores high; the diagonal Fisher also approximates the
+    loss increase of removing the unit to second order.
+    """
+    return _gate_scores(model, batches, per_text=True)
 
 
 def magnitude_importance(model) -> Importance:
@@ -127,7 +160,7 @@ def make_plan(importance: Importance, heads_keep: float, ffn_keep: float, layers
     drop: list[int] = []
     if layers_drop:
         if importance.layers is None:
-            raise ValueError("layers_drop needs layer scores: use importance 'taylor'")
+            raise ValueError("layers_drop needs layer scores: use importance 'fisher' or 'taylor'")
         drop = sorted(int(i) for i in importance.layers.argsort()[:layers_drop])
     remaining = [i for i in range(n_layers) if i not in drop]
     heads = _keep_global([importance.heads[i] for i in remaining], heads_keep)

@@ -221,8 +221,10 @@ class PruneStage(DistillationConfig):
     """Structured pruning (heads, FFN neurons, whole layers) rebuilt as smaller Linear layers, then vocabulary."""
 
     stage: Literal["prune"]
-    importance: Literal["taylor", "magnitude"] = Field("taylor", description="First-order |gradient x gate| scores "
-                                                       "on training data, or weight norms.")
+    importance: Literal["fisher", "taylor", "magnitude"] = Field(
+        "taylor", description="How heads, neurons and layers are ranked on training data: fisher sums each text's "
+        "squared gradient of a gate on the unit (Kwon et al. 2022), taylor the |gradient| of a gate on each "
+        "batch's mean loss (Michel et al. 2019), magnitude uses weight norms.")
     importance_samples: int = Field(2048, ge=1, description="Training sentences used to score heads, neurons and layers.")
     heads_keep: float = Field(1.0, gt=0, le=1, description="Fraction of attention heads kept (ranked over all layers).")
     ffn_keep: float = Field(1.0, gt=0, le=1, description="Fraction of FFN intermediate neurons kept (ranked over all layers).")
@@ -239,8 +241,8 @@ class PruneStage(DistillationConfig):
 
     @model_validator(mode="after")
     def _layer_scores(self) -> PruneStage:
-        if self.layers_drop and self.importance != "taylor":
-            raise ValueError("layers_drop ranks layers by Taylor scores; set importance: taylor")
+        if self.layers_drop and self.importance == "magnitude":
+            raise ValueError("layers_drop ranks layers by gradient scores; set importance: fisher or taylor")
         if self.latency_budget_ms is not None and (self.heads_keep < 1 or self.ffn_keep < 1):
             raise ValueError("latency_budget_ms chooses the keep ratio itself; leave heads_keep and ffn_keep at 1")
         return self

@@ -59,13 +59,48 @@ class ShuffledLengthGroupedSampler(LengthGroupedSampler):
 
 
 class Trainer(transformers.Trainer):
-    """HF Trainer whose length-grouped batches come in random order (:class:`ShuffledLengthGroupedSampler`)."""
+    """HF Trainer whose length-grouped batches come in random order (:class:`ShuffledLengthGroupedSampler`) and
+    whose evaluations run in FP32 even when it trains under bf16 autocast.
+
+    The checkpoint is chosen by its evaluations, and the model ships in FP32: evaluated under bf16, the kept
+    checkpoint was often not the best one in FP32 (on sst-tiny's pruning recovery the bf16 best scored 0.6
+    points lower in FP32).
+    """
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
         if type(sampler) is LengthGroupedSampler:
             return ShuffledLengthGroupedSampler(sampler.batch_size, lengths=sampler.lengths)
         return sampler
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with fp32_forward(model), _no_cpu_amp(self):
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+
+
+@contextmanager
+def _no_cpu_amp(trainer):
+    """Trainer's own bf16 autocast around the loss (CPU AMP) off inside the block."""
+    amp, trainer.use_cpu_amp = trainer.use_cpu_amp, False
+    try:
+        yield
+    finally:
+        trainer.use_cpu_amp = amp
+
+
+@contextmanager
+def fp32_forward(model):
+    """The model's own forward inside the block, without the bf16 autocast wrapper that accelerate puts on it
+    when Trainer trains in bf16; the wrapper is back after the block."""
+    wrapped = model.__dict__.get("forward")
+    if wrapped is None or "_original_forward" not in model.__dict__:
+        yield
+        return
+    model.__dict__["forward"] = model.__dict__["_original_forward"]
+    try:
+        yield
+    finally:
+        model.__dict__["forward"] = wrapped
 
 
 def regularized_dropout(trainer_cls, alpha: float):

@@ -11,7 +11,7 @@ from transformers import BertConfig
 
 from edgetl.distillation import StudentWithProjections, distillation_loss, layer_map, shallow_copy
 from edgetl.modeling import MeanPoolBertForSequenceClassification, load_classifier
-from edgetl.pruning import PrunePlan, apply_plan, magnitude_importance, make_plan, taylor_importance
+from edgetl.pruning import PrunePlan, apply_plan, fisher_importance, magnitude_importance, make_plan, taylor_importance
 from edgetl.recipe import DistillationConfig
 
 
@@ -62,6 +62,19 @@ def test_the_least_important_units_are_pruned(score):
         # Each layer keeps its best unit whatever its rank; the rest go strictly by score.
         forced = {float(s.max()) for s in scores}
         assert max(dropped) <= min(v for v in kept if v not in forced) + 1e-7, kind
+
+
+def test_fisher_scores_sum_the_squared_gradients_of_each_text_alone():
+    model, whole = random_bert(), batch()
+    one_pass = fisher_importance(model, [whole])
+    # The same texts one at a time: the batch-wide gate of a batch of one is that text's own gate.
+    singles = [{k: v[i:i + 1] for k, v in whole.items()} for i in range(len(whole["labels"]))]
+    slow = [taylor_importance(model, [single]) for single in singles]
+    for kind in ("heads", "neurons"):
+        for layer, score in enumerate(getattr(one_pass, kind)):
+            expected = sum(getattr(s, kind)[layer] ** 2 for s in slow)
+            torch.testing.assert_close(score, expected, rtol=1e-4, atol=1e-10)
+    torch.testing.assert_close(one_pass.layers, sum(s.layers ** 2 for s in slow), rtol=1e-4, atol=1e-10)
 
 
 def test_layers_drop_removes_the_lowest_scoring_layer():

@@ -210,6 +210,18 @@ def test_manifests_describe_each_artifact(tiny_run):
         Artifact.load(tiny_run / name).verify()
 
 
+def test_manifests_and_benchmark_results_record_the_commit_of_the_code_that_ran(tiny_run):
+    from conftest import REPO
+
+    if not (REPO / ".git").exists():
+        pytest.skip("not a git checkout")
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    recorded = [m["versions"]["edgetl_commit"] for m in manifests(tiny_run).values()]
+    bench = json.loads((tiny_run / "05-benchmark" / "results.json").read_text())
+    recorded.append(bench["machine"]["versions"]["edgetl_commit"])
+    assert {c.removesuffix("-dirty") for c in recorded} == {head}
+
+
 def test_resolved_recipe_is_written_with_every_default(tiny_run, shrink):
     from edgetl.recipe import load_recipe, resolved_dict
 

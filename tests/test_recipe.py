@@ -317,7 +317,7 @@ def test_cli_debug_shows_the_traceback(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     (["stages.prune.heads_keep=1.0", "stages.prune.ffn_keep=1.0", "stages.prune.vocabulary=false"], r"stages\[2\] \(prune\): prunes nothing"),
-    (["stages.prune.importance=magnitude", "stages.prune.layers_drop=1"], r"stages\[2\] \(prune\): .*layers_drop ranks layers by Taylor"),
+    (["stages.prune.importance=magnitude", "stages.prune.layers_drop=1"], r"stages\[2\] \(prune\): .*layers_drop ranks layers by gradient scores"),
     (["stages.distill.student=minilm-l6"], r"stages\[1\] \(distill\): .*either student .* or layers"),
     (["stages.distill.layers=[0, 0]"], r"repeats a layer"),
     (["stages.quantize.method=qat", "stages.quantize.max_accuracy_drop=0.5"], r"max_accuracy_drop: applies to method ptq"),

@@ -267,6 +267,37 @@ def test_the_fp32_accuracy_runs_without_the_bf16_autocast_training_left_on_the_m
     assert torch.equal(unwrapped, fp32)
 
 
+def test_trainer_evaluates_in_fp32_while_it_trains_in_bf16(tiny_model, sst2_slice, tmp_path):
+    import torch
+    from transformers import AutoTokenizer, DataCollatorWithPadding, TrainingArguments
+
+    from edgetl.data import load_labelled, tokenize
+    from edgetl.modeling import load_classifier
+    from edgetl.recipe import DataConfig
+    from edgetl.training import Trainer, fp32_forward
+
+    data = DataConfig(path=str(sst2_slice), max_length=32)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    train, dev = (tokenize(split, tokenizer, data) for split in load_labelled(data))
+    model = load_classifier(tiny_model).train()
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8,
+                             per_device_eval_batch_size=16, bf16=True, use_cpu=True, report_to=[], save_strategy="no")
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
+                      data_collator=DataCollatorWithPadding(tokenizer))
+    trainer.train()
+    evaluated = trainer.predict(dev.select(range(16))).predictions
+    batch = DataCollatorWithPadding(tokenizer)([{k: v for k, v in row.items() if k != "label"}
+                                                for row in dev.select(range(16))])
+    model.eval()
+    with torch.inference_mode():
+        in_training = model(**batch).logits.float().numpy()  # accelerate's bf16 wrapper is still on the model
+        with fp32_forward(model):
+            fp32 = model(**batch).logits.numpy()
+    assert "_original_forward" in model.__dict__, "training keeps its bf16 wrapper after evaluation"
+    assert abs(in_training - fp32).max() > 1e-6, "the wrapper computes in bf16"
+    assert abs(evaluated - fp32).max() < 1e-6
+
+
 def test_finetune_output_reloads_and_holds_no_pickle(tiny_artifacts):
     from edgetl.modeling import MEAN_POOL_ARCH, load_classifier
 

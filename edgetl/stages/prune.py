@@ -66,15 +66,16 @@ def structured_plan(cfg: PruneStage, ctx, model, train_tok, collator):
     """Score and choose what to keep; the plan is saved first, so a resumed run rebuilds the same shapes."""
     from tqdm import tqdm
 
-    from edgetl.pruning import PrunePlan, magnitude_importance, make_plan, taylor_importance
+    from edgetl.pruning import PrunePlan, fisher_importance, magnitude_importance, make_plan, taylor_importance
 
     saved = ctx.work_dir / "plan.json"
     if saved.is_file():
         record = json.loads(saved.read_text())
         return PrunePlan(**record["plan"]), record["budget_trials"]
-    if cfg.importance == "taylor":
-        batches = importance_batches(train_tok, collator, cfg.importance_samples)
-        importance = taylor_importance(model, tqdm(batches, desc="importance", leave=False))
+    if cfg.importance in ("fisher", "taylor"):
+        batches = tqdm(importance_batches(train_tok, collator, cfg.importance_samples), desc="importance", leave=False)
+        score = fisher_importance if cfg.importance == "fisher" else taylor_importance
+        importance = score(model, batches)
     else:
         importance = magnitude_importance(model)
     heads_keep, ffn_keep, trials = cfg.heads_keep, cfg.ffn_keep, None
