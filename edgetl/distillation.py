@@ -12,23 +12,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgetl.modeling import PRUNED_LAYERS, encoder_layers, layer_sizes
+from edgetl.architectures.torch_ops import keep_layers
+from edgetl.modeling import encoder_layers
 from edgetl.recipe import DistillationConfig
 from edgetl.training import Trainer
 
 
 def shallow_copy(teacher, layers: list[int]):
     """A student keeping the given teacher layers, embeddings and head (DistilBERT's initialisation)."""
-    total = len(encoder_layers(teacher))
-    bad = [i for i in layers if not 0 <= i < total]
-    if bad:
-        raise ValueError(f"layers {bad} out of range: the teacher has layers 0..{total - 1}")
     student = copy.deepcopy(teacher)
-    encoder = getattr(student, student.base_model_prefix).encoder
-    encoder.layer = nn.ModuleList(encoder.layer[i] for i in sorted(layers))
-    student.config.num_hidden_layers = len(layers)
-    if hasattr(student.config, PRUNED_LAYERS):
-        setattr(student.config, PRUNED_LAYERS, layer_sizes(student))
+    keep_layers(student, sorted(layers))
     return student
 
 
@@ -48,7 +41,9 @@ class StudentWithProjections(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
                 output_hidden_states=False, output_attentions=False):
-        out = self.student(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+        # Only when given: DistilBERT's and MPNet's forward have no token_type_ids argument at all.
+        types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        out = self.student(input_ids=input_ids, attention_mask=attention_mask, **types,
                            output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         if not (output_hidden_states or output_attentions):
             return {"logits": out.logits}

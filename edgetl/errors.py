@@ -35,6 +35,12 @@ class ModelNotFoundError(EdgetlError, FileNotFoundError):
     exit_code = 2
 
 
+class ArchitectureError(EdgetlError, ValueError):
+    """A model type edgetl has no adapter for, or an operation its adapter declares unsupported."""
+
+    exit_code = 2
+
+
 class DataError(EdgetlError, ValueError):
     """A dataset file is missing or its content does not match the configured fields."""
 

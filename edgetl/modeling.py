@@ -10,6 +10,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertModel, BertPreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from edgetl.architectures.torch_ops import adapter_of, layer_sizes, resize
+from edgetl.architectures.torch_ops import layers as layers_of
 from edgetl.bench.flops import PRUNED_LAYERS, encoder_flops
 from edgetl.models import resolve_model_source
 
@@ -115,32 +117,16 @@ def _load_encoder_classifier(folder):
 
 def resize_layers(model, sizes: list[dict]) -> None:
     """Give every layer the recorded head count and FFN width (fresh weights, to be loaded over)."""
-    layers = encoder_layers(model)
+    adapter, layers = adapter_of(model), encoder_layers(model)
     if len(sizes) != len(layers):
         raise ValueError(f"config records {len(sizes)} layer sizes for {len(layers)} layers")
-    hidden = model.config.hidden_size
     for layer, size in zip(layers, sizes, strict=True):
-        attn = layer.attention.self
-        width = size["heads"] * attn.attention_head_size
-        attn.query, attn.key, attn.value = (nn.Linear(hidden, width) for _ in range(3))
-        attn.num_attention_heads, attn.all_head_size = size["heads"], width
-        layer.attention.output.dense = nn.Linear(width, hidden)
-        layer.intermediate.dense = nn.Linear(hidden, size["intermediate"])
-        layer.output.dense = nn.Linear(size["intermediate"], hidden)
+        resize(adapter, layer, size["heads"], size["intermediate"])
 
 
 def encoder_layers(model):
-    """The transformer blocks of a BERT-family classifier (edgetl's heads and HF's)."""
-    base = getattr(model, model.base_model_prefix, None)
-    if base is None or not hasattr(base, "encoder"):
-        raise ValueError(f"{type(model).__name__}: not a BERT-family encoder (no {model.base_model_prefix}.encoder)")
-    return base.encoder.layer
-
-
-def layer_sizes(model) -> list[dict]:
-    """Heads and FFN width of every layer, as pruning leaves them."""
-    return [{"heads": layer.attention.self.num_attention_heads,
-             "intermediate": layer.intermediate.dense.out_features} for layer in encoder_layers(model)]
+    """The transformer blocks of a classifier (edgetl's heads and HF's), found by its architecture's adapter."""
+    return layers_of(model)
 
 
 def flops_per_text(model, lengths: list[int]) -> int:

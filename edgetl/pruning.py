@@ -1,4 +1,4 @@
-"""Structured pruning of BERT-family classifiers: score heads, FFN neurons and layers, rebuild smaller Linears.
+"""Structured pruning of encoder classifiers: score heads, FFN neurons and layers, rebuild smaller Linears.
 
 Nothing is masked: pruned rows and columns leave the weight matrices, so the saved model is smaller and
 faster in every runtime. Per-layer sizes go into ``config.json`` (``edgetl_layers``) for
@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
-from edgetl.modeling import PRUNED_LAYERS, encoder_layers, layer_sizes
+from edgetl.architectures.torch_ops import (adapter_of, get, head_count, head_size, keep_layers, layer_sizes,
+                                            prune_heads, prune_neurons)
+from edgetl.modeling import PRUNED_LAYERS, encoder_layers
 
 
 @dataclass
@@ -37,39 +38,46 @@ class PrunePlan:
 def _gate_hooks(model, gates: dict) -> list:
     """Multiply each head's context, each FFN neuron and each layer's residual update by a gate of ones.
 
-    Gates have a leading batch axis of 1 (one gate for the whole batch) or of the batch size (one per text).
+    Heads and neurons are gated on the inputs of the output projection and of the FFN's second Linear (the
+    concatenated head contexts and the activated neurons), which every architecture has, whatever it calls
+    them. Gates have a leading batch axis of 1 (one gate for the whole batch) or of the batch size (one per text).
     """
+    adapter = adapter_of(model)
     handles = []
     for index, layer in enumerate(encoder_layers(model)):
-        attn = layer.attention.self
+        heads = head_count(adapter, layer)
 
-        def gate_heads(module, args, output, index=index):
-            context = output[0] if isinstance(output, tuple) else output
+        def gate_heads(module, args, index=index, heads=heads):
+            context = args[0]
             b, s, _ = context.shape
             gate = gates["heads"][index][:, None, :, None]
-            gated = (context.view(b, s, module.num_attention_heads, -1) * gate).view(b, s, -1)
-            return (gated, *output[1:]) if isinstance(output, tuple) else gated
+            return ((context.view(b, s, heads, -1) * gate).view(b, s, -1), *args[1:])
+
+        def gate_neurons(module, args, index=index):
+            return (args[0] * gates["neurons"][index][:, None, :], *args[1:])
 
         def gate_layer(module, args, kwargs, output, index=index):
             before = args[0] if args else kwargs["hidden_states"]
-            after = output[0] if isinstance(output, tuple) else output
+            at = adapter.layer_output_index
+            after = output[at] if isinstance(output, tuple) else output
             gate = gates["layers"][index][:, None, None]
             gated = before + gate * (after - before)  # gate 0 = the layer replaced by identity
-            return (gated, *output[1:]) if isinstance(output, tuple) else gated
+            if not isinstance(output, tuple):
+                return gated
+            return tuple(gated if i == at % len(output) else value for i, value in enumerate(output))
 
-        handles.append(attn.register_forward_hook(gate_heads))
-        handles.append(layer.intermediate.register_forward_hook(
-            lambda m, a, out, i=index: out * gates["neurons"][i][:, None, :]))
+        handles.append(get(layer, adapter.output).register_forward_pre_hook(gate_heads))
+        handles.append(get(layer, adapter.ffn_out).register_forward_pre_hook(gate_neurons))
         handles.append(layer.register_forward_hook(gate_layer, with_kwargs=True))
     return handles
 
 
 def _gate_scores(model, batches, per_text: bool) -> Importance:
     """Summed |dL/dg| of batch-wide gates (``per_text`` False), or summed (dL_i/dg_i)^2 of one gate per text."""
-    layers = encoder_layers(model)
-    widths = {"heads": [layer.attention.self.num_attention_heads for layer in layers],
-              "neurons": [layer.intermediate.dense.out_features for layer in layers],
-              "layers": [1 for _ in layers]}
+    sizes = layer_sizes(model)
+    widths = {"heads": [size["heads"] for size in sizes],
+              "neurons": [size["intermediate"] for size in sizes],
+              "layers": [1 for _ in sizes]}
     scores = {key: [torch.zeros(w) for w in values] for key, values in widths.items()}
     was_training = model.training
     model.eval()  # no dropout: score the model as it predicts
@@ -123,15 +131,17 @@ def fisher_importance(model, batches) -> Importance:
 
 def magnitude_importance(model) -> Importance:
     """Weight-norm scores: a head by its Q, K, V rows and output columns; a neuron by in-row x out-column norms."""
+    adapter = adapter_of(model)
     heads, neurons = [], []
     with torch.no_grad():
         for layer in encoder_layers(model):
-            attn = layer.attention.self
-            n, d = attn.num_attention_heads, attn.attention_head_size
-            rows = sum(m.weight.view(n, d, -1).pow(2).sum((1, 2)) for m in (attn.query, attn.key, attn.value))
-            cols = layer.attention.output.dense.weight.view(-1, n, d).pow(2).sum((0, 2))
+            n, d = head_count(adapter, layer), head_size(adapter, layer)
+            projections = (get(layer, path) for path in (adapter.query, adapter.key, adapter.value))
+            rows = sum(m.weight.view(n, d, -1).pow(2).sum((1, 2)) for m in projections)
+            cols = get(layer, adapter.output).weight.view(-1, n, d).pow(2).sum((0, 2))
             heads.append((rows + cols).sqrt())
-            neurons.append(layer.intermediate.dense.weight.norm(dim=1) * layer.output.dense.weight.norm(dim=0))
+            ffn_in, ffn_out = get(layer, adapter.ffn_in), get(layer, adapter.ffn_out)
+            neurons.append(ffn_in.weight.norm(dim=1) * ffn_out.weight.norm(dim=0))
     return Importance(heads, neurons)
 
 
@@ -168,29 +178,23 @@ def make_plan(importance: Importance, heads_keep: float, ffn_keep: float, layers
     return PrunePlan(heads, neurons, drop)
 
 
-def _select(linear: nn.Linear, index: torch.Tensor, dim: int) -> nn.Linear:
-    """A new Linear keeping the given output rows (dim 0) or input columns (dim 1)."""
-    weight = linear.weight.detach().index_select(dim, index).clone()
-    bias = linear.bias.detach()
-    bias = bias.index_select(0, index).clone() if dim == 0 else bias.clone()
-    new = nn.Linear(weight.shape[1], weight.shape[0]).to(weight.dtype)
-    new.weight.data, new.bias.data = weight, bias
-    return new
-
-
 def apply_plan(model, plan: PrunePlan) -> None:
-    """Rebuild the model in place with only what the plan keeps, and record the sizes in its config."""
-    encoder = getattr(model, model.base_model_prefix).encoder
-    encoder.layer = nn.ModuleList(layer for i, layer in enumerate(encoder.layer) if i not in plan.drop_layers)
-    for layer, heads, neurons in zip(encoder.layer, plan.heads, plan.neurons, strict=True):
-        attn = layer.attention.self
-        d = attn.attention_head_size
-        rows = torch.tensor([h * d + j for h in heads for j in range(d)])
-        attn.query, attn.key, attn.value = (_select(m, rows, 0) for m in (attn.query, attn.key, attn.value))
-        attn.num_attention_heads, attn.all_head_size = len(heads), len(heads) * d
-        layer.attention.output.dense = _select(layer.attention.output.dense, rows, 1)
-        index = torch.tensor(neurons)
-        layer.intermediate.dense = _select(layer.intermediate.dense, index, 0)
-        layer.output.dense = _select(layer.output.dense, index, 1)
-    model.config.num_hidden_layers = len(encoder.layer)
+    """Rebuild the model in place with only what the plan keeps, and record the sizes in its config.
+
+    Raises ``ArchitectureError`` before changing anything if the plan cuts what the architecture cannot lose.
+    """
+    adapter = adapter_of(model)
+    sizes = layer_sizes(model)
+    kept = [i for i in range(len(sizes)) if i not in plan.drop_layers]
+    sizes = [sizes[i] for i in kept]
+    if plan.drop_layers:
+        adapter.require("layer_selection")
+    if any(len(h) < s["heads"] for h, s in zip(plan.heads, sizes, strict=True)):
+        adapter.require("head_pruning")
+    if any(len(n) < s["intermediate"] for n, s in zip(plan.neurons, sizes, strict=True)):
+        adapter.require("ffn_pruning")
+    keep_layers(model, kept)
+    for layer, heads, neurons in zip(encoder_layers(model), plan.heads, plan.neurons, strict=True):
+        prune_heads(adapter, layer, heads)
+        prune_neurons(adapter, layer, neurons)
     setattr(model.config, PRUNED_LAYERS, layer_sizes(model))
