@@ -35,17 +35,22 @@ def export_onnx(model, out_dir: Path, opset: int, atol: float = 1e-4) -> Path:
 
 
 def fuse_onnx(raw: Path, target: Path, config) -> bool:
-    """ONNX Runtime's BERT fusions (attention, skip-layernorm, bias-gelu) for faster CPU inference.
+    """ONNX Runtime's fusions (attention, skip-layernorm, bias-gelu) of the architecture's kind, for faster CPU inference.
 
     Pruned layers have their own head counts, so the fuser reads them from each layer's graph (0 = detect).
     The fused graph is checked against the raw one; returns False if they disagree (the caller keeps the raw one).
     """
     from onnxruntime.transformers.optimizer import optimize_model
 
+    from edgetl.architectures import adapter_for
     from edgetl.modeling import PRUNED_LAYERS
 
+    fusion = adapter_for(config.model_type).ort_fusion
+    if fusion is None:
+        log.info("export: no ONNX Runtime fusions for %s; keeping the unfused graph", config.model_type)
+        return False
     pruned = getattr(config, PRUNED_LAYERS, None) is not None
-    optimized = optimize_model(str(raw), model_type="bert", num_heads=0 if pruned else config.num_attention_heads,
+    optimized = optimize_model(str(raw), model_type=fusion, num_heads=0 if pruned else config.num_attention_heads,
                                hidden_size=0 if pruned else config.hidden_size, opt_level=1, use_gpu=False)
     optimized.save_model_to_file(str(target))
     difference = _max_logit_difference(raw, target, config.vocab_size)
