@@ -86,10 +86,9 @@ class SoftPromptClassifier(nn.Module):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
-        if token_type_ids is not None:
-            token_type_ids = torch.cat([token_type_ids.new_zeros(batch, n), token_type_ids], dim=1)
-        return self.model(inputs_embeds=embeds, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                          labels=labels, **kwargs)
+        if token_type_ids is not None:  # DistilBERT and MPNet have no such argument: pass it only when given
+            kwargs["token_type_ids"] = torch.cat([token_type_ids.new_zeros(batch, n), token_type_ids], dim=1)
+        return self.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
 
 def load_classifier(folder):

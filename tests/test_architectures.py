@@ -21,7 +21,7 @@ from edgetl.architectures.torch_ops import get, head_projections, layers, prune_
 from edgetl.bench.flops import encoder_flops, layer_shapes
 from edgetl.distillation import StudentWithProjections, shallow_copy
 from edgetl.errors import ArchitectureError
-from edgetl.modeling import flops_per_text, layer_sizes, load_classifier
+from edgetl.modeling import SoftPromptClassifier, flops_per_text, layer_sizes, load_classifier
 from edgetl.pruning import PrunePlan, apply_plan, make_plan, taylor_importance
 
 HIDDEN, HEADS, FFN, LAYERS, VOCAB = 32, 4, 64, 3, 120
@@ -247,3 +247,20 @@ def test_encoder_flops_equal_a_hand_count_from_the_layer_shapes(model_type):
             assert encoder_flops(config, [length]) == flops_per_text(model, [length]) == hand_flops(model, length)
         counts.append(encoder_flops(config, [20]))
     assert counts[1] < counts[0]
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_a_soft_prompt_runs_before_the_text_on_every_encoder(model_type):
+    """Token type ids reach only encoders that take them (DistilBERT and MPNet have no such argument)."""
+    model, feeds = tiny_model(model_type), batch(model_type, length=9)
+    prompt = torch.randn(3, HIDDEN, generator=torch.Generator().manual_seed(0))
+    wrapped = SoftPromptClassifier(model, prompt)
+    inputs = {k: v for k, v in feeds.items() if k != "labels"}
+    embeds = torch.cat([prompt.expand(len(feeds["input_ids"]), -1, -1),
+                        model.get_input_embeddings()(feeds["input_ids"])], dim=1)
+    mask = torch.cat([torch.ones(len(embeds), 3, dtype=torch.long), feeds["attention_mask"]], dim=1)
+    with torch.no_grad():
+        out = wrapped(**inputs, labels=feeds["labels"])
+        expected = model(inputs_embeds=embeds, attention_mask=mask).logits
+    assert out.loss is not None and torch.isfinite(out.loss)
+    torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-6)
