@@ -2,34 +2,44 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertModel, BertPreTrainedModel
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from edgetl.architectures import adapter_for
 from edgetl.architectures.torch_ops import adapter_of, layer_sizes, resize
 from edgetl.architectures.torch_ops import layers as layers_of
 from edgetl.bench.flops import PRUNED_LAYERS, encoder_flops
+from edgetl.errors import ArchitectureError
 from edgetl.models import resolve_model_source
 
+# The name BERT's mean-pool head has always been saved under; every type's head is MeanPool<Type>For...
 MEAN_POOL_ARCH = "MeanPoolBertForSequenceClassification"
 
 
-class MeanPoolBertForSequenceClassification(BertPreTrainedModel):
-    """BERT with a classifier on the attention-masked mean of the last hidden states.
+class _MeanPoolHead:
+    """A classifier on the attention-masked mean of the last hidden states, over any adapter's base model.
 
     Sentence-embedding checkpoints such as all-MiniLM-L6-v2 were trained mean-pooled and ship no
     pooler; a head on the mean keeps that geometry (a [CLS] head peaked lower on SST-2 here).
+    Mixed into each architecture's ``PreTrainedModel`` by ``mean_pool_class``; the encoder sits under the
+    HF ``base_model_prefix`` (``bert``, ``distilbert``, ...), so pretrained weights load by name.
     """
 
     def __init__(self, config):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.bert = BertModel(config, add_pooling_layer=False)
-        self.dropout = nn.Dropout(config.classifier_dropout or config.hidden_dropout_prob)
+        base_cls = _base_model_class(config.model_type)
+        # Poolers are unused here and would only hold untrained weights (DistilBERT, DeBERTa-v2 have none).
+        no_pooler = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(base_cls).parameters else {}
+        setattr(self, self.base_model_prefix, base_cls(config, **no_pooler))
+        self.dropout = nn.Dropout(_classifier_dropout(config))
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -38,8 +48,11 @@ class MeanPoolBertForSequenceClassification(BertPreTrainedModel):
         if attention_mask is None:
             given = input_ids if input_ids is not None else inputs_embeds
             attention_mask = torch.ones(given.shape[:2], dtype=torch.long, device=given.device)
-        out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, inputs_embeds=inputs_embeds,
-                        output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        # DistilBERT and MPNet have no token_type_ids argument: pass it only when given.
+        types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        out = getattr(self, self.base_model_prefix)(
+            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **types,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         hidden = out.last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
@@ -49,6 +62,47 @@ class MeanPoolBertForSequenceClassification(BertPreTrainedModel):
                                         attentions=out.attentions)
 
 
+def _base_model_class(model_type: str) -> type:
+    """transformers' ``AutoModel`` class of a model type (``BertModel``, ``DistilBertModel``, ...)."""
+    from transformers import CONFIG_MAPPING, MODEL_MAPPING
+
+    return MODEL_MAPPING[CONFIG_MAPPING[model_type]]
+
+
+def _classifier_dropout(config) -> float:
+    # The key differs by type: BERT-likes say classifier_dropout (often None) else hidden_dropout_prob,
+    # DistilBERT says seq_classif_dropout.
+    for key in ("classifier_dropout", "seq_classif_dropout", "hidden_dropout_prob"):
+        if getattr(config, key, None) is not None:
+            return getattr(config, key)
+    return 0.1
+
+
+@functools.cache
+def mean_pool_class(model_type: str) -> type:
+    """The mean-pooled classifier of a model type that has an adapter; ``ArchitectureError`` otherwise.
+
+    Named ``MeanPool<Type>ForSequenceClassification`` after the base class (``MeanPoolBertFor...`` for BERT,
+    as saved before other types existed); ``save_pretrained`` records that name in ``config.architectures``.
+    """
+    adapter_for(model_type)
+    base_cls = _base_model_class(model_type)
+    pretrained_cls = next(c for c in base_cls.__mro__[1:] if issubclass(c, PreTrainedModel))
+    name = f"MeanPool{base_cls.__name__.removesuffix('Model')}ForSequenceClassification"
+    cls = type(name, (_MeanPoolHead, pretrained_cls), {"__module__": __name__, "__qualname__": name,
+                                                       "__doc__": _MeanPoolHead.__doc__})
+    globals()[name] = cls  # so pickle and copy find the class by its module and name, like a written one
+    return cls
+
+
+def is_mean_pooled(model) -> bool:
+    """Whether a classifier is one of edgetl's mean-pooled heads (of any architecture)."""
+    return isinstance(model, _MeanPoolHead)
+
+
+MeanPoolBertForSequenceClassification = mean_pool_class("bert")
+
+
 def new_classifier(name: str, labels: list[str], pooling: str):
     """A pretrained encoder with a fresh classification head, plus its tokenizer."""
     source = resolve_model_source(name)
@@ -56,9 +110,7 @@ def new_classifier(name: str, labels: list[str], pooling: str):
     label2id = {label: i for i, label in id2label.items()}
     config = AutoConfig.from_pretrained(source, num_labels=len(labels), id2label=id2label, label2id=label2id)
     if pooling == "mean":
-        if config.model_type != "bert":
-            raise ValueError(f"pooling 'mean' supports BERT-family models; '{name}' is {config.model_type}: use pooling 'cls'")
-        model = MeanPoolBertForSequenceClassification.from_pretrained(source, config=config)
+        model = mean_pool_class(config.model_type).from_pretrained(source, config=config)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(source, config=config)
     return model, AutoTokenizer.from_pretrained(source)
@@ -102,16 +154,27 @@ def load_classifier(folder):
 
 def _load_encoder_classifier(folder):
     config = AutoConfig.from_pretrained(folder)
-    mean_pool = MEAN_POOL_ARCH in (config.architectures or [])
+    mean_pool = _saved_mean_pool_class(config)
     sizes = getattr(config, PRUNED_LAYERS, None)
     if sizes is None:
-        cls = MeanPoolBertForSequenceClassification if mean_pool else AutoModelForSequenceClassification
-        return cls.from_pretrained(folder)
+        return (mean_pool or AutoModelForSequenceClassification).from_pretrained(folder)
     # Pruned layers differ in width, which a config cannot say: build the recorded shapes, then load exactly.
-    model = MeanPoolBertForSequenceClassification(config) if mean_pool else AutoModelForSequenceClassification.from_config(config)
+    model = mean_pool(config) if mean_pool else AutoModelForSequenceClassification.from_config(config)
     resize_layers(model, sizes)
     model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")), strict=True)
     return model
+
+
+def _saved_mean_pool_class(config) -> type | None:
+    """The mean-pool class a saved config's ``architectures`` names, or None for any other head."""
+    saved = config.architectures or []
+    if not any(name.startswith("MeanPool") for name in saved):
+        return None
+    cls = mean_pool_class(config.model_type)
+    if cls.__name__ not in saved:
+        raise ArchitectureError(f"config.architectures {saved} names a mean-pool head, but a "
+                                f"{config.model_type} one is {cls.__name__}")
+    return cls
 
 
 def resize_layers(model, sizes: list[dict]) -> None:

@@ -1,4 +1,4 @@
-"""Every architecture adapter on a tiny model built from its config: find, prune, copy, reload, export, count.
+"""Every architecture adapter on a tiny model built from its config: find, prune, copy, reload, export, count, mean-pool.
 
 The models are a few thousand parameters (hidden 32, 4 heads, FFN 64, 3 layers), made from configs whose
 size keys come from the adapter itself, so DistilBERT's renamed keys are exercised too.
@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from edgetl.architectures import ADAPTERS, Adapter, adapter_for, model_type_of
 from edgetl.architectures.torch_ops import get, head_projections, layers, prune_heads
 from edgetl.bench.flops import encoder_flops, layer_shapes
 from edgetl.distillation import StudentWithProjections, shallow_copy
 from edgetl.errors import ArchitectureError
-from edgetl.modeling import SoftPromptClassifier, flops_per_text, layer_sizes, load_classifier
+from edgetl.modeling import (SoftPromptClassifier, flops_per_text, is_mean_pooled, layer_sizes, load_classifier,
+                             mean_pool_class, new_classifier)
 from edgetl.pruning import PrunePlan, apply_plan, make_plan, taylor_importance
 
 HIDDEN, HEADS, FFN, LAYERS, VOCAB = 32, 4, 64, 3, 120
@@ -34,12 +35,16 @@ EXTRA_CONFIG = {
 }
 
 
-def tiny_model(model_type: str, layers: int = LAYERS, seed: int = 0):
+def tiny_config(model_type: str, layers: int = LAYERS):
     keys = adapter_for(model_type).config_keys
     sizes = {keys.hidden: HIDDEN, keys.heads: HEADS, keys.intermediate: FFN, keys.layers: layers}
-    config = AutoConfig.for_model(model_type, vocab_size=VOCAB, max_position_embeddings=64, num_labels=2,
-                                  pad_token_id=adapter_for(model_type).pad_token_id, **sizes,
-                                  **EXTRA_CONFIG.get(model_type, {}))
+    return AutoConfig.for_model(model_type, vocab_size=VOCAB, max_position_embeddings=64, num_labels=2,
+                                pad_token_id=adapter_for(model_type).pad_token_id, **sizes,
+                                **EXTRA_CONFIG.get(model_type, {}))
+
+
+def tiny_model(model_type: str, layers: int = LAYERS, seed: int = 0):
+    config = tiny_config(model_type, layers)
     torch.manual_seed(seed)
     return AutoModelForSequenceClassification.from_config(config).eval()
 
@@ -249,6 +254,109 @@ def test_encoder_flops_equal_a_hand_count_from_the_layer_shapes(model_type):
     assert counts[1] < counts[0]
 
 
+def tiny_encoder_folder(model_type: str, folder):
+    """A saved tiny base encoder (no head) with a WordPiece tokenizer of VOCAB tokens, as new_classifier reads."""
+    from transformers import BertTokenizerFast
+
+    torch.manual_seed(3)
+    AutoModel.from_config(tiny_config(model_type)).save_pretrained(folder)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] +
+                               [f"w{i}" for i in range(VOCAB - 5)]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    return folder
+
+
+def mean_pooled(model_type: str, tmp_path):
+    return new_classifier(str(tiny_encoder_folder(model_type, tmp_path / "encoder")), ["neg", "pos"], "mean")[0].eval()
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_a_mean_pooled_classifier_is_the_classifier_on_the_masked_mean_of_its_encoder_and_reloads_bit_exactly(
+        model_type, tmp_path):
+    adapter, model = adapter_for(model_type), mean_pooled(model_type, tmp_path)
+    assert type(model) is mean_pool_class(model_type) and is_mean_pooled(model)
+    assert model.base_model_prefix == adapter.base
+    encoder = getattr(model, adapter.base)
+    saved = AutoModel.from_pretrained(tmp_path / "encoder").state_dict()  # the pretrained weights, loaded by name
+    assert {k for k in saved if not k.startswith("pooler.")} == encoder.state_dict().keys()  # no unused pooler
+    assert all(torch.equal(saved[k], v) for k, v in encoder.state_dict().items())
+    feeds = batch(model_type, length=13)
+    mask = feeds["attention_mask"]
+    with torch.no_grad():
+        types = {"token_type_ids": feeds["token_type_ids"]} if "token_type_ids" in feeds else {}
+        hidden = encoder(feeds["input_ids"], attention_mask=mask, **types).last_hidden_state
+        by_hand = model.classifier(torch.stack([h[m.bool()].mean(dim=0) for h, m in zip(hidden, mask, strict=True)]))
+    torch.testing.assert_close(logits(model, feeds), by_hand, rtol=1e-5, atol=1e-6)
+    model.save_pretrained(tmp_path / "classifier")
+    reloaded = load_classifier(tmp_path / "classifier")
+    assert type(reloaded) is type(model) and reloaded.config.architectures == [type(model).__name__]
+    assert torch.equal(logits(model, feeds), logits(reloaded, feeds))
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_a_pruned_mean_pooled_classifier_reloads_with_its_head_and_bit_exactly(model_type, tmp_path):
+    adapter, model = adapter_for(model_type), mean_pooled(model_type, tmp_path)
+    heads = [[0, 2, 3]] * LAYERS if adapter.head_pruning else [list(range(HEADS))] * LAYERS
+    apply_plan(model, PrunePlan(heads=heads, neurons=[list(range(0, FFN, 2))] * LAYERS, drop_layers=[]))
+    model.save_pretrained(tmp_path / "pruned")
+    reloaded = load_classifier(tmp_path / "pruned")
+    assert type(reloaded) is type(model) and layer_sizes(reloaded) == model.config.edgetl_layers
+    feeds = batch(model_type, length=19)
+    assert torch.equal(logits(model, feeds), logits(reloaded, feeds))
+
+
+@pytest.mark.parametrize("model_type", TYPES)
+def test_a_mean_pooled_classifier_exports_to_onnx_and_matches_pytorch_at_an_untraced_shape(model_type, tmp_path):
+    import onnxruntime as ort
+
+    from edgetl.stages.export import export_onnx
+
+    model = mean_pooled(model_type, tmp_path)
+    raw = export_onnx(model, tmp_path, opset=17)
+    feeds = batch(model_type, length=23, size=3, seed=7)  # optimum traces at (2, 16); the last row is padded
+    session = ort.InferenceSession(str(raw), providers=["CPUExecutionProvider"])
+    names = {i.name for i in session.get_inputs()}
+    assert ("token_type_ids" in names) == adapter_for(model_type).takes_token_type_ids
+    out = session.run(None, {k: v.numpy() for k, v in feeds.items() if k in names})[0]
+    assert np.abs(out - logits(model, feeds).numpy()).max() < 1e-4
+
+
+def test_a_bert_mean_pool_folder_saved_by_the_previous_head_reloads_unchanged(tmp_path):
+    """The head as it was before every architecture had one (a verbatim copy): its folders still load."""
+    from transformers import BertModel, BertPreTrainedModel
+    from transformers.modeling_outputs import SequenceClassifierOutput
+
+    class MeanPoolBertForSequenceClassification(BertPreTrainedModel):
+        def __init__(self, config):
+            super().__init__(config)
+            self.num_labels = config.num_labels
+            self.bert = BertModel(config, add_pooling_layer=False)
+            self.dropout = nn.Dropout(config.classifier_dropout or config.hidden_dropout_prob)
+            self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+            self.post_init()
+
+        def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
+                    output_hidden_states=None, output_attentions=None, inputs_embeds=None, **_):
+            out = self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                            inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states,
+                            output_attentions=output_attentions)
+            hidden = out.last_hidden_state
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+            return SequenceClassifierOutput(logits=self.classifier(self.dropout(pooled)))
+
+    torch.manual_seed(4)
+    old = MeanPoolBertForSequenceClassification(tiny_config("bert")).eval()
+    old.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).architectures == ["MeanPoolBertForSequenceClassification"]
+    assert {k.split(".")[0] for k in old.state_dict()} == {"bert", "classifier"}
+    reloaded = load_classifier(tmp_path)
+    assert type(reloaded) is mean_pool_class("bert")
+    feeds = batch("bert", length=17)
+    assert torch.equal(logits(old, feeds), logits(reloaded, feeds))
+
+
 @pytest.mark.parametrize("model_type", TYPES)
 def test_a_soft_prompt_runs_before_the_text_on_every_encoder(model_type):
     """Token type ids reach only encoders that take them (DistilBERT and MPNet have no such argument)."""
@@ -264,3 +372,16 @@ def test_a_soft_prompt_runs_before_the_text_on_every_encoder(model_type):
         expected = model(inputs_embeds=embeds, attention_mask=mask).logits
     assert out.loss is not None and torch.isfinite(out.loss)
     torch.testing.assert_close(out.logits, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_mean_pool_head_named_for_another_type_or_a_type_without_adapter_is_refused(tmp_path):
+    import json
+
+    torch.manual_seed(0)
+    mean_pool_class("distilbert")(tiny_config("distilbert")).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["MeanPoolBertForSequenceClassification"]}))
+    with pytest.raises(ArchitectureError, match="a distilbert one is MeanPoolDistilBertForSequenceClassification"):
+        load_classifier(tmp_path)
+    with pytest.raises(ArchitectureError, match="'gpt2' has no edgetl adapter"):
+        mean_pool_class("gpt2")

@@ -23,7 +23,7 @@ def teacher_folder(cfg: DistillStage, ctx) -> Path:
 
 def make_student(cfg: DistillStage, teacher, tokenizer, labels: list[str]):
     from edgetl.distillation import every_other_layer, shallow_copy
-    from edgetl.modeling import MeanPoolBertForSequenceClassification, new_classifier
+    from edgetl.modeling import is_mean_pooled, new_classifier
 
     if cfg.student is None:
         layers = cfg.layers if cfg.layers is not None else every_other_layer(teacher)
@@ -31,7 +31,7 @@ def make_student(cfg: DistillStage, teacher, tokenizer, labels: list[str]):
             return shallow_copy(teacher, layers)
         except ValueError as exc:
             raise StageError(f"distill.layers: {exc}") from None
-    pooling = "mean" if isinstance(teacher, MeanPoolBertForSequenceClassification) else "cls"
+    pooling = "mean" if is_mean_pooled(teacher) else "cls"
     student, student_tokenizer = new_classifier(cfg.student, labels, pooling)
     if student_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise StageError(f"distill.student: '{cfg.student}' tokenizes differently from the teacher; "
