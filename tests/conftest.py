@@ -23,6 +23,9 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# NNCF compiles its PyTorch extension on first use and gives up after 60 s, leaving a lock behind that makes
+# every later load wait; on a busy 2-core machine the build takes longer than that.
+os.environ.setdefault("NNCF_EXTENSION_LOAD_TIMEOUT", "900")
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
