@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from edgetl.errors import ArtifactError
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 MODEL_KINDS = ("pytorch-model", "exported", "quantized")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 _VERSIONED = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "openvino", "nncf",
               "neural-compressor-pt", "datasets", "accelerate", "tokenizers", "numpy")
 
@@ -104,6 +106,13 @@ def model_file_bytes(model_file: Path) -> int:
     weights = model_file.with_suffix(".bin")
     extra = weights.stat().st_size if model_file.suffix == ".xml" and weights.is_file() else 0
     return model_file.stat().st_size + extra
+
+
+def copy_tokenizer(source: Path, target: Path) -> None:
+    """The tokenizer files and ``config.json`` beside a model, copied into another model folder."""
+    for name in (*TOKENIZER_FILES, "config.json"):
+        if (source / name).is_file():
+            shutil.copy2(source / name, target / name)
 
 
 def file_table(folder: Path) -> dict[str, dict]:

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from edgetl.corpora import datasets_dir, target_files
 from edgetl.errors import DataError
+from edgetl.inputs import head_tail
 from edgetl.recipe import DataConfig
 
 _FORMATS = {".csv": "csv", ".tsv": "csv", ".jsonl": "json", ".json": "json"}
-
-
-def datasets_dir() -> Path:
-    """Where the shared corpora live: $EDGETL_DATA_DIR, else ``shared/datasets`` beside the checkout or cwd."""
-    if os.environ.get("EDGETL_DATA_DIR"):
-        return Path(os.environ["EDGETL_DATA_DIR"]).expanduser()
-    repo_root = Path(__file__).resolve().parent.parent
-    for base in (Path.cwd(), repo_root):
-        candidate = base.parent / "shared" / "datasets"
-        if candidate.is_dir():
-            return candidate
-    return repo_root.parent / "shared" / "datasets"
 
 
 def _read_file(path: Path, field: str):
@@ -38,30 +27,9 @@ def _read_file(path: Path, field: str):
     return datasets.load_dataset(fmt, data_files=str(path), split="train", **kwargs)
 
 
-AMAZON_DOMAINS = ("books", "dvd", "electronics", "kitchen")
-
-
-def target_dir(cfg: DataConfig) -> Path:
-    """The target domain's folder: ``amazon-reviews/<domain>`` for a domain name, else the folder named."""
-    name = cfg.target
-    if name in AMAZON_DOMAINS:
-        return datasets_dir() / "amazon-reviews" / name
-    folder = Path(name).expanduser()
-    if not folder.is_dir():
-        raise DataError(f"data.target: '{name}' is neither an amazon-reviews domain ({', '.join(AMAZON_DOMAINS)}) "
-                        "nor a folder")
-    return folder
-
-
-def target_files(cfg: DataConfig) -> list[Path]:
-    """The target domain's ``train.jsonl`` (its texts serve unlabelled) and ``dev.jsonl`` (evaluation)."""
-    folder = target_dir(cfg)
-    return [folder / "train.jsonl", folder / "dev.jsonl"]
-
-
 def local_files(cfg: DataConfig) -> list[Path]:
     """The local files a data config reads (none for a hub dataset)."""
-    files = target_files(cfg) if cfg.target else []
+    files = target_files(cfg.target) if cfg.target else []
     if cfg.dataset == "sst2":
         folder = Path(cfg.path).expanduser() if cfg.path else datasets_dir() / "sst2"
         files = [folder / "train.tsv", folder / "dev.tsv"] + files
@@ -104,7 +72,7 @@ def load_evaluation(cfg: DataConfig):
     """The split every artifact is scored on: the target domain's dev split if there is one, else the eval split."""
     if not cfg.target:
         return load_labelled(cfg)[1]
-    dev = target_files(cfg)[1]
+    dev = target_files(cfg.target)[1]
     return _labelled(_read_file(dev, "target"), cfg, ("text", "label"), "target dev", cfg.max_eval_samples)
 
 
@@ -112,7 +80,7 @@ def target_texts(cfg: DataConfig) -> list[str]:
     """The target domain's training texts, labels dropped (unlabelled in-domain text)."""
     if not cfg.target:
         raise DataError("data.target: not set; adapt, domain_adversarial and self_train need target-domain text")
-    return read_texts(target_files(cfg)[0], "text", "data.target")
+    return read_texts(target_files(cfg.target)[0], "text", "data.target")
 
 
 def target_tokens(cfg: DataConfig, tokenizer, max_length: int | None = None):
@@ -141,8 +109,6 @@ def _labelled(ds, cfg: DataConfig, fields: tuple[str, str], split: str, limit: i
 
 def tokenize(ds, tokenizer, cfg: DataConfig, max_length: int | None = None):
     """Tokenize without padding (the collator pads each batch to its own longest text), cut as ``cfg.truncation`` says."""
-    from edgetl.runtime.text import head_tail
-
     max_length = max_length or cfg.max_length
 
     def encode(batch):

@@ -13,9 +13,9 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from edgetl.architectures import adapter_for
+from edgetl.architectures.flops import PRUNED_LAYERS, encoder_flops
 from edgetl.architectures.torch_ops import adapter_of, layer_sizes, resize
 from edgetl.architectures.torch_ops import layers as layers_of
-from edgetl.bench.flops import PRUNED_LAYERS, encoder_flops
 from edgetl.errors import ArchitectureError
 from edgetl.models import resolve_model_source
 

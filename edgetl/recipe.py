@@ -12,8 +12,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edgetl.corpora import target_files
 from edgetl.errors import RecipeError
-from edgetl.runtime.text import BATCH_SIZE
+from edgetl.inputs import BATCH_SIZE
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
@@ -452,10 +453,8 @@ def _stage_name(raw: dict, index: int) -> str:
 def check_target(recipe: Recipe) -> list[str]:
     """``data.target`` names files that exist, and stages that read target-domain text have one."""
     if recipe.data.target:
-        from edgetl.data import target_files  # light: datasets is imported only to read
-
         try:
-            missing = [str(f) for f in target_files(recipe.data) if not f.is_file()]
+            missing = [str(f) for f in target_files(recipe.data.target) if not f.is_file()]
         except Exception as exc:  # DataError naming the field
             return [str(exc)]
         return [f"data.target: {', '.join(missing)} not found"] if missing else []

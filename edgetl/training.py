@@ -126,7 +126,7 @@ def native_bf16() -> bool:
     """Whether this machine computes bf16 matrix products natively (else autocast would only slow training)."""
     if torch.cuda.is_available():
         return torch.cuda.is_bf16_supported()
-    from edgetl.bench.machine import isa_flags
+    from edgetl.cpu import isa_flags
 
     return bool({"avx512_bf16", "amx_bf16"} & set(isa_flags()))
 

@@ -17,8 +17,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
 from edgetl.architectures import ADAPTERS, Adapter, adapter_for, model_type_of
+from edgetl.architectures.flops import encoder_flops, layer_shapes
 from edgetl.architectures.torch_ops import get, head_projections, layers, prune_heads
-from edgetl.bench.flops import encoder_flops, layer_shapes
 from edgetl.distillation import StudentWithProjections, shallow_copy
 from edgetl.errors import ArchitectureError
 from edgetl.modeling import (SoftPromptClassifier, flops_per_text, is_mean_pooled, layer_sizes, load_classifier,
@@ -199,7 +199,7 @@ def test_an_adapter_that_drops_an_operation_must_say_why():
 
 
 def test_the_adapter_table_and_the_flops_count_import_without_torch():
-    code = ("import sys, edgetl.architectures, edgetl.bench.flops; "
+    code = ("import sys, edgetl.architectures, edgetl.architectures.flops; "
             "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
 

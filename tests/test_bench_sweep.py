@@ -95,7 +95,7 @@ def test_fixed_lengths_pad_every_call_and_own_lengths_do_not(tiny_run, dev_texts
 def test_flops_from_the_config_match_the_torch_count_of_a_pruned_model():
     from transformers import BertConfig
 
-    from edgetl.bench.flops import encoder_flops
+    from edgetl.architectures.flops import encoder_flops
     from edgetl.modeling import MeanPoolBertForSequenceClassification, flops_per_text
     from edgetl.pruning import PrunePlan, apply_plan
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from edgetl.architectures import Adapter, adapter_for
-from edgetl.bench.flops import PRUNED_LAYERS
+from edgetl.architectures.flops import PRUNED_LAYERS
 from edgetl.errors import ArchitectureError
 
 

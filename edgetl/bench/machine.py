@@ -4,39 +4,15 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 
 from edgetl.artifact import library_versions
-
-# ISA extensions that decide INT8 and FP32 speed on x86 (VNNI/AMX) and Arm (dotprod/i8mm).
-NOTABLE_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8",
-                 "amx_bf16", "asimddp", "i8mm", "sve")
-
-
-def _cpuinfo() -> dict[str, str]:
-    path = Path("/proc/cpuinfo")
-    if not path.is_file():
-        return {}
-    info = {}
-    for line in path.read_text().splitlines():
-        key, sep, value = line.partition(":")
-        key = key.strip()
-        if sep and key not in info:
-            info[key] = value.strip()
-    return info
-
-
-def isa_flags() -> list[str]:
-    """The notable ISA extensions of this CPU (empty where /proc/cpuinfo is missing)."""
-    cpu = _cpuinfo()
-    flags = set((cpu.get("flags") or cpu.get("Features") or "").split())
-    return [f for f in NOTABLE_FLAGS if f in flags]
+from edgetl.cpu import cpuinfo, isa_flags
 
 
 def machine_info() -> dict:
     import psutil
 
-    cpu = _cpuinfo()
+    cpu = cpuinfo()
     return {
         "cpu": cpu.get("model name") or platform.processor() or platform.machine(),
         "arch": platform.machine(),

@@ -13,11 +13,10 @@ import platform
 import shutil
 from pathlib import Path
 
-from edgetl.artifact import Artifact
-from edgetl.bench.machine import isa_flags
+from edgetl.artifact import Artifact, copy_tokenizer
+from edgetl.cpu import isa_flags
+from edgetl.quantization import quantize_openvino
 from edgetl.runtime.text import encode, load_tokenizer
-from edgetl.stages._quantize_openvino import quantize_openvino
-from edgetl.stages.export import copy_tokenizer
 
 def optimum_preset() -> str:
     """The ``AutoQuantizationConfig`` preset that fits this machine."""

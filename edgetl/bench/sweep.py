@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetl.architectures.flops import folder_flops
 from edgetl.backends import Target
-from edgetl.bench.flops import folder_flops
 from edgetl.bench.measure import SETTLE_SECONDS, _timed_calls, latency_summary
 from edgetl.runtime.text import batch_size_for, encode, load_tokenizer, predict_logits
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetl.inputs import BATCH_SIZE, head_tail
+
 
 TRUNCATIONS = ("right", "left", "head+tail")
 
@@ -27,17 +29,6 @@ def load_tokenizer(folder: str | Path, max_length: int, truncation: str = "right
         return HeadTailTokenizer(tokenizer, max_length, head_tokens)
     tokenizer.enable_truncation(max_length=max_length, direction=truncation)
     return tokenizer
-
-
-def head_tail(ids: list, max_length: int, head_tokens: int) -> list:
-    """The first token and ``head_tokens`` after it, then the end of the sequence: ``max_length`` items in all.
-
-    Special tokens survive: the first one ([CLS]) is in the head and the last one ([SEP]) in the tail.
-    """
-    if len(ids) <= max_length:
-        return ids
-    head = min(head_tokens, max_length - 2) + 1
-    return ids[:head] + ids[len(ids) - (max_length - head):]
 
 
 class _Cut:
@@ -76,10 +67,6 @@ def encode(tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
         feeds["attention_mask"][row, :n] = enc.attention_mask
         feeds["token_type_ids"][row, :n] = enc.type_ids
     return feeds
-
-
-# Texts per call: the runtime's default and the evaluate stage's, so predictions repeat evaluated logits.
-BATCH_SIZE = 64
 
 
 def batch_size_for(batch_invariant: bool, batch_size: int = BATCH_SIZE) -> int:

@@ -6,13 +6,11 @@ import logging
 import shutil
 from pathlib import Path
 
-from edgetl.artifact import StageOutput, model_file_bytes
+from edgetl.artifact import StageOutput, copy_tokenizer, model_file_bytes
 from edgetl.errors import StageError
 from edgetl.recipe import ExportStage
 
 log = logging.getLogger("edgetl")
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 
 
 def export_onnx(model, out_dir: Path, opset: int, atol: float = 1e-4) -> Path:
@@ -85,12 +83,6 @@ def export_openvino(onnx_path: Path, target: Path) -> None:
 
     ov_model = ov.convert_model(str(onnx_path))
     ov.save_model(ov_model, str(target), compress_to_fp16=False)
-
-
-def copy_tokenizer(source: Path, target: Path) -> None:
-    for name in (*TOKENIZER_FILES, "config.json"):
-        if (source / name).is_file():
-            shutil.copy2(source / name, target / name)
 
 
 def run(cfg: ExportStage, ctx, out_dir: Path) -> StageOutput:

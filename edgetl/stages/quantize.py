@@ -6,12 +6,11 @@ import random
 import shutil
 from pathlib import Path
 
-from edgetl.artifact import StageOutput, model_file_bytes
+from edgetl.artifact import StageOutput, copy_tokenizer, model_file_bytes
 from edgetl.data import load_labelled, target_texts
 from edgetl.errors import StageError
 from edgetl.recipe import QuantizeStage
 from edgetl.runtime.text import encode, load_tokenizer
-from edgetl.stages.export import copy_tokenizer
 
 
 def encode_texts(data, texts: list[str], tokenizer_dir: Path) -> list[dict]:
@@ -81,7 +80,7 @@ def _onnxruntime_int8(cfg: QuantizeStage, source, folder: Path, feeds: list[dict
 
 
 def _openvino_int8(source, folder: Path, feeds: list[dict]) -> dict:
-    from edgetl.stages._quantize_openvino import quantize_openvino
+    from edgetl.quantization import quantize_openvino
 
     quantize_openvino(source.model_path("openvino"), folder / "model.xml", feeds)
     return {"path": "openvino/model.xml", "precision": "int8", "method": "nncf.quantize"}

@@ -1,4 +1,6 @@
-"""OpenVINO INT8 through ``nncf.quantize`` with the transformer preset (or, for comparison, its defaults)."""
+"""OpenVINO INT8 through ``nncf.quantize``: the quantize stage's transformer preset, or nncf's defaults
+for the benchmark's OpenVINO-default peer.
+"""
 
 from __future__ import annotations
 
