@@ -28,6 +28,7 @@ def train_window(recipe_name: str, order: str, start: int, stop: int, every: int
     from edgetl.modeling import new_classifier
     from edgetl.pipeline import StageContext
     from edgetl.recipe import load_recipe
+    from edgetl.tasks.text_classification import accuracy
 
     recipe = load_recipe(recipe_name)
     cfg = next(s for s in recipe.stages if s.stage == "finetune")
@@ -52,7 +53,7 @@ def train_window(recipe_name: str, order: str, start: int, stop: int, every: int
 
         trainer_cls = transformers.Trainer if order == "hf" else training.Trainer
         trainer = trainer_cls(model=model, args=training.training_arguments(cfg, ctx), train_dataset=train_tok,
-                              eval_dataset=dev_tok, data_collator=collate, compute_metrics=training.accuracy_metric,
+                              eval_dataset=dev_tok, data_collator=collate, compute_metrics=accuracy,
                               processing_class=tokenizer, callbacks=[Window()])
         trainer.train()
     return [{"step": h["step"], "phase": h["step"] % MEGA_BATCH, "accuracy": h["eval_accuracy"],

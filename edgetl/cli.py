@@ -1,4 +1,4 @@
-"""edgetl command line: run / validate recipes, benchmark artifacts, predict with a bundle."""
+"""edgetl command line: run / validate recipes, print the support matrix, benchmark artifacts, predict with a bundle."""
 
 from __future__ import annotations
 
@@ -29,6 +29,16 @@ def _cmd_validate(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     print(f"{args.recipe}: valid ({len(recipe.stages)} stages: {' -> '.join(s.stage for s in recipe.stages)})")
+    return 0
+
+
+def _cmd_support(args) -> int:
+    from edgetl.support import support_matrix, write_readme
+
+    if args.write is None:
+        print(support_matrix(), end="")
+    else:
+        print(f"{args.write}: {'updated' if write_readme(Path(args.write)) else 'already up to date'}")
     return 0
 
 
@@ -201,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("recipe")
     validate.add_argument("overrides", nargs="*")
     validate.set_defaults(func=_cmd_validate)
+
+    support = sub.add_parser("support", help="print the support matrix (tasks x stages, architectures) generated "
+                                             "from the declarations; --write README.md updates README's copy")
+    support.add_argument("--write", metavar="FILE", help="replace the block between the support-matrix markers in FILE")
+    support.set_defaults(func=_cmd_support)
 
     bench = sub.add_parser("bench", help="benchmark artifacts, bundles or runs: backends x threads x batch x length; "
                                          "'bench merge FILE...' combines results.json files into one table")

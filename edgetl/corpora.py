@@ -3,11 +3,42 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgetl.errors import DataError
 
 AMAZON_DOMAINS = ("books", "dvd", "electronics", "kitchen")
+
+
+@dataclass(frozen=True)
+class KnownDataset:
+    """A dataset by name: two files read as ``dataset: files`` reads them, its columns, labels and task.
+
+    ``columns`` and ``labels`` are the defaults of the DataConfig fields of those names; a recipe may still set
+    them. ``folder`` is under ``datasets_dir()`` (``data.path`` replaces it); None: the ``data.target`` folder
+    (``data.path`` is not read).
+    """
+
+    folder: str | None
+    train_file: str
+    eval_file: str
+    task: str
+    columns: dict[str, str] = field(default_factory=dict)
+    labels: tuple[str, ...] | None = None
+
+
+KNOWN_DATASETS = {
+    "sst2": KnownDataset("sst2", "train.tsv", "dev.tsv", "text-classification",
+                         {"text_field": "sentence", "label_field": "label"}, ("negative", "positive")),
+    # The target domain's own labelled reviews ({text, label}), for few-shot learning.
+    "target": KnownDataset(None, "train.jsonl", "dev.jsonl", "text-classification",
+                           {"text_field": "text", "label_field": "label"}, ("negative", "positive")),
+    "conll2003": KnownDataset("conll2003", "train.jsonl", "dev.jsonl", "token-classification",
+                              {"tokens_field": "tokens", "tags_field": "tags"}),
+    "stsb": KnownDataset("stsb", "train.jsonl", "dev.jsonl", "text-regression",
+                         {"text_field": "sentence1", "text_pair_field": "sentence2", "score_field": "score"}),
+}
 
 
 def datasets_dir() -> Path:

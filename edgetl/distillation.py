@@ -119,11 +119,12 @@ class DistillationTrainer(Trainer):
 
 def distil(cfg: DistillationConfig, ctx, student, teacher, tokenizer, train_tok, dev_tok, collator, stage: str):
     """Train ``student`` against ``teacher`` (best dev checkpoint kept, resumed after a crash); returns the trainer."""
-    from edgetl.training import accuracy_metric, train_and_resume, training_arguments
+    from edgetl.tasks.text_classification import accuracy
+    from edgetl.training import train_and_resume, training_arguments
 
     wrapped = StudentWithProjections(student, teacher.config.hidden_size, use_hidden=bool(cfg.hidden_weight))
     trainer = DistillationTrainer(model=wrapped, args=training_arguments(cfg, ctx), train_dataset=train_tok,
-                                  eval_dataset=dev_tok, data_collator=collator, compute_metrics=accuracy_metric,
+                                  eval_dataset=dev_tok, data_collator=collator, compute_metrics=accuracy,
                                   processing_class=tokenizer, teacher=teacher, kd=cfg)
     train_and_resume(trainer, ctx.work_dir, stage)
     return trainer

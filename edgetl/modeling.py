@@ -1,4 +1,4 @@
-"""PyTorch side of models: the classification heads edgetl trains, and loading them back."""
+"""PyTorch side of models: the heads edgetl trains (the task's, or a mean-pooled one), and loading them back."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from edgetl.architectures import adapter_for
@@ -18,13 +18,15 @@ from edgetl.architectures.torch_ops import adapter_of, layer_sizes, resize
 from edgetl.architectures.torch_ops import layers as layers_of
 from edgetl.errors import ArchitectureError
 from edgetl.models import resolve_model_source
+from edgetl.tasks import DEFAULT_TASK, TASKS, Task
 
 # The name BERT's mean-pool head has always been saved under; every type's head is MeanPool<Type>For...
 MEAN_POOL_ARCH = "MeanPoolBertForSequenceClassification"
 
 
 class _MeanPoolHead:
-    """A classifier on the attention-masked mean of the last hidden states, over any adapter's base model.
+    """A classifier (or, with ``problem_type`` regression, a scorer) on the attention-masked mean of the last
+    hidden states, over any adapter's base model.
 
     Sentence-embedding checkpoints such as all-MiniLM-L6-v2 were trained mean-pooled and ship no
     pooler; a head on the mean keeps that geometry (a [CLS] head peaked lower on SST-2 here).
@@ -57,7 +59,11 @@ class _MeanPoolHead:
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
         logits = self.classifier(self.dropout(pooled))
-        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        loss = None
+        if labels is not None and self.config.problem_type == "regression":  # one score per text, as HF's heads
+            loss = nn.functional.mse_loss(logits.squeeze(-1), labels.to(logits.dtype))
+        elif labels is not None:
+            loss = nn.functional.cross_entropy(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=out.hidden_states,
                                         attentions=out.attentions)
 
@@ -103,17 +109,17 @@ def is_mean_pooled(model) -> bool:
 MeanPoolBertForSequenceClassification = mean_pool_class("bert")
 
 
-def new_classifier(name: str, labels: list[str], pooling: str):
-    """A pretrained encoder with a fresh classification head, plus its tokenizer."""
+def new_classifier(name: str, labels: list[str] | None, pooling: str | None, task: Task = TASKS[DEFAULT_TASK]):
+    """A pretrained encoder with a fresh head of the task (mean-pooled when ``pooling`` is mean), plus its tokenizer.
+
+    ``labels``: the class names (None for a task that predicts a score).
+    """
+    import transformers
+
     source = resolve_model_source(name)
-    id2label = dict(enumerate(labels))
-    label2id = {label: i for i, label in id2label.items()}
-    config = AutoConfig.from_pretrained(source, num_labels=len(labels), id2label=id2label, label2id=label2id)
-    if pooling == "mean":
-        model = mean_pool_class(config.model_type).from_pretrained(source, config=config)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(source, config=config)
-    return model, AutoTokenizer.from_pretrained(source)
+    config = AutoConfig.from_pretrained(source, **task.head_config(labels))
+    head = mean_pool_class(config.model_type) if pooling == "mean" else getattr(transformers, task.auto_model)
+    return head.from_pretrained(source, config=config), AutoTokenizer.from_pretrained(source)
 
 
 SOFT_PROMPT_FILE = "soft_prompt.safetensors"
@@ -143,23 +149,26 @@ class SoftPromptClassifier(nn.Module):
         return self.model(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **kwargs)
 
 
-def load_classifier(folder):
-    """Load a classifier saved by edgetl (any head it trains, pruned or prompt-tuned) or a plain HF one."""
-    model = _load_encoder_classifier(folder)
+def load_classifier(folder, task: Task = TASKS[DEFAULT_TASK]):
+    """Load a model of the task saved by edgetl (any head it trains, pruned or prompt-tuned) or a plain HF one."""
+    model = _load_encoder_classifier(folder, task)
     prompt_file = Path(folder) / SOFT_PROMPT_FILE
     if prompt_file.is_file():
         model = SoftPromptClassifier(model, load_file(str(prompt_file))["prompt"])
     return model.eval()
 
 
-def _load_encoder_classifier(folder):
+def _load_encoder_classifier(folder, task: Task):
+    import transformers
+
     config = AutoConfig.from_pretrained(folder)
     mean_pool = _saved_mean_pool_class(config)
+    auto_head = getattr(transformers, task.auto_model)
     sizes = getattr(config, PRUNED_LAYERS, None)
     if sizes is None:
-        return (mean_pool or AutoModelForSequenceClassification).from_pretrained(folder)
+        return (mean_pool or auto_head).from_pretrained(folder)
     # Pruned layers differ in width, which a config cannot say: build the recorded shapes, then load exactly.
-    model = mean_pool(config) if mean_pool else AutoModelForSequenceClassification.from_config(config)
+    model = mean_pool(config) if mean_pool else auto_head.from_config(config)
     resize_layers(model, sizes)
     model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")), strict=True)
     return model

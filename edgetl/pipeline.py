@@ -114,13 +114,30 @@ def resolve_compare(recipe: Recipe, run_dir: Path) -> list[Artifact]:
     return found
 
 
+def check_data(recipe: Recipe) -> None:
+    """Read and check every labelled row before the run folder exists: bad data (a missing column, an empty
+    split, a label not in data.labels, ...) fails with its file, row and column, and leaves nothing behind."""
+    from edgetl.data import load_labelled
+    from edgetl.tasks import task_for
+
+    load_labelled(recipe.data, task_for(recipe.task))
+
+
 def _data_reads(recipe: Recipe) -> dict:
-    """The data config plus the content of the local files it names, so editing a file in place reruns."""
+    """The data config plus the content of the local files it names, so editing a file in place reruns.
+
+    Of the column fields, only those the task reads count (a text-classification recipe's fingerprints do not
+    change with ``tags_field``, nor did they when the fields of other tasks were added), and the task itself
+    counts where it is not the default one, for the same reason.
+    """
     from edgetl.artifact import sha256_file
     from edgetl.data import local_files
+    from edgetl.tasks import COLUMN_FIELDS, DEFAULT_TASK, task_for
 
     files = {f.name: sha256_file(f) for f in local_files(recipe.data) if f.is_file()}
-    return {"config": recipe.data.model_dump(mode="json"), "files": files}
+    unread = set(COLUMN_FIELDS) - set(task_for(recipe.task).read_columns(recipe.data))
+    reads = {"config": recipe.data.model_dump(mode="json", exclude=unread), "files": files}
+    return reads | ({"task": recipe.task} if recipe.task != DEFAULT_TASK else {})
 
 
 def fingerprint(stage_cfg: dict, recipe: Recipe, inputs: list[Artifact], data_reads: dict | None = None) -> str:
@@ -195,6 +212,7 @@ def run_recipe(recipe: Recipe, run_dir: Path | None = None, from_stage: str | No
         from accelerate import PartialState
 
         PartialState()  # joins the process group (gloo on CPU, nccl on GPUs) before any stage
+    check_data(recipe)
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         (run_dir / "recipe.resolved.yaml").write_text(yaml.safe_dump(resolved_dict(recipe), sort_keys=False))

@@ -12,13 +12,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from edgetl.corpora import target_files
+from edgetl.corpora import KNOWN_DATASETS, target_files
 from edgetl.errors import RecipeError
 from edgetl.inputs import BATCH_SIZE
+from edgetl.tasks import DEFAULT_TASK, OPTIONS, TASKS, task_for
 
 RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
 
 Backend = Literal["onnx", "openvino"]
+TaskName = Literal[tuple(TASKS)]
 
 
 class _Strict(BaseModel):
@@ -27,23 +29,35 @@ class _Strict(BaseModel):
 
 
 class DataConfig(_Strict):
-    """Where the labelled text comes from and how it is tokenized."""
+    """Where the labelled data come from, which columns hold what, and how texts are tokenized."""
 
-    dataset: str = Field("sst2", description="'sst2' (local GLUE SST-2), 'files', 'target' (the target domain's "
-                         "own labelled reviews, for few-shot learning), or a hub dataset id.")
-    path: str | None = Field(None, description="Folder holding sst2's train.tsv/dev.tsv (default: $EDGETL_DATA_DIR/sst2).")
-    train_file: str | None = Field(None, description="dataset=files: csv, tsv or jsonl with the training rows.")
-    eval_file: str | None = Field(None, description="dataset=files: csv, tsv or jsonl with the evaluation rows.")
+    dataset: str = Field("sst2", description="A known dataset (local files under $EDGETL_DATA_DIR: 'sst2' (GLUE "
+                         "SST-2), 'conll2003' (named entities), 'stsb' (similarity scores of sentence pairs); "
+                         "'target': the target domain's own labelled reviews, for few-shot learning), 'files', or "
+                         "a hub dataset id. A known dataset sets the column fields and labels a recipe leaves out.")
+    path: str | None = Field(None, description="Folder holding a known dataset's two files (default: "
+                             "$EDGETL_DATA_DIR/<dataset>; 'target' reads data.target's folder).")
+    train_file: str | None = Field(None, description="dataset=files: csv, tsv, jsonl or parquet with the training rows.")
+    eval_file: str | None = Field(None, description="dataset=files: csv, tsv, jsonl or parquet with the evaluation rows.")
     hub_config: str | None = Field(None, description="Hub dataset configuration name (e.g. 'sst2' for 'nyu-mll/glue').")
     train_split: str = "train"
     eval_split: str = "validation"
-    text_field: str = "sentence"
-    label_field: str = "label"
-    labels: list[str] = Field(default_factory=lambda: ["negative", "positive"], min_length=2)
-    max_length: int = Field(128, ge=8, le=4096, description="Tokens per text; longer texts are truncated.")
+    text_field: str = Field("sentence", description="Column of the text (text-classification, text-regression).")
+    text_pair_field: str | None = Field(None, description="Column of a second text: each row is a pair of texts, "
+                                        "cut longest_first (text-classification, text-regression).")
+    label_field: str = Field("label", description="text-classification: column of the label, a name or an index "
+                             "into labels.")
+    tokens_field: str = Field("tokens", description="token-classification: column of the pre-split words (a list).")
+    tags_field: str = Field("tags", description="token-classification: column of the tags, one per word (a list).")
+    score_field: str = Field("score", description="text-regression: column of the score (a number).")
+    labels: list[str] | None = Field(None, min_length=2, description="Label names (token-classification: the "
+                                     "tags), in class order. Default: the known dataset's, else the distinct labels "
+                                     "of the training rows, sorted. Every row's label must be one of them, or an "
+                                     "integer index into them.")
+    max_length: int = Field(128, ge=8, le=4096, description="Tokens per text (or pair); longer ones are truncated.")
     truncation: Literal["right", "left", "head+tail"] = Field(
         "right", description="Which part of a longer text is kept: its start, its end, or head_tokens from the "
-        "start plus the end (long reviews often end with their verdict).")
+        "start plus the end (long reviews often end with their verdict). One text per row only.")
     head_tokens: int = Field(64, ge=0, description="truncation head+tail: tokens kept from the start.")
     target: str | None = Field(None, description="Target domain: an amazon-reviews domain (books, dvd, electronics, "
                                "kitchen) or a folder with train.jsonl and dev.jsonl ({text, label}). Evaluation, "
@@ -52,6 +66,15 @@ class DataConfig(_Strict):
                                "data's own dev split.")
     max_train_samples: int | None = Field(None, ge=1)
     max_eval_samples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_dataset_defaults(cls, data: Any) -> Any:
+        # A known dataset names its own columns and labels; whatever the recipe sets wins.
+        known = KNOWN_DATASETS.get(data.get("dataset", "sst2")) if isinstance(data, dict) else None
+        if known is None:
+            return data
+        return known.columns | ({"labels": list(known.labels)} if known.labels else {}) | data
 
     @model_validator(mode="after")
     def _files_need_paths(self) -> DataConfig:
@@ -134,10 +157,13 @@ class DomainAdversarialConfig(_Strict):
 
 
 class FinetuneStage(TrainingConfig):
-    """Fine-tuning with a classification head: full, LoRA or prompt tuning, optionally domain-adversarial."""
+    """Fine-tuning with the task's head: full, LoRA or prompt tuning, optionally domain-adversarial."""
 
     stage: Literal["finetune"]
-    pooling: Literal["cls", "mean"] = Field("mean", description="Sentence vector fed to the classifier.")
+    pooling: Literal["cls", "mean"] | None = Field(
+        None, description="The vector per text fed to the head: the attention-masked mean of the last hidden states, "
+        "or the [CLS] one through the pooler. Default: the task's (mean; none for token-classification, whose head "
+        "reads every token).")
     method: Literal["full", "lora", "prompt-tuning"] = Field(
         "full", description="full: every weight trains; lora: low-rank adapters (peft), merged into the weights "
         "afterwards; prompt-tuning: a trained soft prompt and head, the encoder frozen (PyTorch only).")
@@ -342,11 +368,25 @@ class BenchConfig(_Strict):
 
 class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    task: TaskName = Field(DEFAULT_TASK, description="What the model learns: text-classification (a label per text "
+                           "or pair of texts), token-classification (a tag per word), text-regression (a score per "
+                           "text or pair). Sentence embeddings and text generation are to come.")
     description: str = ""
     model: str = Field(description="Catalog name (minilm-l6), local folder, or hub id.")
     data: DataConfig = Field(default_factory=DataConfig)
     stages: list[StageConfig] = Field(min_length=1)
     bench: BenchConfig = Field(default_factory=BenchConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, raw: Any) -> Any:
+        # finetune.pooling defaults to the task's: mean where the head reads one vector per text, else none.
+        if not isinstance(raw, dict) or raw.get("task", DEFAULT_TASK) not in TASKS or not isinstance(raw.get("stages"), list):
+            return raw
+        pooling = TASKS[raw.get("task", DEFAULT_TASK)].pooling
+        stages = [{"pooling": pooling, **s} if isinstance(s, dict) and s.get("stage") == "finetune" else s
+                  for s in raw["stages"]]
+        return {**raw, "stages": stages}
 
 
 def find_recipe(name_or_path: str) -> Path:
@@ -416,7 +456,7 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError(str(path), [_describe(err, raw) for err in exc.errors()] + problems) from None
-    problems = check_chain(recipe.stages) + check_target(recipe) + problems
+    problems = check_chain(recipe.stages) + check_target(recipe) + check_task(recipe) + problems
     if problems:
         raise RecipeError(str(path), problems)
     return recipe
@@ -468,6 +508,37 @@ def check_target(recipe: Recipe) -> list[str]:
         if isinstance(stage, SelfTrainStage):
             problems.append(f"stages[{index}] (self_train): needs data.target, whose texts it pseudo-labels")
     return problems
+
+
+def check_task(recipe: Recipe) -> list[str]:
+    """The task supports every stage and fine-tuning option of the recipe, and its data section."""
+    task = task_for(recipe.task)
+    problems = []
+    known = KNOWN_DATASETS.get(recipe.data.dataset)
+    if known is not None and known.task != task.name:
+        problems.append(f"data.dataset: '{recipe.data.dataset}' holds {known.task} data, but the task is {task.name}: "
+                        f"set task: {known.task}, or choose data of task {task.name}")
+    problems += task.check_data(recipe.data)
+    for index, stage in enumerate(recipe.stages):
+        where = f"stages[{index}] ({stage.stage})"
+        reason = task.refusal(stage.stage)
+        if reason is not None:
+            problems.append(f"{where}: task {task.name} does not support the {stage.stage} stage: {reason}")
+        elif isinstance(stage, FinetuneStage):
+            if task.pooling is not None and stage.pooling is None:
+                problems.append(f"{where}.pooling: the {task.name} head reads one vector per text: choose mean or cls")
+            for option in _finetune_options(stage):
+                if (reason := task.refusal(option)) is not None:
+                    problems.append(f"{where}.{OPTIONS[option]}: task {task.name} does not support {option}: {reason}")
+    return problems
+
+
+def _finetune_options(stage: FinetuneStage) -> list[str]:
+    """The fine-tuning options (``edgetl.tasks.OPTIONS``) a finetune stage uses."""
+    used = ["pooling"] if stage.pooling is not None else []
+    used += [stage.method] if stage.method != "full" else []
+    used += ["domain_adversarial"] if stage.domain_adversarial is not None else []
+    return used + (["rdrop_alpha"] if stage.rdrop_alpha is not None else [])
 
 
 def check_chain(stages: list) -> list[str]:

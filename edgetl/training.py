@@ -1,4 +1,4 @@
-"""What every training stage shares: HF Trainer arguments, data, resuming, and FP32 accuracy of the result."""
+"""What every training stage shares: HF Trainer arguments, data, resuming, and the FP32 dev metrics of the result."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_group
 
 from edgetl.data import load_labelled, tokenize
 from edgetl.recipe import TrainingConfig
+from edgetl.tasks import DEFAULT_TASK, TASKS, Task, task_for
 
 log = logging.getLogger("edgetl")
 
@@ -135,32 +136,33 @@ def use_bf16(cfg: TrainingConfig) -> bool:
     return cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16())
 
 
-def accuracy_metric(eval_pred) -> dict:
-    logits, labels = eval_pred
-    return {"accuracy": float((np.argmax(logits, axis=-1) == labels).mean())}
+def data_collator(task: Task, tokenizer):
+    """The task's collator: pads each batch to its longest row, labels included."""
+    return getattr(transformers, task.collator)(tokenizer)
 
 
 def labelled_data(ctx, tokenizer):
-    """Tokenized (train, dev) of the recipe's data; dev sorted by length, so its batches carry little padding.
+    """Tokenized (train, dev) of the recipe's data, as its task reads them; dev sorted by length, so its batches
+    carry little padding.
 
     The training rows come from the run's augment stage when it has one.
     """
-    data = ctx.recipe.data
-    train, dev = load_labelled(data)
+    data, task = ctx.recipe.data, task_for(ctx.recipe.task)
+    train, dev = load_labelled(data, task)
     augmented = ctx.latest("dataset")
     if augmented is not None:
         import datasets
 
         train = datasets.load_dataset("json", data_files=str(augmented.path / "train.jsonl"), split="train")
         train = train.select_columns(["text", "label"])
-    train_tok, dev_tok = tokenize(train, tokenizer, data), tokenize(dev, tokenizer, data)
+    train_tok, dev_tok = (tokenize(split, tokenizer, data, task=task) for split in (train, dev))
     dev_tok = dev_tok.map(lambda row: {"n_tokens": len(row["input_ids"])}).sort("n_tokens").remove_columns("n_tokens")
     return train_tok, dev_tok
 
 
 def training_arguments(cfg: TrainingConfig, ctx, metric: str = "accuracy"):
     """Trainer arguments of a training stage: evaluate and checkpoint every ``eval_steps``, keep the best
-    (highest ``metric``; lowest if it is a loss), or keep the last weights and never evaluate."""
+    (highest ``metric``, the task's; lowest if it is the loss), or keep the last weights and never evaluate."""
     return TrainingArguments(
         output_dir=str(ctx.work_dir),
         num_train_epochs=cfg.epochs,
@@ -178,7 +180,7 @@ def training_arguments(cfg: TrainingConfig, ctx, metric: str = "accuracy"):
         save_total_limit=2,  # the best checkpoint is kept on top of this limit
         load_best_model_at_end=cfg.keep == "best",
         metric_for_best_model=metric,
-        greater_is_better=metric == "accuracy",
+        greater_is_better=metric != "loss",
         group_by_length=cfg.group_by_length,
         bf16=use_bf16(cfg),
         seed=cfg.seed,
@@ -313,49 +315,69 @@ def logits_of(model, dataset, collator, batch_size: int, bf16: bool = False) -> 
     return np.concatenate(out)
 
 
+def fp32_metrics(model, dataset, collator, batch_size: int, compute_metrics) -> dict:
+    """``compute_metrics`` (Trainer's kind) of the kept model in FP32, as it is exported (with no bf16 wrapper
+    left on it). Batches of tokens of different lengths are padded with -100, as Trainer pads them."""
+    from transformers.trainer_pt_utils import nested_concat
+
+    without_autocast(model).eval()
+    logits = labels = None
+    with torch.inference_mode():
+        for batch in DataLoader(dataset, batch_size=batch_size, collate_fn=collator):
+            batch_labels = batch.pop("labels").numpy()
+            batch_logits = model(**batch).logits.float().numpy()
+            logits = batch_logits if logits is None else nested_concat(logits, batch_logits, padding_index=-100)
+            labels = batch_labels if labels is None else nested_concat(labels, batch_labels, padding_index=-100)
+    return compute_metrics((logits, labels))
+
+
 def fp32_accuracy(model, dataset, collator, batch_size: int) -> float:
-    """Accuracy of the kept model in FP32, as it is exported (with no bf16 wrapper left on it)."""
-    logits = logits_of(model, dataset, collator, batch_size)
-    return float((logits.argmax(-1) == np.asarray(dataset["label"])).mean())
+    """Accuracy of a kept classifier in FP32 (``fp32_metrics`` of text classification)."""
+    return fp32_metrics(model, dataset, collator, batch_size, TASKS[DEFAULT_TASK].compute_metrics(None))["accuracy"]
 
 
 def write_eval_history(trainer, out_dir: Path) -> None:
-    """The dev accuracy at every evaluation, as ``eval_history.json`` (with a weight average: the average's,
-    and the training weights' as ``eval_raw_accuracy``)."""
+    """The dev metric that selects checkpoints at every evaluation, as ``eval_history.json`` (with a weight
+    average: the average's, and the training weights' as ``eval_raw_<metric>``)."""
     import json
 
+    metric = trainer.args.metric_for_best_model
     log_history = trainer.state.log_history
-    raw = {h["step"]: h["eval_raw_accuracy"] for h in log_history if "eval_raw_accuracy" in h}
-    history = [h | ({"eval_raw_accuracy": raw[h["step"]]} if h["step"] in raw else {})
-               for h in log_history if "eval_accuracy" in h]
+    raw = {h["step"]: h[f"eval_raw_{metric}"] for h in log_history if f"eval_raw_{metric}" in h}
+    history = [h | ({f"eval_raw_{metric}": raw[h["step"]]} if h["step"] in raw else {})
+               for h in log_history if f"eval_{metric}" in h]
     (out_dir / "eval_history.json").write_text(json.dumps(history, indent=1))
 
 
 def finish_training(trainer, model, tokenizer, collator, train_tok, dev_tok, cfg: TrainingConfig, ctx, out_dir: Path,
                     **extra_metrics):
-    """Save the kept classifier (rank 0) and return its artifact: FP32 dev accuracy, how it was chosen, its size."""
+    """Save the kept model (rank 0) and return its artifact: the task's FP32 dev metrics, how it was chosen, its size."""
     from edgetl.artifact import StageOutput
     from edgetl.modeling import SoftPromptClassifier, model_stats
     from edgetl.peft_methods import save
 
-    accuracy = fp32_accuracy(model, dev_tok, collator, cfg.eval_batch_size)
+    config = model.config
+    labels = [config.id2label[i] for i in range(config.num_labels)]
+    compute_metrics = task_for(ctx.recipe.task).compute_metrics(labels)
+    dev_metrics = fp32_metrics(model, dev_tok, collator, cfg.eval_batch_size, compute_metrics)
     if ctx.rank == 0:
         save(model, out_dir)
         tokenizer.save_pretrained(str(out_dir))
         write_eval_history(trainer, out_dir)
-    metrics = {"accuracy": round(accuracy, 5), **training_metrics(trainer, len(train_tok), len(dev_tok)),
+    metrics = {**{name: round(value, 5) for name, value in dev_metrics.items()},
+               **training_metrics(trainer, len(train_tok), len(dev_tok)),
                **model_stats(model.model if isinstance(model, SoftPromptClassifier) else model, dev_tok), **extra_metrics}
     return StageOutput(kind="pytorch-model", precision="fp32", models={"pytorch": {"path": ".", "precision": "fp32"}},
                        metrics=metrics)
 
 
 def training_metrics(trainer, train_samples: int, eval_samples: int) -> dict:
-    """What chose the checkpoint: the best dev accuracy (evaluated in FP32), its step, and the run length."""
+    """What chose the checkpoint: the best value of the dev metric (evaluated in FP32), its step, the run length."""
     state = trainer.state
     checkpoint = state.best_model_checkpoint
     return {
         "kept": "best" if checkpoint else "last",
-        "selection_accuracy": round(state.best_metric, 5) if state.best_metric is not None else None,
+        f"selection_{trainer.args.metric_for_best_model}": round(state.best_metric, 5) if state.best_metric is not None else None,
         "best_step": int(Path(checkpoint).name.split("-")[1]) if checkpoint else None,
         "steps": state.global_step,
         "train_samples": train_samples,

@@ -1,4 +1,5 @@
-"""Shared fixtures: a small SST-2 slice, a tiny BERT (a few thousand parameters) and one tiny run of sst-int8.
+"""Shared fixtures: small SST-2, CoNLL-2003 and STS-B slices, tiny BERTs (a few thousand parameters) and one tiny
+run of sst-int8.
 
 Everything heavy is session-scoped and built once: the tiny model, the tiny run, and the dynamic-INT8
 rerun that both the pipeline tests and the stage tests read.
@@ -31,6 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 RECIPES = REPO / "recipes"
 SHARED_SST2 = REPO.parent / "shared" / "datasets" / "sst2"
 SHARED_ELECTRONICS = REPO.parent / "shared" / "datasets" / "amazon-reviews" / "electronics"
+SHARED_CONLL = REPO.parent / "shared" / "datasets" / "conll2003"
+SHARED_STSB = REPO.parent / "shared" / "datasets" / "stsb"
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TRAIN_ROWS, DEV_ROWS, VOCAB_WORDS = 400, 120, 400
 
@@ -143,16 +146,11 @@ def sst2_slice(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory, sst2_slice) -> Path:
-    """A 2-layer, 32-wide BERT with a WordPiece vocab of the slice's most frequent words."""
+def tiny_bert(folder: Path, texts: list[str]) -> Path:
+    """A 2-layer, 32-wide BERT saved in ``folder``, with a WordPiece vocab of the texts' most frequent words."""
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    counts = collections.Counter()
-    for name in ("train.tsv", "dev.tsv"):
-        for row in _read_tsv(sst2_slice / name)[1]:
-            counts.update(row.rsplit("\t", 1)[0].lower().split())
+    counts = collections.Counter(word for text in texts for word in text.lower().split())
     words = [w for w, _ in counts.most_common() if w not in SPECIAL_TOKENS and not w.startswith("##")]
     vocab = SPECIAL_TOKENS + words[:VOCAB_WORDS]
     vocab_file = folder / "vocab.txt"
@@ -168,15 +166,53 @@ def tiny_model(tmp_path_factory, sst2_slice) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, sst2_slice) -> Path:
+    """A 2-layer, 32-wide BERT with a WordPiece vocab of the SST-2 slice's most frequent words."""
+    texts = [row.rsplit("\t", 1)[0] for name in ("train.tsv", "dev.tsv") for row in _read_tsv(sst2_slice / name)[1]]
+    return tiny_bert(tmp_path_factory.mktemp("tiny-bert"), texts)
+
+
+def _jsonl_slice(source: Path, folder: Path, counts: dict[str, int]) -> Path:
+    for name, count in counts.items():
+        rows = [line for line in (source / name).read_text().splitlines() if line.strip()]
+        (folder / name).write_text("\n".join(_spread(rows, count)) + "\n")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def conll_slice(tmp_path_factory) -> Path:
+    """train.jsonl (80 sentences) and dev.jsonl (30) taken evenly over the shared CoNLL-2003 files."""
+    if not SHARED_CONLL.is_dir():
+        pytest.fail(f"the shared CoNLL-2003 files are missing: {SHARED_CONLL}")
+    return _jsonl_slice(SHARED_CONLL, tmp_path_factory.mktemp("conll2003"), {"train.jsonl": 80, "dev.jsonl": 30})
+
+
+@pytest.fixture(scope="session")
+def stsb_slice(tmp_path_factory) -> Path:
+    """train.jsonl (80 pairs) and dev.jsonl (30) taken evenly over the shared STS-B files."""
+    if not SHARED_STSB.is_dir():
+        pytest.fail(f"the shared STS-B files are missing: {SHARED_STSB}")
+    return _jsonl_slice(SHARED_STSB, tmp_path_factory.mktemp("stsb"), {"train.jsonl": 80, "dev.jsonl": 30})
+
+
+@pytest.fixture(scope="session")
+def tiny_task_model(tmp_path_factory, conll_slice, stsb_slice) -> Path:
+    """The tiny BERT with a vocab of the CoNLL-2003 and STS-B slices' words."""
+    import json
+
+    texts = []
+    for name in ("train.jsonl", "dev.jsonl"):
+        texts += [" ".join(json.loads(line)["tokens"]) for line in (conll_slice / name).read_text().splitlines()]
+        texts += [f"{row['sentence1']} {row['sentence2']}" for row in map(json.loads, (stsb_slice / name).read_text().splitlines())]
+    return tiny_bert(tmp_path_factory.mktemp("tiny-task-bert"), texts)
+
+
+@pytest.fixture(scope="session")
 def electronics_slice(tmp_path_factory) -> Path:
     """train.jsonl (80 reviews) and dev.jsonl (40), taken evenly over the shared electronics files."""
     if not SHARED_ELECTRONICS.is_dir():
         pytest.fail(f"the shared Amazon electronics files are missing: {SHARED_ELECTRONICS}")
-    folder = tmp_path_factory.mktemp("electronics")
-    for name, count in (("train.jsonl", 80), ("dev.jsonl", 40)):
-        rows = [line for line in (SHARED_ELECTRONICS / name).read_text().splitlines() if line.strip()]
-        (folder / name).write_text("\n".join(_spread(rows, count)) + "\n")
-    return folder
+    return _jsonl_slice(SHARED_ELECTRONICS, tmp_path_factory.mktemp("electronics"), {"train.jsonl": 80, "dev.jsonl": 40})
 
 
 @pytest.fixture(scope="session")

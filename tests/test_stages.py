@@ -211,10 +211,10 @@ def test_averaging_trainer_evaluates_and_keeps_the_average_of_its_best_checkpoin
     from edgetl.data import load_labelled, tokenize
     from edgetl.modeling import new_classifier
     from edgetl.recipe import DataConfig, FinetuneStage
+    from edgetl.tasks.text_classification import accuracy
     from edgetl.training import (
         Trainer,
         WeightAverage,
-        accuracy_metric,
         averaging,
         fp32_accuracy,
         training_arguments,
@@ -230,7 +230,7 @@ def test_averaging_trainer_evaluates_and_keeps_the_average_of_its_best_checkpoin
     ctx = type("Ctx", (), {"work_dir": tmp_path, "world_size": 1})()
     trainer = averaging(Trainer, cfg.ema_decay)(
         model=model, args=training_arguments(cfg, ctx), train_dataset=train, eval_dataset=dev,
-        data_collator=collator, compute_metrics=accuracy_metric)
+        data_collator=collator, compute_metrics=accuracy)
     trainer.train()
 
     history = [h for h in trainer.state.log_history if "eval_accuracy" in h]

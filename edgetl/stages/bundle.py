@@ -54,7 +54,7 @@ def run(cfg: BundleStage, ctx, out_dir: Path) -> StageOutput:
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_VERSION,
         "edgetl_version": __version__,
-        "task": "text-classification",
+        "task": recipe.task,
         "labels": labels,
         "max_length": recipe.data.max_length,
         "truncation": recipe.data.truncation,

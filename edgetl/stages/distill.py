@@ -54,6 +54,7 @@ def run(cfg: DistillStage, ctx, out_dir: Path) -> StageOutput:
     import datasets
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
+    from edgetl.data import label_names
     from edgetl.distillation import distil
     from edgetl.modeling import load_classifier
     from edgetl.training import finish_training, labelled_data
@@ -61,7 +62,7 @@ def run(cfg: DistillStage, ctx, out_dir: Path) -> StageOutput:
     folder = teacher_folder(cfg, ctx)
     teacher = load_classifier(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    student = make_student(cfg, teacher, tokenizer, ctx.recipe.data.labels)
+    student = make_student(cfg, teacher, tokenizer, label_names(ctx.recipe.data))
     train_tok, dev_tok = labelled_data(ctx, tokenizer)
     if cfg.extra_text_file:
         extra = unlabelled_text(cfg.extra_text_file, ctx, tokenizer).cast(train_tok.features)

@@ -1,4 +1,5 @@
-"""Export a fine-tuned PyTorch classifier to ONNX (optimum exporter + ORT transformer fusions) and OpenVINO IR."""
+"""Export a fine-tuned PyTorch model to ONNX (optimum exporter for the recipe's task + ORT transformer fusions) and
+OpenVINO IR."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ from pathlib import Path
 from edgetl.artifact import StageOutput, copy_tokenizer, model_file_bytes
 from edgetl.errors import StageError
 from edgetl.recipe import ExportStage
+from edgetl.tasks import task_for
 
 log = logging.getLogger("edgetl")
 
 
-def export_onnx(model, out_dir: Path, opset: int, atol: float = 1e-4) -> Path:
-    """The optimum exporter with the text-classification ONNX config of the model's type, then validated.
+def export_onnx(model, out_dir: Path, opset: int, atol: float = 1e-4, task: str = "text-classification") -> Path:
+    """The optimum exporter with the ONNX config of the model's type for optimum's ``task``, then validated.
 
     ``export`` rather than ``onnx_export_from_model``: the latter infers the library from the model's
     Python module and refuses edgetl's own heads, which are ordinary transformers models.
@@ -23,7 +25,7 @@ def export_onnx(model, out_dir: Path, opset: int, atol: float = 1e-4) -> Path:
     from optimum.exporters.tasks import TasksManager
 
     constructor = TasksManager.get_exporter_config_constructor(
-        exporter="onnx", model_type=model.config.model_type, task="text-classification", library_name="transformers"
+        exporter="onnx", model_type=model.config.model_type, task=task, library_name="transformers"
     )
     onnx_config = constructor(model.config)
     target = out_dir / "model.onnx"
@@ -91,12 +93,13 @@ def run(cfg: ExportStage, ctx, out_dir: Path) -> StageOutput:
     source = ctx.latest("pytorch-model")
     if source is None:
         raise StageError("export: no PyTorch model artifact to export")
-    model = load_classifier(source.path)
+    task = task_for(ctx.recipe.task)
+    model = load_classifier(source.path, task)
     models = {}
     raw_dir = out_dir / "raw"
     raw_dir.mkdir()
     # The unfused graph is kept: static INT8 (QDQ) and OpenVINO start from it, not from ORT's fused ops.
-    raw = export_onnx(model, raw_dir, cfg.opset)
+    raw = export_onnx(model, raw_dir, cfg.opset, task=task.optimum_task)
     if "onnx" in cfg.formats:
         folder = out_dir / "onnx"
         folder.mkdir()

@@ -1,5 +1,5 @@
-"""Fine-tuning with HF Trainer (full, LoRA or prompt tuning, optionally domain-adversarial): evaluate often,
-keep the best dev checkpoint, resume after a crash."""
+"""Fine-tuning the recipe's task with HF Trainer (full, LoRA or prompt tuning, optionally domain-adversarial):
+evaluate often, keep the best dev checkpoint by the task's metric, resume after a crash."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from pathlib import Path
 
 from edgetl.artifact import StageOutput
 from edgetl.recipe import FinetuneStage
+from edgetl.tasks import task_for
 from edgetl.training import (
     Trainer,
-    accuracy_metric,
     averaging,
+    data_collator,
     finish_training,
     labelled_data,
     regularized_dropout,
@@ -21,16 +22,16 @@ from edgetl.training import (
 
 
 def run(cfg: FinetuneStage, ctx, out_dir: Path) -> StageOutput:
-    from transformers import DataCollatorWithPadding
-
     from edgetl import peft_methods
+    from edgetl.data import label_names
     from edgetl.modeling import new_classifier
 
+    task = task_for(ctx.recipe.task)
+    labels = label_names(ctx.recipe.data, task)
     adapted = ctx.latest("encoder")  # an adapt stage's encoder replaces the recipe's pretrained one
-    model, tokenizer = new_classifier(str(adapted.path) if adapted else ctx.recipe.model, ctx.recipe.data.labels,
-                                      cfg.pooling)
+    model, tokenizer = new_classifier(str(adapted.path) if adapted else ctx.recipe.model, labels, cfg.pooling, task)
     train_tok, dev_tok = labelled_data(ctx, tokenizer)
-    collator = DataCollatorWithPadding(tokenizer)
+    collator = data_collator(task, tokenizer)
     extra = {}
     if cfg.method != "full":
         model = peft_methods.wrap(model, cfg)
@@ -48,11 +49,11 @@ def run(cfg: FinetuneStage, ctx, out_dir: Path) -> StageOutput:
         trainer_cls = averaging(trainer_cls, cfg.ema_decay)
     trainer = trainer_cls(
         model=model,
-        args=training_arguments(cfg, ctx),
+        args=training_arguments(cfg, ctx, task.metric),
         train_dataset=train_tok,
         eval_dataset=dev_tok,
         data_collator=collator,
-        compute_metrics=accuracy_metric,
+        compute_metrics=task.compute_metrics(labels),
         processing_class=tokenizer,
         **dann_kwargs,
     )

@@ -53,7 +53,8 @@ def run(cfg: SelfTrainStage, ctx, out_dir: Path) -> StageOutput:
     from edgetl.data import target_tokens
     from edgetl.modeling import load_classifier
     from edgetl.runtime.text import softmax
-    from edgetl.training import (Trainer, accuracy_metric, finish_training, labelled_data, logits_of, train_and_resume,
+    from edgetl.tasks.text_classification import accuracy
+    from edgetl.training import (Trainer, finish_training, labelled_data, logits_of, train_and_resume,
                                  training_arguments, use_bf16)
 
     source = ctx.latest("pytorch-model")
@@ -83,7 +84,7 @@ def run(cfg: SelfTrainStage, ctx, out_dir: Path) -> StageOutput:
         work_dir = ctx.work_dir / f"train-{k}"
         trainer = Trainer(model=model, args=training_arguments(cfg, replace(ctx, work_dir=work_dir)),
                           train_dataset=mixed, eval_dataset=dev_tok, data_collator=collator,
-                          compute_metrics=accuracy_metric, processing_class=tokenizer)
+                          compute_metrics=accuracy, processing_class=tokenizer)
         train_and_resume(trainer, work_dir, f"self_train round {k}")
         entry = {"round": k, "pseudo_labelled": len(picked), "source_rows": n_source,
                  "per_label": np.bincount(labels, minlength=probs.shape[1]).tolist(),

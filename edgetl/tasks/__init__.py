@@ -1,0 +1,113 @@
+"""One module per task: what varies between text classification, token classification and text regression.
+
+A task is declared as a frozen :class:`Task`: the head it trains, how a row of data is checked, labelled and
+tokenized, the collator that pads a batch, the dev metric that selects checkpoints, optimum's export task, and
+which stages and fine-tuning options it supports (with the reason for each one it does not). Code elsewhere asks
+the task object and never branches on a task's name; optimum's ``TasksManager`` is the pattern.
+
+Importing this package never imports torch, transformers or datasets (the recipe loader reads the
+declarations): the library classes are named as strings (``auto_model``, ``collator``) and resolved by the
+code that builds models and batches, and the metrics import numpy, seqeval and scipy only when they are made.
+``sentence-embedding`` and ``text-generation`` are the next tasks (one module each, registered below).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from edgetl.errors import RecipeError
+
+# Fine-tuning choices a task may not support -> the finetune stage's field that makes them.
+OPTIONS = {
+    "pooling": "pooling",
+    "lora": "method",
+    "prompt-tuning": "method",
+    "domain_adversarial": "domain_adversarial",
+    "rdrop_alpha": "rdrop_alpha",
+}
+# DataConfig fields that name a column; each task reads some of them, under a fixed name of its own.
+COLUMN_FIELDS = ("text_field", "text_pair_field", "label_field", "tokens_field", "tags_field", "score_field")
+
+
+@dataclass(frozen=True)
+class Task:
+    """What one task supplies; every callable works on plain Python and numpy values.
+
+    Attributes:
+        name: the recipe's ``task:`` value.
+        optimum_task: optimum's exporter task name.
+        auto_model: the transformers ``AutoModelFor...`` class of the head (mean pooling replaces it where the
+            task pools and ``finetune.pooling`` is mean).
+        collator: the transformers collator class that pads a batch, labels included.
+        metric: the dev metric (greater is better) Trainer keeps checkpoints by; ``compute_metrics`` returns it.
+        columns: DataConfig column field -> the name the column gets once read (``text``, ``label``, ...).
+            A field set to None (``text_pair_field`` for single texts) names no column and is skipped.
+        pooling: ``finetune.pooling`` when a recipe leaves it out; None where the task does not pool.
+        stages, options: the stages and fine-tuning options (``OPTIONS``) it supports.
+        reasons: why, for each stage or option it does not support.
+        head_config: label names (None for a score) -> the head's config keys (num_labels, id2label, ...).
+        labels_of: the training rows' columns (read names) -> label names read from the data (None: a score).
+        row_problem: one row (read names -> values) and the label names -> (read name, problem) or None.
+        to_ids: the checked columns and the label names -> the columns the model trains on.
+        encode: a batch of rows, a transformers tokenizer, the DataConfig and max_length -> model features.
+        compute_metrics: label names -> a function from Trainer's (predictions, label_ids) to named metrics.
+        check_data: a DataConfig -> problems with the recipe's data section for this task.
+    """
+
+    name: str
+    optimum_task: str
+    auto_model: str
+    collator: str
+    metric: str
+    columns: Mapping[str, str]
+    pooling: str | None
+    stages: frozenset[str]
+    options: frozenset[str]
+    reasons: Mapping[str, str]
+    head_config: Callable[[list[str] | None], dict]
+    labels_of: Callable[[dict], list[str] | None]
+    row_problem: Callable[[dict, list[str] | None], tuple[str, str] | None]
+    to_ids: Callable[[dict, list[str] | None], dict]
+    encode: Callable[[dict, Any, Any, int], dict]
+    compute_metrics: Callable[[list[str] | None], Callable]
+    check_data: Callable[[Any], list[str]]
+
+    def __post_init__(self):
+        unknown = set(self.options) - set(OPTIONS)
+        if unknown:
+            raise ValueError(f"task {self.name}: unknown options {sorted(unknown)}; known: {', '.join(OPTIONS)}")
+        stray = set(self.reasons) & (set(self.stages) | set(self.options))
+        if stray:
+            raise ValueError(f"task {self.name}: reasons given for supported {sorted(stray)}")
+        if set(self.columns) - set(COLUMN_FIELDS):
+            raise ValueError(f"task {self.name}: columns {sorted(set(self.columns) - set(COLUMN_FIELDS))} are no DataConfig field")
+
+    def refusal(self, stage_or_option: str) -> str | None:
+        """Why the task does not support a stage or option, or None if it does."""
+        if stage_or_option in self.stages or stage_or_option in self.options:
+            return None
+        return self.reasons.get(stage_or_option, f"{self.name} does not declare it")
+
+    def read_columns(self, data_cfg) -> dict[str, str]:
+        """DataConfig field -> the column it names in the data files, for the fields this task reads."""
+        return {f: getattr(data_cfg, f) for f in self.columns if getattr(data_cfg, f) is not None}
+
+
+def _registry() -> dict[str, Task]:
+    from edgetl.tasks import text_classification, text_regression, token_classification
+
+    return {t.TASK.name: t.TASK for t in (text_classification, token_classification, text_regression)}
+
+
+TASKS: dict[str, Task] = _registry()
+DEFAULT_TASK = "text-classification"
+
+
+def task_for(name: str) -> Task:
+    """The task of a recipe's ``task:`` value; ``RecipeError`` naming the known tasks if there is none."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise RecipeError("task", [f"unknown task '{name}'; known tasks: {', '.join(TASKS)}"]) from None
