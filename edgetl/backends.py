@@ -13,17 +13,19 @@ import numpy as np
 
 from edgetl.artifact import Artifact, model_file_bytes
 from edgetl.runtime.engines import open_engine
+from edgetl.tasks import DEFAULT_TASK, TASKS, Task
 
 BACKEND_LABELS = {"pytorch": "PyTorch", "onnx": "ONNX Runtime", "openvino": "OpenVINO"}
 
 
 class TorchEngine:
-    """PyTorch eager: FP32 on the CPU, or FP16 on ``device='cuda'``."""
+    """PyTorch eager, the head of ``task``: FP32 on the CPU, or FP16 on ``device='cuda'``."""
 
     backend = "pytorch"
     _default_threads: int | None = None
 
-    def __init__(self, folder: str | Path, threads: int | None = None, device: str = "cpu"):
+    def __init__(self, folder: str | Path, threads: int | None = None, device: str = "cpu",
+                 task: Task = TASKS[DEFAULT_TASK]):
         import torch
 
         from edgetl.modeling import load_classifier
@@ -31,7 +33,7 @@ class TorchEngine:
         self._torch, self.threads, self.device = torch, threads, device
         TorchEngine._default_threads = TorchEngine._default_threads or torch.get_num_threads()
         self.activate()
-        self.model = load_classifier(folder)
+        self.model = load_classifier(folder, task)
         if device == "cuda":
             self.model = self.model.half().cuda()
 
@@ -79,9 +81,10 @@ class Target:
         """False when a text's logits depend on its batch-mates (see ``per_call_activation_scales``)."""
         return not (self.backend == "onnx" and per_call_activation_scales(self.artifact.model_path("onnx")))
 
-    def open(self, threads: int | None = None):
+    def open(self, threads: int | None = None, task: Task = TASKS[DEFAULT_TASK]):
+        """An engine of this model file; ``task`` names the head a PyTorch model is loaded with."""
         if self.backend == "pytorch":
-            return TorchEngine(self.folder, threads, self.device)
+            return TorchEngine(self.folder, threads, self.device, task)
         return open_engine(self.backend, self.artifact.model_path(self.backend), threads, self.device)
 
 

@@ -152,10 +152,11 @@ def _rows(columns: dict[str, list], source: str, fields: dict[str, str], task: T
     return ds
 
 
-def load_evaluation(cfg: DataConfig):
-    """The split every artifact is scored on: the target domain's dev split if there is one, else the eval split."""
+def load_evaluation(cfg: DataConfig, task: Task = CLASSIFICATION):
+    """The split every artifact is scored on: the target domain's dev split if there is one (text classification),
+    else the eval split, with the task's columns."""
     if not cfg.target:
-        return load_labelled(cfg)[1]
+        return load_labelled(cfg, task)[1]
     dev = target_files(cfg.target)[1]
     fields = {"text_field": "text", "label_field": "label"}  # a target folder holds {text, label} rows
     columns = _columns(_read_file(dev, "target"), str(dev), fields, CLASSIFICATION)

@@ -325,7 +325,7 @@ class QuantizeStage(_Strict):
 
 
 class EvaluateStage(_Strict):
-    """Accuracy of every model artifact so far, each through its own runtime."""
+    """The task's metric for every model artifact so far, each through its own runtime."""
 
     stage: Literal["evaluate"]
     batch_size: int = Field(BATCH_SIZE, ge=1)
@@ -511,7 +511,7 @@ def check_target(recipe: Recipe) -> list[str]:
 
 
 def check_task(recipe: Recipe) -> list[str]:
-    """The task supports every stage and fine-tuning option of the recipe, and its data section."""
+    """The task supports every stage and stage setting (``edgetl.tasks.OPTIONS``) of the recipe, and its data section."""
     task = task_for(recipe.task)
     problems = []
     known = KNOWN_DATASETS.get(recipe.data.dataset)
@@ -524,17 +524,22 @@ def check_task(recipe: Recipe) -> list[str]:
         reason = task.refusal(stage.stage)
         if reason is not None:
             problems.append(f"{where}: task {task.name} does not support the {stage.stage} stage: {reason}")
-        elif isinstance(stage, FinetuneStage):
-            if task.pooling is not None and stage.pooling is None:
-                problems.append(f"{where}.pooling: the {task.name} head reads one vector per text: choose mean or cls")
-            for option in _finetune_options(stage):
-                if (reason := task.refusal(option)) is not None:
-                    problems.append(f"{where}.{OPTIONS[option]}: task {task.name} does not support {option}: {reason}")
+            continue
+        if isinstance(stage, FinetuneStage) and task.pooling is not None and stage.pooling is None:
+            problems.append(f"{where}.pooling: the {task.name} head reads one vector per text: choose mean or cls")
+        for option in _options(stage):
+            if (reason := task.refusal(option)) is not None:
+                problems.append(f"{where}.{OPTIONS[option][1]}: task {task.name} does not support {option}: {reason}")
     return problems
 
 
-def _finetune_options(stage: FinetuneStage) -> list[str]:
-    """The fine-tuning options (``edgetl.tasks.OPTIONS``) a finetune stage uses."""
+def _options(stage) -> list[str]:
+    """The stage settings (``edgetl.tasks.OPTIONS``) a stage uses."""
+    if isinstance(stage, QuantizeStage):
+        used = ["qat"] if stage.method == "qat" else []
+        return used + (["max_accuracy_drop"] if stage.max_accuracy_drop is not None else [])
+    if not isinstance(stage, FinetuneStage):
+        return []
     used = ["pooling"] if stage.pooling is not None else []
     used += [stage.method] if stage.method != "full" else []
     used += ["domain_adversarial"] if stage.domain_adversarial is not None else []

@@ -1,6 +1,6 @@
 """The support matrix on README's front page, generated from the task and architecture declarations.
 
-Tasks x stages and fine-tuning options (``edgetl.tasks``), and what each architecture adapter declares
+Tasks x stages and stage settings (``edgetl.tasks``), and what each architecture adapter declares
 (``edgetl.architectures``): a "no" cites the reason the declaration gives, which is also what the recipe loader
 or the pruning code says when it refuses. Torch-free, like the declarations it reads. ``edgetl support`` prints
 the block; ``edgetl support --write README.md`` replaces it between the markers; a test fails when it is stale.
@@ -36,8 +36,8 @@ def _row(cells) -> str:
 
 
 def _option_label(option: str) -> str:
-    field = OPTIONS[option]
-    return f"`finetune.{field}`" if field == option else f"`finetune.{field}: {option}`"
+    stage, field = OPTIONS[option]
+    return f"`{stage}.{field}`" if field == option else f"`{stage}.{field}: {option}`"
 
 
 def _task_table(notes: _Notes) -> list[str]:

@@ -478,7 +478,7 @@ def test_calibration_uses_the_target_domains_unlabelled_texts_cut_as_the_runtime
 
     data = DataConfig(path=str(sst2_slice), target=str(electronics_slice), max_length=64, truncation="head+tail",
                       head_tokens=16)
-    feeds = calibration_feeds(SimpleNamespace(recipe=SimpleNamespace(data=data)), tiny_model, 30)
+    feeds = calibration_feeds(SimpleNamespace(recipe=SimpleNamespace(data=data, task="text-classification")), tiny_model, 30)
     tokenizer = load_tokenizer(tiny_model, 64, "head+tail", 16)
     reviews = {tuple(encode(tokenizer, [t])["input_ids"][0]) for t in target_texts(data)}
     sentences = {tuple(encode(tokenizer, [t])["input_ids"][0]) for t in load_labelled(data)[0]["text"]}
@@ -487,7 +487,7 @@ def test_calibration_uses_the_target_domains_unlabelled_texts_cut_as_the_runtime
     assert max(len(i) for i in ids) == 64  # long reviews are cut to max_length, head and tail kept
     # Without a target domain: the labelled training sentences.
     plain_data = DataConfig(path=str(sst2_slice), max_length=64)
-    plain = calibration_feeds(SimpleNamespace(recipe=SimpleNamespace(data=plain_data)), tiny_model, 30)
+    plain = calibration_feeds(SimpleNamespace(recipe=SimpleNamespace(data=plain_data, task="text-classification")), tiny_model, 30)
     assert {tuple(f["input_ids"][0]) for f in plain} <= sentences
 
 

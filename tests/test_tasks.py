@@ -116,7 +116,13 @@ def test_regression_reports_spearman_and_pearson_x100():
      r"stages\[0\] \(finetune\)\.method: task token-classification does not support lora"),
     ("text-regression", [{"stage": "finetune", "rdrop_alpha": 1.0}],
      r"stages\[0\] \(finetune\)\.rdrop_alpha: task text-regression does not support rdrop_alpha"),
-], ids=["ner-distill", "ner-prune", "regression-augment", "ner-pooling", "ner-lora", "regression-rdrop"])
+    ("token-classification", [{"stage": "finetune"}, {"stage": "quantize", "method": "qat"}],
+     r"stages\[1\] \(quantize\)\.method: task token-classification does not support qat"),
+    ("text-regression", [{"stage": "finetune"}, {"stage": "export"}, {"stage": "quantize", "max_accuracy_drop": 1.0}],
+     r"stages\[2\] \(quantize\)\.max_accuracy_drop: task text-regression does not support max_accuracy_drop: "
+     r"accuracy control measures the INT8 drop in accuracy"),
+], ids=["ner-distill", "ner-prune", "regression-augment", "ner-pooling", "ner-lora", "regression-rdrop", "ner-qat",
+        "regression-accuracy-control"])
 def test_an_unsupported_stage_or_option_is_refused_at_load_naming_it(tmp_path, tiny_model, task, stages, message):
     data = {"dataset": "conll2003"} if task == "token-classification" else {"dataset": "stsb"}
     path = task_recipe(tmp_path, task, tiny_model, data, stages)
@@ -135,6 +141,10 @@ def test_data_of_another_task_is_refused_at_load(tmp_path, tiny_model):
     ("token-classification", {"dataset": "conll2003", "truncation": "left"},
      r"data\.truncation: 'left' does not apply to token-classification"),
     ("text-regression", {"dataset": "stsb", "labels": ["low", "high"]}, r"data\.labels: text-regression predicts a score"),
+    ("token-classification", {"dataset": "conll2003", "target": "electronics"},
+     r"data\.target: a target domain holds labelled texts \(text-classification\), which token-classification"),
+    ("text-regression", {"dataset": "stsb", "target": "electronics"},
+     r"data\.target: a target domain holds labelled texts \(text-classification\), which text-regression"),
     ("text-classification", {"dataset": "sst2", "text_pair_field": "other", "truncation": "left"},
      r"data\.truncation: 'left' cuts one text; a pair \(data\.text_pair_field\) is cut longest_first"),
 ])
@@ -160,7 +170,7 @@ print(time.perf_counter() - started, heavy, message)
 
 
 def test_an_unsupported_task_and_stage_is_refused_in_a_fresh_process_in_seconds_without_torch(tmp_path, tiny_model):
-    stages = [{"stage": "finetune"}, {"stage": "export"}, {"stage": "quantize"}, {"stage": "evaluate"}]
+    stages = [{"stage": "finetune"}, {"stage": "export"}, {"stage": "benchmark"}, {"stage": "bundle"}]
     path = task_recipe(tmp_path, "text-regression", tiny_model, {"dataset": "stsb"}, stages)
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _REFUSE_FAST, str(path)], cwd=tmp_path, capture_output=True,
@@ -169,8 +179,8 @@ def test_an_unsupported_task_and_stage_is_refused_in_a_fresh_process_in_seconds_
     assert done.returncode == 0, done.stderr
     seconds, heavy, message = done.stdout.split(" ", 2)
     assert heavy == "[]" and float(seconds) < 5 and wall < 5
-    assert "stages[2] (quantize): task text-regression does not support the quantize stage" in message
-    assert "stages[3] (evaluate): task text-regression does not support the evaluate stage" in message
+    assert "stages[2] (benchmark): task text-regression does not support the benchmark stage" in message
+    assert "stages[3] (bundle): task text-regression does not support the bundle stage" in message
 
 
 # --- fine-tuning every task end to end on tiny models ------------------------------------------------------------
@@ -285,3 +295,95 @@ def test_export_to_onnx_and_openvino_matches_pytorch_at_an_untraced_padded_shape
         logits = open_engine(backend, exported / model_file).run(feeds)
         assert logits.shape == expected.shape, backend
         np.testing.assert_allclose(logits[real], expected[real], atol=1e-4, rtol=0, err_msg=backend)
+
+
+# --- quantized and evaluated through every runtime ----------------------------------------------------------------
+
+# The token model's ONNX Runtime INT8 is static (calibrated on feeds the task encodes), the regression one's dynamic.
+CHAIN_CASES = {"token-classification": ("conll2003", "conll_slice", "static", "f1"),
+               "text-regression": ("stsb", "stsb_slice", "dynamic", "spearman")}
+
+
+@pytest.fixture(scope="module")
+def evaluated_runs(tmp_path_factory, request, tiny_task_model, quiet_cwd):
+    """task -> a finetune -> export -> quantize -> evaluate run of the task on the tiny model, run once."""
+    from edgetl.pipeline import run_recipe
+
+    runs = {}
+
+    def get(task: str) -> Path:
+        if task not in runs:
+            dataset, slice_fixture, onnx_method, _ = CHAIN_CASES[task]
+            folder = tmp_path_factory.mktemp(task)
+            stages = [{"stage": "finetune", "max_steps": 12, "eval_steps": 6, "batch_size": 8, "learning_rate": 5e-3},
+                      {"stage": "export"},
+                      {"stage": "quantize", "onnx_method": onnx_method, "calibration_samples": 16},
+                      {"stage": "evaluate"}]
+            data = {"dataset": dataset, "path": str(request.getfixturevalue(slice_fixture))}
+            run_recipe(load_recipe(str(task_recipe(folder, task, tiny_task_model, data, stages))), folder / "run")
+            runs[task] = folder / "run"
+        return runs[task]
+
+    return get
+
+
+@pytest.mark.parametrize("task", CHAIN_CASES)
+def test_every_artifact_is_evaluated_with_the_task_metric_and_onnx_fp32_scores_as_pytorch(task, evaluated_runs):
+    import numpy as np
+
+    run_dir = evaluated_runs(task)
+    metric = CHAIN_CASES[task][3]
+    quantized = json.loads((run_dir / "03-quantize" / "manifest.json").read_text())
+    assert {m["precision"] for m in quantized["models"].values()} == {"int8"} and set(quantized["models"]) == {"onnx", "openvino"}
+    rows = json.loads((run_dir / "04-evaluate" / "evaluation.json").read_text())
+    found = {(r["artifact"], r["backend"], r["precision"]): r for r in rows}
+    assert set(found) == {("01-finetune", "pytorch", "fp32"), ("02-export", "onnx", "fp32"),
+                          ("02-export", "openvino", "fp32"), ("03-quantize", "onnx", "int8"),
+                          ("03-quantize", "openvino", "int8")}
+    assert all("accuracy" not in r and np.isfinite(r[metric]) and r["samples"] == 30 for r in rows)
+    pytorch = found[("01-finetune", "pytorch", "fp32")][metric]
+    assert found[("02-export", "onnx", "fp32")][metric] == pytest.approx(pytorch, abs=1e-6)
+    assert pytorch == pytest.approx(json.loads((run_dir / "01-finetune" / "manifest.json").read_text())["metrics"][metric],
+                                    abs=1e-4)
+    evaluation = json.loads((run_dir / "04-evaluate" / "manifest.json").read_text())["metrics"]
+    assert evaluation == {r["target"]: r[metric] for r in rows}
+
+
+def test_evaluation_tags_each_word_by_its_first_sub_token_as_pytorch_logits_do(evaluated_runs, conll_slice):
+    import numpy as np
+    import torch
+    from seqeval.metrics import f1_score
+    from transformers import AutoTokenizer
+
+    from edgetl.modeling import load_classifier
+    from edgetl.runtime.entities import word_labels
+
+    run_dir = evaluated_runs("token-classification")
+    trained = run_dir / "01-finetune"
+    model, tokenizer = load_classifier(trained, TASKS["token-classification"]), AutoTokenizer.from_pretrained(str(trained))
+    id2label = model.config.id2label
+    sentences = [json.loads(line) for line in (conll_slice / "dev.jsonl").read_text().splitlines()]
+    by_hand, token_logits, word_ids_of = [], [], []
+    for sentence in sentences:
+        encoded = tokenizer(sentence["tokens"], is_split_into_words=True, truncation=True, max_length=64,
+                            return_tensors="pt")
+        with torch.inference_mode():
+            logits = model(**encoded).logits[0].numpy()
+        word_ids = encoded.word_ids(0)
+        firsts = {word: index for index, word in reversed(list(enumerate(word_ids))) if word is not None}
+        tags = ["O"] * len(sentence["tokens"])
+        for word, index in firsts.items():
+            tags[word] = id2label[int(logits[index].argmax())]
+        by_hand.append(tags)
+        token_logits.append(logits)
+        word_ids_of.append(word_ids)
+    # The evaluation saved every sentence's token logits in turn; the first sentence's are PyTorch's.
+    saved = np.load(run_dir / "04-evaluate" / "logits-01-finetune-pytorch.npy")
+    assert len(saved) == sum(len(logits) for logits in token_logits)
+    first = saved[: len(token_logits[0])]
+    np.testing.assert_allclose(first, token_logits[0], atol=1e-5, rtol=0)
+    assert word_labels(first, word_ids_of[0], id2label, num_words=len(sentences[0]["tokens"])) == by_hand[0]
+    rows = json.loads((run_dir / "04-evaluate" / "evaluation.json").read_text())
+    pytorch = next(r for r in rows if r["backend"] == "pytorch")
+    gold = [[str(tag) for tag in sentence["tags"]] for sentence in sentences]
+    assert pytorch["f1"] == pytest.approx(f1_score(gold, by_hand, zero_division=0), abs=1e-5)

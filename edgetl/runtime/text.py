@@ -49,18 +49,25 @@ class HeadTailTokenizer:
     def encode(self, text: str) -> _Cut:
         return _Cut(self.tokenizer.encode(text), self.max_length, self.head_tokens)
 
-    def encode_batch(self, texts: list[str]) -> list[_Cut]:
-        return [_Cut(e, self.max_length, self.head_tokens) for e in self.tokenizer.encode_batch(texts)]
+    def encode_batch(self, texts: list[str], is_pretokenized: bool = False) -> list[_Cut]:
+        encodings = self.tokenizer.encode_batch(texts, is_pretokenized=is_pretokenized)
+        return [_Cut(e, self.max_length, self.head_tokens) for e in encodings]
 
     def __getattr__(self, name: str):  # vocabulary lookups and the rest: the wrapped tokenizer's
         return getattr(self.tokenizer, name)
 
 
-def encode(tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
-    """Encode and pad to the longest text of this batch (never to max_length)."""
-    encodings = tokenizer.encode_batch(texts)
+def encode(tokenizer, texts: list, is_pretokenized: bool = False) -> dict[str, np.ndarray]:
+    """Encode and pad to the longest text of this batch (never to max_length); ``texts`` may also hold
+    (text, text_pair) pairs, or word lists if ``is_pretokenized``."""
+    return pad(tokenizer.encode_batch(texts, is_pretokenized=is_pretokenized))
+
+
+def pad(encodings: list) -> dict[str, np.ndarray]:
+    """Feeds of ``tokenizers`` encodings, padded to the longest one."""
     longest = max(len(e.ids) for e in encodings)
-    feeds = {name: np.zeros((len(texts), longest), dtype=np.int64) for name in ("input_ids", "attention_mask", "token_type_ids")}
+    feeds = {name: np.zeros((len(encodings), longest), dtype=np.int64)
+             for name in ("input_ids", "attention_mask", "token_type_ids")}
     for row, enc in enumerate(encodings):
         n = len(enc.ids)
         feeds["input_ids"][row, :n] = enc.ids
@@ -76,18 +83,29 @@ def batch_size_for(batch_invariant: bool, batch_size: int = BATCH_SIZE) -> int:
 
 def predict_logits(engine, tokenizer, texts: list[str], batch_size: int, desc: str | None = None) -> np.ndarray:
     """Logits in the order of ``texts``, computed in length-grouped batches (a progress bar if ``desc``)."""
-    batches = length_batches([len(e.ids) for e in tokenizer.encode_batch(texts)], batch_size)
+    return np.stack(predict_outputs(engine, tokenizer, texts, batch_size, desc=desc)[0])
+
+
+def predict_outputs(engine, tokenizer, inputs: list, batch_size: int, is_pretokenized: bool = False,
+                    desc: str | None = None) -> tuple[list[np.ndarray], list]:
+    """Each input's outputs and its encoding, in the order of ``inputs`` (texts, (text, text_pair) pairs, or word
+    lists if ``is_pretokenized``), computed in length-grouped batches (a progress bar if ``desc``).
+
+    An output is ``[labels]`` for a model with one row per text, ``[tokens, labels]`` (padding dropped) for one
+    with a row per token.
+    """
+    encodings = tokenizer.encode_batch(inputs, is_pretokenized=is_pretokenized)
+    batches = length_batches([len(e.ids) for e in encodings], batch_size)
     if desc is not None:
         from tqdm import tqdm
 
         batches = tqdm(batches, desc=desc, leave=False)
-    logits = None
+    outputs = [None] * len(inputs)
     for batch in batches:
-        out = engine.run(encode(tokenizer, [texts[i] for i in batch]))
-        if logits is None:
-            logits = np.zeros((len(texts), out.shape[-1]), dtype=np.float32)
-        logits[batch] = out
-    return logits
+        out = engine.run(pad([encodings[i] for i in batch]))
+        for row, index in enumerate(batch):
+            outputs[index] = out[row, : len(encodings[index].ids)] if out.ndim == 3 else out[row]
+    return outputs, encodings
 
 
 def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:

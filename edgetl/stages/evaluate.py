@@ -1,4 +1,10 @@
-"""Accuracy of every model artifact on the evaluation split, each through its own runtime."""
+"""The task's metric for every model artifact on the evaluation split, each through its own runtime.
+
+``evaluation.json`` holds one row per artifact and backend; its metric is under the task's metric name:
+``accuracy`` for text classification, ``f1`` (entity-level, with ``entity_precision`` and ``entity_recall``) for
+token classification, ``spearman`` (x100, with ``pearson``) for text regression. A reader takes the key named by the
+task's ``metric``, which is also what the manifest's metrics give per target.
+"""
 
 from __future__ import annotations
 
@@ -10,28 +16,33 @@ import numpy as np
 
 from edgetl.artifact import StageOutput
 from edgetl.backends import targets_of
-from edgetl.data import load_evaluation
+from edgetl.data import label_names, load_evaluation
 from edgetl.recipe import EvaluateStage
-from edgetl.runtime.text import batch_size_for, load_tokenizer, predict_logits
+from edgetl.runtime.text import batch_size_for, load_tokenizer, predict_outputs
+from edgetl.tasks import task_for
 
 log = logging.getLogger("edgetl")
 
 
 def run(cfg: EvaluateStage, ctx, out_dir: Path) -> StageOutput:
-    data = ctx.recipe.data
-    dev = load_evaluation(data)
-    texts, labels = dev["text"], np.asarray(dev["label"])
+    data, task = ctx.recipe.data, task_for(ctx.recipe.task)
+    dev = load_evaluation(data, task)
+    columns, labels = dev[:], label_names(data, task)
+    inputs = task.examples(columns)
     rows = []
     for target in targets_of(ctx.inputs):
         tokenizer = load_tokenizer(target.folder, data.max_length, data.truncation, data.head_tokens)
         # A batch-dependent model is evaluated one text per call, as the runtime then predicts by default.
         batch_size = batch_size_for(target.batch_invariant, cfg.batch_size)
-        logits = predict_logits(target.open(), tokenizer, texts, batch_size, desc=target.key)
-        accuracy = float((logits.argmax(-1) == labels).mean())
+        outputs, encodings = predict_outputs(target.open(task=task), tokenizer, inputs, batch_size,
+                                             task.pretokenized, desc=target.key)
+        metrics = {name: round(value, 5) for name, value in task.score(outputs, encodings, columns, labels).items()}
         rows.append({"target": target.key, "artifact": target.artifact.name, "backend": target.backend,
-                     "precision": target.precision, "accuracy": round(accuracy, 5), "samples": len(texts), "split": data.target or "eval",
+                     "precision": target.precision, **metrics, "samples": len(inputs), "split": data.target or "eval",
                      "batch_size": batch_size})
+        # One row per text, or per token (every sentence's tokens in turn) for a model that labels tokens.
+        logits = np.concatenate([np.atleast_2d(output) for output in outputs])
         np.save(out_dir / f"logits-{target.artifact.name.replace('/', '_')}-{target.backend}.npy", logits)
-        log.info("evaluate: %-32s accuracy %.4f", target.key, accuracy)
+        log.info("evaluate: %-32s %s %.4f", target.key, task.metric, metrics[task.metric])
     (out_dir / "evaluation.json").write_text(json.dumps(rows, indent=1))
-    return StageOutput(kind="evaluation", metrics={r["target"]: r["accuracy"] for r in rows})
+    return StageOutput(kind="evaluation", metrics={r["target"]: r[task.metric] for r in rows})

@@ -11,29 +11,34 @@ from edgetl.data import load_labelled, target_texts
 from edgetl.errors import StageError
 from edgetl.recipe import QuantizeStage
 from edgetl.runtime.text import encode, load_tokenizer
+from edgetl.tasks import DEFAULT_TASK, TASKS, Task, task_for
 
 
-def encode_texts(data, texts: list[str], tokenizer_dir: Path) -> list[dict]:
-    """One feed per text, at its own length, cut as the recipe's data section says (as the runtime will)."""
+def encode_texts(data, texts: list, tokenizer_dir: Path, is_pretokenized: bool = False) -> list[dict]:
+    """One feed per text (or pair, or word list if ``is_pretokenized``), at its own length, cut as the recipe's
+    data section says (as the runtime will)."""
     tokenizer = load_tokenizer(tokenizer_dir, data.max_length, data.truncation, data.head_tokens)
-    return [encode(tokenizer, [text]) for text in texts]
+    return [encode(tokenizer, [text], is_pretokenized) for text in texts]
 
 
-def calibration_pool(data) -> list[str]:
-    """The texts calibration draws from, in the fixed shuffled order it draws them: data.target's unlabelled
-    training texts when the recipe has a target domain (the text the model will serve), else the training
-    sentences. Training text, never the evaluation split: calibrating on dev would leak it into the model.
+def calibration_pool(data, task: Task = TASKS[DEFAULT_TASK]) -> list:
+    """The inputs calibration draws from (``task.examples``), in the fixed shuffled order it draws them:
+    data.target's unlabelled training texts when the recipe has a target domain (the text the model will serve),
+    else the training rows. Training text, never the evaluation split: calibrating on dev would leak it into the
+    model.
     """
     if data.target:
         texts = target_texts(data)
         return random.Random(1).sample(texts, len(texts))
-    train, _ = load_labelled(data)
-    return train.shuffle(seed=1)["text"]
+    train, _ = load_labelled(data, task)
+    return task.examples(train.shuffle(seed=1)[:])
 
 
 def calibration_feeds(ctx, tokenizer_dir: Path, samples: int) -> list[dict]:
-    """The first ``samples`` texts of ``calibration_pool``, one per feed at its own length."""
-    return encode_texts(ctx.recipe.data, calibration_pool(ctx.recipe.data)[:samples], tokenizer_dir)
+    """The first ``samples`` inputs of ``calibration_pool``, one per feed at its own length, encoded as the task's."""
+    task = task_for(ctx.recipe.task)
+    pool = calibration_pool(ctx.recipe.data, task)[:samples]
+    return encode_texts(ctx.recipe.data, pool, tokenizer_dir, task.pretokenized)
 
 
 def evaluation_feeds(ctx, tokenizer_dir: Path) -> tuple[list[dict], list[int]]:

@@ -2,7 +2,7 @@
 
 A task is declared as a frozen :class:`Task`: the head it trains, how a row of data is checked, labelled and
 tokenized, the collator that pads a batch, the dev metric that selects checkpoints, optimum's export task, and
-which stages and fine-tuning options it supports (with the reason for each one it does not). Code elsewhere asks
+which stages and stage settings it supports (with the reason for each one it does not). Code elsewhere asks
 the task object and never branches on a task's name; optimum's ``TasksManager`` is the pattern.
 
 Importing this package never imports torch, transformers or datasets (the recipe loader reads the
@@ -19,13 +19,15 @@ from typing import Any
 
 from edgetl.errors import RecipeError
 
-# Fine-tuning choices a task may not support -> the finetune stage's field that makes them.
+# Stage settings a task may not support -> (the stage, its field that makes them).
 OPTIONS = {
-    "pooling": "pooling",
-    "lora": "method",
-    "prompt-tuning": "method",
-    "domain_adversarial": "domain_adversarial",
-    "rdrop_alpha": "rdrop_alpha",
+    "pooling": ("finetune", "pooling"),
+    "lora": ("finetune", "method"),
+    "prompt-tuning": ("finetune", "method"),
+    "domain_adversarial": ("finetune", "domain_adversarial"),
+    "rdrop_alpha": ("finetune", "rdrop_alpha"),
+    "qat": ("quantize", "method"),
+    "max_accuracy_drop": ("quantize", "max_accuracy_drop"),
 }
 # DataConfig fields that name a column; each task reads some of them, under a fixed name of its own.
 COLUMN_FIELDS = ("text_field", "text_pair_field", "label_field", "tokens_field", "tags_field", "score_field")
@@ -45,7 +47,7 @@ class Task:
         columns: DataConfig column field -> the name the column gets once read (``text``, ``label``, ...).
             A field set to None (``text_pair_field`` for single texts) names no column and is skipped.
         pooling: ``finetune.pooling`` when a recipe leaves it out; None where the task does not pool.
-        stages, options: the stages and fine-tuning options (``OPTIONS``) it supports.
+        stages, options: the stages and stage settings (``OPTIONS``) it supports.
         reasons: why, for each stage or option it does not support.
         head_config: label names (None for a score) -> the head's config keys (num_labels, id2label, ...).
         labels_of: the training rows' columns (read names) -> label names read from the data (None: a score).
@@ -54,6 +56,12 @@ class Task:
         encode: a batch of rows, a transformers tokenizer, the DataConfig and max_length -> model features.
         compute_metrics: label names -> a function from Trainer's (predictions, label_ids) to named metrics.
         check_data: a DataConfig -> problems with the recipe's data section for this task.
+        pretokenized: whether ``examples`` gives pre-split words (``tokenizers``' ``is_pretokenized``).
+        examples: the columns of loaded rows -> one tokenizer input per row (a text, a (text, text_pair) pair, or
+            a list of words): what a runtime tokenizer encodes for evaluation and calibration.
+        score: per-row runtime outputs (``[labels]`` per text, ``[tokens, labels]`` per word list, padding
+            dropped), their ``tokenizers`` encodings, the rows' columns and the label names -> the metrics,
+            ``metric`` among them.
     """
 
     name: str
@@ -73,6 +81,9 @@ class Task:
     encode: Callable[[dict, Any, Any, int], dict]
     compute_metrics: Callable[[list[str] | None], Callable]
     check_data: Callable[[Any], list[str]]
+    pretokenized: bool
+    examples: Callable[[dict], list]
+    score: Callable[[list, list, dict, list[str] | None], dict]
 
     def __post_init__(self):
         unknown = set(self.options) - set(OPTIONS)

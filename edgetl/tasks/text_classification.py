@@ -99,6 +99,19 @@ def compute_metrics(labels: list[str] | None):
     return accuracy
 
 
+def examples(columns: dict) -> list:
+    """The texts, or (text, text_pair) pairs, as a ``tokenizers`` tokenizer encodes them."""
+    if "text_pair" in columns:
+        return list(zip(columns["text"], columns["text_pair"], strict=True))
+    return list(columns["text"])
+
+
+def score(outputs: list, encodings: list, columns: dict, labels: list[str]) -> dict:
+    import numpy as np
+
+    return accuracy((np.stack(outputs), np.asarray(columns["label"])))
+
+
 def check_data(cfg) -> list[str]:
     if cfg.text_pair_field is not None and cfg.truncation != "right":
         return [f"data.truncation: '{cfg.truncation}' cuts one text; a pair (data.text_pair_field) is cut "
@@ -124,4 +137,7 @@ TASK = Task(
     encode=encode,
     compute_metrics=compute_metrics,
     check_data=check_data,
+    pretokenized=False,
+    examples=examples,
+    score=score,
 )

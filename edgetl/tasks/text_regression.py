@@ -11,7 +11,7 @@ import math
 
 from edgetl.tasks import Task
 from edgetl.tasks.text_classification import check_data as check_text_data
-from edgetl.tasks.text_classification import encode, text_problem
+from edgetl.tasks.text_classification import encode, examples, text_problem
 
 _NOT_YET = "not wired for text regression yet (issue 16)"
 _CLASSIFICATION_ONLY = "is written for one label per text (text-classification)"
@@ -71,10 +71,19 @@ def compute_metrics(labels: None):
     return correlations
 
 
+def score_outputs(outputs: list, encodings: list, columns: dict, labels: None) -> dict:
+    import numpy as np
+
+    return compute_metrics(None)((np.stack(outputs), np.asarray(columns["label"], dtype=np.float32)))
+
+
 def check_data(cfg) -> list[str]:
     problems = check_text_data(cfg)
     if cfg.labels is not None:
         problems.append("data.labels: text-regression predicts a score (data.score_field), not labels: remove labels")
+    if cfg.target:
+        problems.append("data.target: a target domain holds labelled texts (text-classification), which "
+                        "text-regression cannot evaluate on: remove target")
     return problems
 
 
@@ -86,7 +95,7 @@ TASK = Task(
     metric="spearman",
     columns={"text_field": "text", "text_pair_field": "text_pair", "score_field": "label"},
     pooling="mean",
-    stages=frozenset({"finetune", "export"}),
+    stages=frozenset({"finetune", "export", "quantize", "evaluate"}),
     options=frozenset({"pooling"}),
     reasons={
         "adapt": f"adapt {_CLASSIFICATION_ONLY}",
@@ -94,11 +103,13 @@ TASK = Task(
         "self_train": f"self_train {_CLASSIFICATION_ONLY}: it pseudo-labels the surest predicted class",
         "distill": f"distill {_CLASSIFICATION_ONLY}: its soft targets are a distribution over labels",
         "prune": f"prune {_CLASSIFICATION_ONLY}: its recovery distillation reads a distribution over labels",
-        **{stage: _NOT_YET for stage in ("quantize", "evaluate", "benchmark", "bundle")},
+        **{stage: _NOT_YET for stage in ("benchmark", "bundle")},
         "lora": "LoRA is tested on text-classification only",
         "prompt-tuning": "prompt tuning is tested on text-classification only",
         "domain_adversarial": "domain-adversarial training is tested on text-classification only",
         "rdrop_alpha": "R-Drop's consistency loss compares label distributions; a score has none",
+        "qat": "quantization-aware training distils one distribution over labels per text",
+        "max_accuracy_drop": "accuracy control measures the INT8 drop in accuracy, not in Spearman",
     },
     head_config=head_config,
     labels_of=labels_of,
@@ -107,4 +118,7 @@ TASK = Task(
     encode=encode,
     compute_metrics=compute_metrics,
     check_data=check_data,
+    pretokenized=False,
+    examples=examples,
+    score=score_outputs,
 )

@@ -59,13 +59,24 @@ def encode(batch: dict, tokenizer, cfg, max_length: int) -> dict:
     return out
 
 
-def compute_metrics(labels: list[str]):
-    """Entity-level precision, recall and F1 (seqeval's default, conlleval's counting) over each sentence's
-    labelled positions (the first sub-token of every word the model saw)."""
+def _seqeval() -> dict:
     try:
         from seqeval.metrics import f1_score, precision_score, recall_score
     except ImportError:
         raise MissingDependencyError("seqeval", "train", "entity-level F1 of token classification") from None
+    return {"f1": f1_score, "precision": precision_score, "recall": recall_score}
+
+
+def entity_scores(gold: list[list[str]], guessed: list[list[str]]) -> dict:
+    """Entity-level precision, recall and F1 (seqeval's default, conlleval's counting) of tag sequences."""
+    # A model that finds no entity (early in training) scores 0, without seqeval's warning.
+    return {name: float(metric(gold, guessed, zero_division=0)) for name, metric in _seqeval().items()}
+
+
+def compute_metrics(labels: list[str]):
+    """``entity_scores`` over each sentence's labelled positions (the first sub-token of every word the model
+    saw)."""
+    _seqeval()  # a missing seqeval fails before training, not at the first evaluation
 
     def entity_f1(eval_pred) -> dict:
         import numpy as np
@@ -77,18 +88,36 @@ def compute_metrics(labels: list[str]):
             keep = gold_row != IGNORED
             gold.append([labels[i] for i in gold_row[keep]])
             guessed.append([labels[i] for i in guess_row[keep]])
-        # A model that finds no entity (early in training) scores 0, without seqeval's warning.
-        return {name: float(score(gold, guessed, zero_division=0))
-                for name, score in (("f1", f1_score), ("precision", precision_score), ("recall", recall_score))}
+        return entity_scores(gold, guessed)
 
     return entity_f1
 
 
+def examples(columns: dict) -> list:
+    return list(columns["tokens"])
+
+
+def score(outputs: list, encodings: list, columns: dict, labels: list[str]) -> dict:
+    """``entity_scores`` of every word's tag (its first sub-token's argmax, as the runtime tags it); a word cut by
+    truncation counts as O, as the runtime predicts it. Precision and recall are named ``entity_precision`` and
+    ``entity_recall``: an evaluation row's ``precision`` is its model's (fp32, int8)."""
+    from edgetl.runtime.entities import word_labels
+
+    guessed = [word_labels(logits, encoding.word_ids, labels, num_words=len(words))
+               for logits, encoding, words in zip(outputs, encodings, columns["tokens"], strict=True)]
+    scores = entity_scores([[labels[t] for t in tags] for tags in columns["tags"]], guessed)
+    return {"f1": scores["f1"], "entity_precision": scores["precision"], "entity_recall": scores["recall"]}
+
+
 def check_data(cfg) -> list[str]:
+    problems = []
     if cfg.truncation != "right":
-        return [f"data.truncation: '{cfg.truncation}' does not apply to token-classification, which keeps a "
-                "sentence's first words and their tags: leave truncation out"]
-    return []
+        problems.append(f"data.truncation: '{cfg.truncation}' does not apply to token-classification, which keeps a "
+                        "sentence's first words and their tags: leave truncation out")
+    if cfg.target:
+        problems.append("data.target: a target domain holds labelled texts (text-classification), which "
+                        "token-classification cannot calibrate or evaluate on: remove target")
+    return problems
 
 
 TASK = Task(
@@ -99,7 +128,7 @@ TASK = Task(
     metric="f1",
     columns={"tokens_field": "tokens", "tags_field": "tags"},
     pooling=None,
-    stages=frozenset({"finetune", "export"}),
+    stages=frozenset({"finetune", "export", "quantize", "evaluate"}),
     options=frozenset(),
     reasons={
         "adapt": f"adapt {_CLASSIFICATION_ONLY}: it reads the labelled texts, not pre-split words",
@@ -108,12 +137,14 @@ TASK = Task(
         "distill": f"distill {_CLASSIFICATION_ONLY}: its soft targets are one distribution per text",
         "prune": f"prune {_CLASSIFICATION_ONLY}: its importance scores and recovery distillation read one "
                  "distribution per text",
-        **{stage: _NOT_YET for stage in ("quantize", "evaluate", "benchmark", "bundle")},
+        **{stage: _NOT_YET for stage in ("benchmark", "bundle")},
         "pooling": "every token gets its own label, so no pooled vector feeds the head: leave pooling out",
         "lora": "edgetl's LoRA wraps sequence-classification heads (peft TaskType.SEQ_CLS)",
         "prompt-tuning": "a soft prompt is tuned for sequence-classification heads (peft TaskType.SEQ_CLS)",
         "domain_adversarial": "its domain classifier reads one pooled vector per text",
         "rdrop_alpha": "R-Drop's consistency loss compares one label distribution per text",
+        "qat": "quantization-aware training distils one distribution over labels per text",
+        "max_accuracy_drop": "accuracy control measures the INT8 drop in accuracy per text, not in entity F1",
     },
     head_config=head_config,
     labels_of=tags_of,
@@ -122,4 +153,7 @@ TASK = Task(
     encode=encode,
     compute_metrics=compute_metrics,
     check_data=check_data,
+    pretokenized=True,
+    examples=examples,
+    score=score,
 )
