@@ -119,6 +119,8 @@ def _read(cfg: DataConfig, task: Task):
 
 def label_names(cfg: DataConfig, task: Task = CLASSIFICATION) -> list[str] | None:
     """``data.labels``, or the labels the training rows hold (sorted) when it is not set; None for a score."""
+    if cfg.labels is not None:  # no need to read the data (a known dataset sets its labels)
+        return cfg.labels
     return _read(cfg, task)[2]
 
 
