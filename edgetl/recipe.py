@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from edgetl.architectures.adapter import OPERATIONS
 from edgetl.corpora import KNOWN_DATASETS, target_files
 from edgetl.errors import RecipeError
 from edgetl.inputs import BATCH_SIZE
@@ -450,13 +451,15 @@ def load_recipe(name_or_path: str, overrides: list[str] = ()) -> Recipe:
             problems += [f"overrides: {p}" for p in exc.problems]
     if problems:
         raise RecipeError(str(path), problems)
-    if isinstance(raw.get("model"), str):
-        problems += check_model(raw["model"])
+    model_problems = check_model(raw["model"]) if isinstance(raw.get("model"), str) else []
+    problems += model_problems
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as exc:
         raise RecipeError(str(path), [_describe(err, raw) for err in exc.errors()] + problems) from None
     problems = check_chain(recipe.stages) + check_target(recipe) + check_task(recipe) + problems
+    if not model_problems:
+        problems += check_architecture(recipe)
     if problems:
         raise RecipeError(str(path), problems)
     return recipe
@@ -614,6 +617,41 @@ def _check_quantize(stage: QuantizeStage, where: str, pytorch_model: bool, expor
     missing = [b for b in stage.backends if b not in exported]
     if missing:
         problems.append(f"{where}.backends: {missing} not exported yet; quantize works on exported models, so add an export stage with those formats before it")
+    return problems
+
+
+def _operations(stage) -> list[str]:
+    """The architecture operations (``edgetl.architectures.adapter.OPERATIONS``) a stage performs."""
+    if isinstance(stage, DistillStage) and stage.student is None:
+        return ["layer_selection"]  # the student copies some of the teacher's layers
+    if not isinstance(stage, PruneStage):
+        return []
+    budget = stage.latency_budget_ms is not None
+    return ([op for op, used in (("head_pruning", stage.heads_keep < 1 or budget),
+                                 ("ffn_pruning", stage.ffn_keep < 1 or budget),
+                                 ("layer_selection", stage.layers_drop > 0)) if used])
+
+
+def check_architecture(recipe: Recipe) -> list[str]:
+    """The architecture of a local model (``model_type`` of its ``config.json``, read without torch) supports every
+    operation the recipe's stages perform on it. A hub id is checked when the model is loaded."""
+    from edgetl.architectures import ADAPTERS, adapter_for, model_type_of
+    from edgetl.models import resolve_model_source
+
+    folder = Path(resolve_model_source(recipe.model))
+    if not (folder / "config.json").is_file():
+        return []
+    model_type, problems = model_type_of(folder), []
+    for index, stage in enumerate(recipe.stages):
+        where = f"stages[{index}] ({stage.stage})"
+        for operation in _operations(stage):
+            if model_type not in ADAPTERS:
+                problems.append(f"{where}: model type '{model_type}' has no edgetl adapter, so its layers, heads and "
+                                f"FFN neurons cannot be found; known types: {', '.join(sorted(ADAPTERS))}")
+                break
+            if not (adapter := adapter_for(model_type)).supports(operation):
+                problems.append(f"{where}: {model_type} does not support {OPERATIONS[operation]}: "
+                                f"{adapter.reasons[operation]}")
     return problems
 
 

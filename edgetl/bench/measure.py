@@ -16,6 +16,7 @@ import numpy as np
 
 from edgetl.backends import Target
 from edgetl.runtime.text import encode, load_tokenizer
+from edgetl.tasks import DEFAULT_TASK, TASKS, Task
 
 SETTLE_SECONDS = 0.5  # lets the previous block's spinning threads go idle
 
@@ -42,15 +43,17 @@ def latency_summary(seconds: list[float]) -> dict:
     }
 
 
-def measure(targets: list[Target], texts: list[str], *, max_length: int, warmup: int, rounds: int,
-            batch_size: int, threads: int | None, progress=None) -> dict[str, dict]:
-    """Latency at batch 1 over ``texts`` at their own length, and throughput at ``batch_size``."""
+def measure(targets: list[Target], texts: list, *, max_length: int, warmup: int, rounds: int,
+            batch_size: int, threads: int | None, progress=None, task: Task = TASKS[DEFAULT_TASK]) -> dict[str, dict]:
+    """Latency at batch 1 over ``texts`` (the task's model inputs) at their own length, and throughput at
+    ``batch_size``."""
     engines, single, batched = {}, {}, {}
+    words = task.pretokenized
     for target in targets:
         tokenizer = load_tokenizer(target.folder, max_length)
-        engines[target.key] = target.open(threads)
-        single[target.key] = [encode(tokenizer, [t]) for t in texts]
-        batched[target.key] = [encode(tokenizer, texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+        engines[target.key] = target.open(threads, task)
+        single[target.key] = [encode(tokenizer, [t], words) for t in texts]
+        batched[target.key] = [encode(tokenizer, texts[i : i + batch_size], words) for i in range(0, len(texts), batch_size)]
     latency = {t.key: [] for t in targets}
     round_p50 = {t.key: [] for t in targets}
     throughput = {t.key: [] for t in targets}
@@ -93,22 +96,25 @@ def high_water_mb():
 from edgetl.artifact import Artifact
 from edgetl.backends import Target
 from edgetl.runtime.text import encode, load_tokenizer
+from edgetl.tasks import task_for
 before = high_water_mb()
+task = task_for(sys.argv[5])
 target = Target(Artifact.load(sys.argv[1]), sys.argv[2])
-engine = target.open(int(sys.argv[4]) if sys.argv[4] != "0" else None)
-texts = json.loads(sys.argv[3])
-engine.run(encode(load_tokenizer(target.folder, 512), texts))
+engine = target.open(int(sys.argv[4]) if sys.argv[4] != "0" else None, task)
+texts = [t if task.pretokenized or isinstance(t, str) else tuple(t) for t in json.loads(sys.argv[3])]  # pairs
+engine.run(encode(load_tokenizer(target.folder, 512), texts, task.pretokenized))
 after = high_water_mb()
 print(json.dumps({"peak_rss_mb": round(after, 1), "model_rss_mb": round(after - before, 1)}))
 """
 
 
-def peak_memory(target: Target, texts: list[str], threads: int | None) -> dict:
+def peak_memory(target: Target, texts: list, threads: int | None, task: Task = TASKS[DEFAULT_TASK]) -> dict:
     """Peak resident memory of a fresh process that loads the target and predicts one batch.
 
     ``model_rss_mb`` excludes what the interpreter and imports held before loading the model.
     """
-    args = [sys.executable, "-c", _MEMORY_PROBE, str(target.artifact.path), target.backend, json.dumps(texts), str(threads or 0)]
+    args = [sys.executable, "-c", _MEMORY_PROBE, str(target.artifact.path), target.backend, json.dumps(texts), str(threads or 0),
+            task.name]
     if target.backend == "pytorch":
         # Import torch before the baseline so that the model's own memory is what remains.
         args[2] = "import torch, transformers\n" + _MEMORY_PROBE

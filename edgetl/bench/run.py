@@ -13,29 +13,34 @@ from edgetl.bench.machine import machine_info
 from edgetl.bench.measure import measure, peak_memory
 from edgetl.bench.report import add_ratios, write_reports
 from edgetl.recipe import BenchConfig
+from edgetl.tasks import DEFAULT_TASK, TASKS, Task
 
 log = logging.getLogger("edgetl")
 
 
-def benchmark(artifacts: list[Artifact], texts: list[str], accuracy: dict[str, float], bench: BenchConfig,
-              max_length: int, out_dir: Path, title: str = "") -> dict:
+def benchmark(artifacts: list[Artifact], texts: list, scores: dict[str, float], bench: BenchConfig,
+              max_length: int, out_dir: Path, title: str = "", task: Task = TASKS[DEFAULT_TASK]) -> dict:
+    """Every target of ``artifacts`` timed on ``texts`` (the task's model inputs: texts, pairs or word lists),
+    with its evaluated ``scores`` (the task's metric by target key) beside it; reports written to ``out_dir``."""
     targets = targets_of(artifacts, include_pytorch=bench.include_pytorch)
     if bench.max_sentences:
         texts = texts[: bench.max_sentences]
     with tqdm(total=len(targets) * bench.rounds, desc="benchmark blocks") as progress:
         timings = measure(targets, texts, max_length=max_length, warmup=bench.warmup, rounds=bench.rounds,
-                          batch_size=bench.throughput_batch_size, threads=bench.threads, progress=progress)
+                          batch_size=bench.throughput_batch_size, threads=bench.threads, progress=progress, task=task)
     rows = []
     for target in targets:
-        memory = peak_memory(target, texts[: bench.throughput_batch_size], bench.threads)
+        memory = peak_memory(target, texts[: bench.throughput_batch_size], bench.threads, task)
         rows.append({
             "target": target.key, "artifact": target.artifact.name, "backend": target.backend,
-            "precision": target.precision, "accuracy": accuracy.get(target.key),
+            "precision": target.precision, task.metric: scores.get(target.key),
             "model_mb": round(target.model_bytes / 1e6, 2), **timings[target.key], **memory,
         })
     add_ratios(rows)
     result = {
         "title": title,
+        "task": task.name,
+        "metric": {"name": task.metric, "scale": task.metric_scale},
         "machine": machine_info(),
         "settings": {"sentences": len(texts), "warmup": bench.warmup, "rounds": bench.rounds,
                      "throughput_batch_size": bench.throughput_batch_size, "threads": bench.threads},

@@ -8,14 +8,17 @@ from edgetl.artifact import MODEL_KINDS, StageOutput
 from edgetl.bench.run import benchmark
 from edgetl.data import load_evaluation
 from edgetl.recipe import BenchmarkStage
+from edgetl.tasks import task_for
 
 
 def run(cfg: BenchmarkStage, ctx, out_dir: Path) -> StageOutput:
-    dev = load_evaluation(ctx.recipe.data)  # texts at the lengths the model will meet (the target domain if set)
+    task = task_for(ctx.recipe.task)
+    # The task's model inputs at the lengths the model will meet (the target domain if set).
+    inputs = task.examples(load_evaluation(ctx.recipe.data, task)[:])
     evaluation = ctx.latest("evaluation")
-    accuracy = evaluation.metrics if evaluation else {}
+    scores = evaluation.metrics if evaluation else {}
     models = [a for a in ctx.inputs if a.kind in (*MODEL_KINDS, "bundle")]  # bundles: bench.compare
-    result = benchmark(models, dev["text"], accuracy, ctx.recipe.bench, ctx.recipe.data.max_length, out_dir,
-                       title=ctx.recipe.name)
+    result = benchmark(models, inputs, scores, ctx.recipe.bench, ctx.recipe.data.max_length, out_dir,
+                       title=ctx.recipe.name, task=task)
     metrics = {f"{r['target']} p50_ms": r["p50_ms"] for r in result["rows"]}
     return StageOutput(kind="benchmark", metrics=metrics)

@@ -1,4 +1,4 @@
-"""The app-ready bundle: INT8 model(s), tokenizer, labels, max length, metrics and checksums in ``edgetl.json``."""
+"""The app-ready bundle: INT8 model(s), tokenizer, task, labels, max length, metrics and checksums in ``edgetl.json``."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ from edgetl import __version__
 from edgetl.artifact import StageOutput, file_table
 from edgetl.backends import Target
 from edgetl.bench.machine import describe
+from edgetl.data import label_names
 from edgetl.errors import StageError
 from edgetl.recipe import BundleStage
+from edgetl.tasks import task_for
 
 BUNDLE_FORMAT = "edgetl-bundle"
 BUNDLE_VERSION = 1
@@ -32,8 +34,9 @@ def run(cfg: BundleStage, ctx, out_dir: Path) -> StageOutput:
     missing = [b for b in cfg.backends if b not in source.models]
     if missing:
         raise StageError(f"bundle: {source.name} has no {missing} model; backends there: {list(source.models)}")
+    recipe, task = ctx.recipe, task_for(ctx.recipe.task)
     evaluation = ctx.latest("evaluation")
-    accuracy = evaluation.metrics if evaluation else {}
+    scores = evaluation.metrics if evaluation else {}
     rows, machine = _benchmark_rows(ctx)
     models, metrics = {}, {}
     for backend in cfg.backends:
@@ -43,31 +46,33 @@ def run(cfg: BundleStage, ctx, out_dir: Path) -> StageOutput:
         key = f"{backend}-{source.models[backend]['precision']} ({source.name})"
         models[backend] = {"path": model_file, "precision": source.models[backend]["precision"],
                            "batch_invariant": Target(source, backend).batch_invariant}
-        metrics[backend] = {"accuracy": accuracy.get(key), "p50_ms": rows.get(key, {}).get("p50_ms"),
+        metrics[backend] = {task.metric: scores.get(key), "p50_ms": rows.get(key, {}).get("p50_ms"),
                             "throughput_per_s": rows.get(key, {}).get("throughput_per_s"),
                             "model_mb": rows.get(key, {}).get("model_mb")}
     shutil.copy2(out_dir / cfg.backends[0] / "tokenizer.json", out_dir / "tokenizer.json")
-    recipe = ctx.recipe
     config = json.loads((out_dir / cfg.backends[0] / "config.json").read_text())
-    labels = [config["id2label"][str(i)] for i in range(len(config["id2label"]))]
+    labels = label_names(recipe.data, task) or []  # none for a score
+    if labels and labels != [config["id2label"][str(i)] for i in range(len(config["id2label"]))]:
+        raise StageError(f"bundle: the model's labels {config['id2label']} are not the recipe's {labels}")
     manifest = {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_VERSION,
         "edgetl_version": __version__,
         "task": recipe.task,
         "labels": labels,
+        "text_pair": recipe.data.text_pair_field is not None,
         "max_length": recipe.data.max_length,
         "truncation": recipe.data.truncation,
         "head_tokens": recipe.data.head_tokens,
         "input_names": ["input_ids", "attention_mask", "token_type_ids"],
         "models": models,
-        "metrics": {"per_backend": metrics, "accuracy_split": "eval", "measured_on": describe(machine) if machine else None},
+        "metrics": {"metric": task.metric, "per_backend": metrics, "accuracy_split": "eval", "measured_on": describe(machine) if machine else None},
         "provenance": {"recipe": recipe.name, "model": recipe.model, "data": recipe.data.dataset,
                        "evaluated_on": recipe.data.target or recipe.data.dataset,
                        "source_artifact": source.name},
         "files": file_table(out_dir),
     }
     (out_dir / "edgetl.json").write_text(json.dumps(manifest, indent=1))
-    summary = {f"{b} accuracy": m["accuracy"] for b, m in metrics.items() if m["accuracy"] is not None}
+    summary = {f"{b} {task.metric}": m[task.metric] for b, m in metrics.items() if m[task.metric] is not None}
     summary["bundle_bytes"] = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     return StageOutput(kind="bundle", precision=source.manifest.get("precision"), models=models, metrics=summary)

@@ -44,6 +44,8 @@ class Task:
             task pools and ``finetune.pooling`` is mean).
         collator: the transformers collator class that pads a batch, labels included.
         metric: the dev metric (greater is better) Trainer keeps checkpoints by; ``compute_metrics`` returns it.
+        metric_scale: the metric times this reads on a 0-100 scale (100 for a fraction, 1 for a score already
+            x100), as reports print it.
         columns: DataConfig column field -> the name the column gets once read (``text``, ``label``, ...).
             A field set to None (``text_pair_field`` for single texts) names no column and is skipped.
         pooling: ``finetune.pooling`` when a recipe leaves it out; None where the task does not pool.
@@ -59,6 +61,7 @@ class Task:
         pretokenized: whether ``examples`` gives pre-split words (``tokenizers``' ``is_pretokenized``).
         examples: the columns of loaded rows -> one tokenizer input per row (a text, a (text, text_pair) pair, or
             a list of words): what a runtime tokenizer encodes for evaluation and calibration.
+        runtime: the name of the class in ``edgetl.runtime`` that serves a bundle of this task.
         score: per-row runtime outputs (``[labels]`` per text, ``[tokens, labels]`` per word list, padding
             dropped), their ``tokenizers`` encodings, the rows' columns and the label names -> the metrics,
             ``metric`` among them.
@@ -69,6 +72,7 @@ class Task:
     auto_model: str
     collator: str
     metric: str
+    metric_scale: float
     columns: Mapping[str, str]
     pooling: str | None
     stages: frozenset[str]
@@ -84,6 +88,7 @@ class Task:
     pretokenized: bool
     examples: Callable[[dict], list]
     score: Callable[[list, list, dict, list[str] | None], dict]
+    runtime: str
 
     def __post_init__(self):
         unknown = set(self.options) - set(OPTIONS)

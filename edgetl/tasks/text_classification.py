@@ -125,6 +125,7 @@ TASK = Task(
     auto_model="AutoModelForSequenceClassification",
     collator="DataCollatorWithPadding",
     metric="accuracy",
+    metric_scale=100,
     columns={"text_field": "text", "text_pair_field": "text_pair", "label_field": "label"},
     pooling="mean",
     stages=STAGES,
@@ -140,4 +141,5 @@ TASK = Task(
     pretokenized=False,
     examples=examples,
     score=score,
+    runtime="TextClassifier",
 )

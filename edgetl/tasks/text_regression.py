@@ -13,7 +13,6 @@ from edgetl.tasks import Task
 from edgetl.tasks.text_classification import check_data as check_text_data
 from edgetl.tasks.text_classification import encode, examples, text_problem
 
-_NOT_YET = "not wired for text regression yet (issue 16)"
 _CLASSIFICATION_ONLY = "is written for one label per text (text-classification)"
 
 
@@ -93,9 +92,10 @@ TASK = Task(
     auto_model="AutoModelForSequenceClassification",
     collator="DataCollatorWithPadding",
     metric="spearman",
+    metric_scale=1,
     columns={"text_field": "text", "text_pair_field": "text_pair", "score_field": "label"},
     pooling="mean",
-    stages=frozenset({"finetune", "export", "quantize", "evaluate"}),
+    stages=frozenset({"finetune", "export", "quantize", "evaluate", "benchmark", "bundle"}),
     options=frozenset({"pooling"}),
     reasons={
         "adapt": f"adapt {_CLASSIFICATION_ONLY}",
@@ -103,7 +103,6 @@ TASK = Task(
         "self_train": f"self_train {_CLASSIFICATION_ONLY}: it pseudo-labels the surest predicted class",
         "distill": f"distill {_CLASSIFICATION_ONLY}: its soft targets are a distribution over labels",
         "prune": f"prune {_CLASSIFICATION_ONLY}: its recovery distillation reads a distribution over labels",
-        **{stage: _NOT_YET for stage in ("benchmark", "bundle")},
         "lora": "LoRA is tested on text-classification only",
         "prompt-tuning": "prompt tuning is tested on text-classification only",
         "domain_adversarial": "domain-adversarial training is tested on text-classification only",
@@ -121,4 +120,5 @@ TASK = Task(
     pretokenized=False,
     examples=examples,
     score=score_outputs,
+    runtime="TextRegressor",
 )

@@ -13,7 +13,6 @@ from edgetl.tasks import Task
 from edgetl.tasks.text_classification import distinct_labels, head_config, is_label_value, label_id
 
 IGNORED = -100  # the label the loss and the metric skip: special tokens and a word's later sub-tokens
-_NOT_YET = "not wired for token classification yet (issue 16)"
 _CLASSIFICATION_ONLY = "is written for one label per text (text-classification)"
 
 
@@ -126,9 +125,10 @@ TASK = Task(
     auto_model="AutoModelForTokenClassification",
     collator="DataCollatorForTokenClassification",
     metric="f1",
+    metric_scale=100,
     columns={"tokens_field": "tokens", "tags_field": "tags"},
     pooling=None,
-    stages=frozenset({"finetune", "export", "quantize", "evaluate"}),
+    stages=frozenset({"finetune", "export", "quantize", "evaluate", "benchmark", "bundle"}),
     options=frozenset(),
     reasons={
         "adapt": f"adapt {_CLASSIFICATION_ONLY}: it reads the labelled texts, not pre-split words",
@@ -137,7 +137,6 @@ TASK = Task(
         "distill": f"distill {_CLASSIFICATION_ONLY}: its soft targets are one distribution per text",
         "prune": f"prune {_CLASSIFICATION_ONLY}: its importance scores and recovery distillation read one "
                  "distribution per text",
-        **{stage: _NOT_YET for stage in ("benchmark", "bundle")},
         "pooling": "every token gets its own label, so no pooled vector feeds the head: leave pooling out",
         "lora": "edgetl's LoRA wraps sequence-classification heads (peft TaskType.SEQ_CLS)",
         "prompt-tuning": "a soft prompt is tuned for sequence-classification heads (peft TaskType.SEQ_CLS)",
@@ -156,4 +155,5 @@ TASK = Task(
     pretokenized=True,
     examples=examples,
     score=score,
+    runtime="TokenClassifier",
 )
