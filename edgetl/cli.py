@@ -124,35 +124,72 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from edgetl.runtime import TextClassifier
+    from edgetl.runtime import load
 
     if bool(args.texts) == bool(args.input):
         raise UsageError("predict: give texts on the command line or --input FILE.jsonl, not both or neither")
     if args.output and not args.input:
         raise UsageError("predict: --output goes with --input")
-    classifier = TextClassifier.load(args.bundle, backend=args.backend, threads=args.threads)
+    runtime = load(args.bundle, backend=args.backend, threads=args.threads)
     if args.input:
-        return _predict_file(classifier, Path(args.input), Path(args.output) if args.output else None)
-    for text, pred in zip(args.texts, classifier.predict(args.texts), strict=True):
-        print(f"{pred.label}\t{pred.score:.4f}\t{text}")
+        return _predict_file(runtime, Path(args.input), Path(args.output) if args.output else None)
+    items = _command_line_inputs(args.texts, runtime.text_pair)
+    for item, result in zip(items, runtime.predict(items), strict=True):
+        shown = item if isinstance(item, str) else "\t".join(item)  # a pair: text, then text_pair
+        print(f"{runtime.to_text(result)}\t{shown}")
     return 0
+
+
+def _command_line_inputs(texts: list[str], text_pair: bool) -> list:
+    """The positional texts, read two at a time as (text, text_pair) for a bundle whose model reads pairs."""
+    if not text_pair:
+        return list(texts)
+    if len(texts) % 2:
+        raise UsageError(f"predict: this bundle's model reads (text, text_pair) pairs, so texts go two at a time; "
+                         f"{len(texts)} is an odd count")
+    return list(zip(texts[::2], texts[1::2], strict=True))
 
 
 def _cmd_serve(args) -> int:
-    from edgetl.runtime import TextClassifier
+    from edgetl.runtime import load
     from edgetl.runtime.server import serve
 
-    classifier = TextClassifier.load(args.bundle, backend=args.backend, threads=args.threads)
+    runtime = load(args.bundle, backend=args.backend, threads=args.threads)
     limits = {k: v for k, v in (("max_body_bytes", args.max_body_bytes), ("max_texts", args.max_texts)) if v is not None}
-    serve(classifier, args.host, args.port, max_batch=args.max_batch, **limits)
+    serve(runtime, args.host, args.port, max_batch=args.max_batch, **limits)
     return 0
 
 
-def read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
-    """Texts of a JSONL file: one JSON object with a string ``field``, or one JSON string, per line."""
+def _jsonl_input(row, text_pair: bool, takes_words: bool) -> tuple[str, object]:
+    """The runtime method and input of one JSONL row; ValueError says what the row should be."""
+    from edgetl.runtime.payloads import pair_from_json
+
+    if takes_words and isinstance(row, dict) and "words" in row:
+        words = row["words"]
+        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+            raise ValueError("'words' must be a list of strings")
+        return "predict_words", words
+    if text_pair:
+        pair = pair_from_json(row)
+        if pair is None:
+            raise ValueError("expected an object with a string 'text' and a string 'text_pair' (this bundle's model "
+                             "reads pairs), or [text, text_pair]")
+        return "predict", pair
+    if isinstance(row, dict) and "text_pair" in row:
+        raise ValueError("'text_pair' given, but this bundle's model reads single texts")
+    text = row.get("text") if isinstance(row, dict) else row
+    if not isinstance(text, str):
+        raise ValueError("expected a string or an object with a string 'text'"
+                         + (", or an object with a list of strings 'words'" if takes_words else ""))
+    return "predict", text
+
+
+def read_jsonl_inputs(path: Path, text_pair: bool = False, takes_words: bool = False) -> list[tuple[str, object]]:
+    """(runtime method, input) per line of a JSONL file: a JSON string or {"text": ...}; {"text": ..., "text_pair":
+    ...} for a bundle whose model reads pairs; {"words": [...]} for a runtime that takes pre-split words."""
     if not path.is_file():
         raise UsageError(f"--input: file not found: {path}")
-    texts = []
+    inputs = []
     with open(path, encoding="utf-8", errors="strict") as handle:
         try:
             lines = handle.read().splitlines()
@@ -162,28 +199,53 @@ def read_jsonl_texts(path: Path, field: str = "text") -> list[str]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            inputs.append(_jsonl_input(json.loads(line), text_pair, takes_words))
         except json.JSONDecodeError as exc:
             raise UsageError(f"--input: {path}:{number}: not valid JSON ({exc.msg})") from None
-        text = row.get(field) if isinstance(row, dict) else row
-        if not isinstance(text, str):
-            raise UsageError(f"--input: {path}:{number}: expected a string or an object with a string '{field}'")
-        texts.append(text)
-    return texts
+        except ValueError as exc:
+            raise UsageError(f"--input: {path}:{number}: {exc}") from None
+    return inputs
 
 
-def _predict_file(classifier, source: Path, target: Path | None, chunk: int = 256) -> int:
-    """Predictions for every line of ``source``, written as JSONL to ``target`` (atomically) or stdout."""
+def _predict_inputs(runtime, inputs: list[tuple[str, object]]) -> list:
+    """Results in the order of ``inputs``, one runtime call per method (texts and word lists apart)."""
+    results = [None] * len(inputs)
+    for method in dict.fromkeys(method for method, _ in inputs):
+        indices = [i for i, (name, _) in enumerate(inputs) if name == method]
+        for index, result in zip(indices, getattr(runtime, method)([inputs[i][1] for i in indices]), strict=True):
+            results[index] = result
+    return results
+
+
+def _input_fields(item) -> dict:
+    if isinstance(item, tuple):
+        return {"text": item[0], "text_pair": item[1]}
+    return {"words": item} if isinstance(item, list) else {"text": item}
+
+
+def _json_line(row: dict) -> str:
+    """``row`` as one line of JSON, non-ASCII as is unless it holds a lone surrogate (a text that is not valid
+    Unicode, echoed back), which UTF-8 cannot encode: then escaped."""
+    line = json.dumps(row, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(row)
+    return line
+
+
+def _predict_file(runtime, source: Path, target: Path | None, chunk: int = 256) -> int:
+    """Predictions for every line of ``source``, written as JSONL (the input and its result) to ``target``
+    (atomically) or stdout."""
     from tqdm import tqdm
 
-    texts = read_jsonl_texts(source)
+    inputs = read_jsonl_inputs(source, runtime.text_pair, runtime.takes_words)
     rows = []
-    with tqdm(total=len(texts), desc="predict", unit="text", disable=target is None) as progress:
-        for start in range(0, len(texts), chunk):
-            batch = texts[start:start + chunk]
-            for text, pred in zip(batch, classifier.predict(batch), strict=True):
-                rows.append(json.dumps({"text": text, "label": pred.label, "score": pred.score, "scores": pred.scores},
-                                       ensure_ascii=False))
+    with tqdm(total=len(inputs), desc="predict", unit="text", disable=target is None) as progress:
+        for start in range(0, len(inputs), chunk):
+            batch = inputs[start:start + chunk]
+            for (_, item), result in zip(batch, _predict_inputs(runtime, batch), strict=True):
+                rows.append(_json_line({**_input_fields(item), **runtime.to_json(result)}))
             progress.update(len(batch))
     if target is None:
         print("\n".join(rows))
@@ -242,11 +304,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-accuracy", action="store_true", help="skip accuracy on the evaluation split")
     bench.set_defaults(func=_cmd_bench)
 
-    predict = sub.add_parser("predict", help="classify texts with a bundle (torch-free)")
+    predict = sub.add_parser("predict", help="predict with a bundle, torch-free: a label, entities or a score per "
+                                             "text (as the bundle's task says)")
     predict.add_argument("bundle")
-    predict.add_argument("texts", nargs="*")
-    predict.add_argument("--input", help="JSONL file: one {\"text\": ...} object or JSON string per line")
-    predict.add_argument("--output", help="JSONL file for the predictions (default: stdout)")
+    predict.add_argument("texts", nargs="*", help="texts; two at a time (text, text_pair) for a bundle of pairs")
+    predict.add_argument("--input", help="JSONL file, one input per line: a JSON string or {\"text\": ...}; "
+                                         "{\"text\": ..., \"text_pair\": ...} for a bundle of pairs; "
+                                         "{\"words\": [...]} for token classification")
+    predict.add_argument("--output", help="JSONL file for the inputs and their predictions (default: stdout)")
     predict.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino"])
     predict.add_argument("--threads", type=int)
     predict.set_defaults(func=_cmd_predict)
@@ -257,9 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
     serve.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino"])
     serve.add_argument("--threads", type=int)
-    serve.add_argument("--max-batch", type=int, default=64, help="texts per batch across concurrent requests")
+    serve.add_argument("--max-batch", type=int, default=64, help="inputs per batch across concurrent requests")
     serve.add_argument("--max-body-bytes", type=int, help="larger requests get 413 (default: 1 MiB)")
-    serve.add_argument("--max-texts", type=int, help="texts per request; more get 413 (default: 1024)")
+    serve.add_argument("--max-texts", type=int, help="texts or sentences per request; more get 413 (default: 1024)")
     serve.set_defaults(func=_cmd_serve)
     return parser
 

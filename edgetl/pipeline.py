@@ -23,14 +23,12 @@ import yaml
 from edgetl import __version__
 from edgetl.artifact import MODEL_KINDS, Artifact, file_table, write_manifest
 from edgetl.errors import RecipeError
-from edgetl.recipe import STAGE_NAMES, Recipe, resolved_dict
+from edgetl.recipe import STAGE_CLASSES, STAGE_NAMES, Recipe, resolved_dict
 
 log = logging.getLogger("edgetl")
 
 # Stage name -> module; imported only when the stage runs, so validation stays light.
 STAGES = {name: f"edgetl.stages.{name}" for name in STAGE_NAMES}
-# Stages that train: under torchrun / accelerate launch every rank runs them; rank 0 alone runs the rest.
-DISTRIBUTED_STAGES = {"adapt", "finetune", "self_train", "distill", "prune"}
 
 
 @dataclass
@@ -60,27 +58,17 @@ def _barrier(world_size: int) -> None:
 
 
 def select_inputs(stage_cfg, done: list[Artifact], compared: list[Artifact] = ()) -> list[Artifact]:
-    """Which earlier artifacts a stage reads (``compared``: other runs' artifacts named in ``bench.compare``)."""
-    stage = stage_cfg.stage
-    models = [a for a in done if a.kind in MODEL_KINDS]
-    last = {kind: next((a for a in reversed(done) if a.kind == kind), None)
-            for kind in (*MODEL_KINDS, "encoder", "dataset", "evaluation", "benchmark")}
-    if stage == "finetune":
-        picked = [last["encoder"], last["dataset"]]
-    elif stage == "augment":
-        picked = [last["encoder"]]
-    elif stage in ("export", "prune", "self_train") or (stage == "distill" and stage_cfg.teacher is None):
-        picked = [last["pytorch-model"]]
-    elif stage == "quantize":
-        picked = [last["pytorch-model"] if stage_cfg.method == "qat" else last["exported"]]
-    elif stage == "evaluate":
-        picked = models + list(compared)
-    elif stage == "benchmark":
-        picked = models + list(compared) + [last["evaluation"]]
-    elif stage == "bundle":
-        picked = [last["quantized"] or last["exported"], last["evaluation"], last["benchmark"]]
-    else:
-        picked = []
+    """The earlier artifacts a stage reads, as its config declares them (``Declared.takes``); ``compared``: other
+    runs' artifacts named in ``bench.compare``."""
+    picked: list[Artifact] = []
+    for slot in stage_cfg.inputs():
+        if slot == "models":
+            picked += [a for a in done if a.kind in MODEL_KINDS]
+        elif slot == "compared":
+            picked += list(compared)
+        else:
+            latest = (next((a for a in reversed(done) if a.kind == kind), None) for kind in slot.split("|"))
+            picked += [next((a for a in latest if a is not None), None)]
     return [a for a in picked if a is not None]
 
 
@@ -143,14 +131,15 @@ def _data_reads(recipe: Recipe) -> dict:
 def fingerprint(stage_cfg: dict, recipe: Recipe, inputs: list[Artifact], data_reads: dict | None = None) -> str:
     """``data_reads`` (from ``_data_reads``) can be passed in so a run hashes its data files once."""
     reads = {"stage": stage_cfg, "inputs": [a.fingerprint for a in inputs], "edgetl": __version__}
-    if stage_cfg["stage"] in ("adapt", "finetune"):
+    declared = STAGE_CLASSES[stage_cfg["stage"]].reads
+    if "model" in declared:
         reads["model"] = recipe.model
     if stage_cfg.get("teacher"):
         folder = Path(stage_cfg["teacher"]).expanduser()
         reads["teacher"] = file_table(folder) if folder.is_dir() else None  # a missing folder fails in the stage
-    if stage_cfg["stage"] in ("adapt", "augment", "finetune", "self_train", "distill", "prune", "evaluate", "benchmark", "quantize"):
+    if "data" in declared:
         reads["data"] = data_reads if data_reads is not None else _data_reads(recipe)
-    if stage_cfg["stage"] == "benchmark":
+    if "bench" in declared:
         reads["bench"] = recipe.bench.model_dump(mode="json")
     blob = json.dumps(reads, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
@@ -237,7 +226,7 @@ def run_recipe(recipe: Recipe, run_dir: Path | None = None, from_stage: str | No
             log.info("%s: finished earlier (fingerprint %s), skipped", name, fp[:12])
             done.append(cached)
             continue
-        if rank == 0 or stage_cfg.stage in DISTRIBUTED_STAGES:
+        if rank == 0 or stage_cfg.distributed:
             _run_stage(stage_cfg, name, fp, recipe, inputs, run_dir, rank, world_size)
         _barrier(world_size)
         done.append(Artifact.load(final))

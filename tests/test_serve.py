@@ -51,6 +51,7 @@ def test_health_and_metadata(server, bundle):
     assert meta["labels"] == manifest["labels"] and meta["max_length"] == manifest["max_length"]
     assert meta["backend"] == "onnx" and meta["precision"] == manifest["models"]["onnx"]["precision"]
     assert meta["provenance"] == manifest["provenance"]
+    assert meta["task"] == manifest["task"] == "text-classification" and meta["text_pair"] is False
 
 
 def test_predictions_equal_the_library(server, classifier, dev_texts):

@@ -170,7 +170,7 @@ print(time.perf_counter() - started, heavy, message)
 
 
 def test_an_unsupported_task_and_stage_is_refused_in_a_fresh_process_in_seconds_without_torch(tmp_path, tiny_model):
-    stages = [{"stage": "finetune"}, {"stage": "export"}, {"stage": "benchmark"}, {"stage": "bundle"}]
+    stages = [{"stage": "finetune"}, {"stage": "distill"}, {"stage": "prune"}]
     path = task_recipe(tmp_path, "text-regression", tiny_model, {"dataset": "stsb"}, stages)
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", _REFUSE_FAST, str(path)], cwd=tmp_path, capture_output=True,
@@ -179,8 +179,8 @@ def test_an_unsupported_task_and_stage_is_refused_in_a_fresh_process_in_seconds_
     assert done.returncode == 0, done.stderr
     seconds, heavy, message = done.stdout.split(" ", 2)
     assert heavy == "[]" and float(seconds) < 5 and wall < 5
-    assert "stages[2] (benchmark): task text-regression does not support the benchmark stage" in message
-    assert "stages[3] (bundle): task text-regression does not support the bundle stage" in message
+    assert "stages[1] (distill): task text-regression does not support the distill stage" in message
+    assert "stages[2] (prune): task text-regression does not support the prune stage" in message
 
 
 # --- fine-tuning every task end to end on tiny models ------------------------------------------------------------
@@ -306,7 +306,8 @@ CHAIN_CASES = {"token-classification": ("conll2003", "conll_slice", "static", "f
 
 @pytest.fixture(scope="module")
 def evaluated_runs(tmp_path_factory, request, tiny_task_model, quiet_cwd):
-    """task -> a finetune -> export -> quantize -> evaluate run of the task on the tiny model, run once."""
+    """task -> a finetune -> export -> quantize -> evaluate -> benchmark -> bundle run of the task on the tiny model,
+    run once."""
     from edgetl.pipeline import run_recipe
 
     runs = {}
@@ -318,9 +319,11 @@ def evaluated_runs(tmp_path_factory, request, tiny_task_model, quiet_cwd):
             stages = [{"stage": "finetune", "max_steps": 12, "eval_steps": 6, "batch_size": 8, "learning_rate": 5e-3},
                       {"stage": "export"},
                       {"stage": "quantize", "onnx_method": onnx_method, "calibration_samples": 16},
-                      {"stage": "evaluate"}]
+                      {"stage": "evaluate"}, {"stage": "benchmark"}, {"stage": "bundle", "backends": ["onnx", "openvino"]}]
             data = {"dataset": dataset, "path": str(request.getfixturevalue(slice_fixture))}
-            run_recipe(load_recipe(str(task_recipe(folder, task, tiny_task_model, data, stages))), folder / "run")
+            bench = {"warmup": 1, "rounds": 2, "max_sentences": 6, "throughput_batch_size": 4}
+            recipe = task_recipe(folder, task, tiny_task_model, data, stages, bench=bench)
+            run_recipe(load_recipe(str(recipe)), folder / "run")
             runs[task] = folder / "run"
         return runs[task]
 
@@ -347,6 +350,28 @@ def test_every_artifact_is_evaluated_with_the_task_metric_and_onnx_fp32_scores_a
                                     abs=1e-4)
     evaluation = json.loads((run_dir / "04-evaluate" / "manifest.json").read_text())["metrics"]
     assert evaluation == {r["target"]: r[metric] for r in rows}
+
+
+@pytest.mark.parametrize("task", CHAIN_CASES)
+def test_every_artifact_is_benchmarked_on_the_task_inputs_and_bundled_with_the_task_metric(task, evaluated_runs):
+    run_dir = evaluated_runs(task)
+    metric = CHAIN_CASES[task][3]
+    scores = json.loads((run_dir / "04-evaluate" / "manifest.json").read_text())["metrics"]
+    result = json.loads((run_dir / "05-benchmark" / "results.json").read_text())
+    assert result["task"] == task and result["metric"] == {"name": metric, "scale": TASKS[task].metric_scale}
+    assert {r["target"] for r in result["rows"]} == set(scores)
+    for row in result["rows"]:
+        assert row[metric] == scores[row["target"]] and row["calls"] == 12 and row["p50_ms"] > 0, row["target"]
+        assert row["peak_rss_mb"] is not None, row.get("memory_error")
+    assert f"| {metric} " in (run_dir / "05-benchmark" / "report.md").read_text()
+    assert (run_dir / "05-benchmark" / f"{metric}_vs_latency.png").is_file()
+    bundle = json.loads((run_dir / "06-bundle" / "edgetl.json").read_text())
+    assert bundle["task"] == task and bundle["metrics"]["metric"] == metric
+    assert bundle["text_pair"] is (task == "text-regression")
+    assert bundle["labels"] == (sorted(json.loads((run_dir / "01-finetune" / "config.json").read_text())["label2id"])
+                                if task == "token-classification" else [])
+    for backend in ("onnx", "openvino"):
+        assert bundle["metrics"]["per_backend"][backend][metric] == scores[f"{backend}-int8 (03-quantize)"]
 
 
 def test_evaluation_tags_each_word_by_its_first_sub_token_as_pytorch_logits_do(evaluated_runs, conll_slice):

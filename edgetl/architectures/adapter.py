@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 from edgetl.errors import ArchitectureError
 
-OPERATIONS = {"head_pruning": "head pruning", "ffn_pruning": "FFN pruning", "layer_selection": "layer selection"}
+OPERATIONS = {"head_pruning": "head pruning", "ffn_pruning": "FFN pruning", "layer_selection": "layer selection",
+              "openvino": "OpenVINO"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class Adapter:
     head_pruning: bool = True
     ffn_pruning: bool = True
     layer_selection: bool = True
+    openvino: bool = True  # the ONNX export converts to an OpenVINO model the CPU plugin compiles
     reasons: dict[str, str] = field(default_factory=dict)  # why, for each operation declared False
 
     def __post_init__(self):

@@ -1,5 +1,33 @@
-"""What an app embeds: numpy + tokenizers + ONNX Runtime or OpenVINO. Never imports torch."""
+"""What an app embeds: numpy + tokenizers + ONNX Runtime or OpenVINO. Never imports torch.
 
+``load(folder)`` returns the runtime of the bundle's task: ``TextClassifier`` (a label per text or pair),
+``TokenClassifier`` (entities, or a tag per word) or ``TextRegressor`` (a score per text or pair).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from edgetl.errors import ArtifactError
+from edgetl.runtime.bundle import BundleRuntime, read_manifest, runtime_name
 from edgetl.runtime.classifier import Prediction, TextClassifier
+from edgetl.runtime.entities import Entity
+from edgetl.runtime.regressor import TextRegressor
+from edgetl.runtime.tokens import TokenClassifier
 
-__all__ = ["Prediction", "TextClassifier"]
+__all__ = ["BundleRuntime", "Entity", "Prediction", "TextClassifier", "TextRegressor", "TokenClassifier", "load"]
+
+
+def load(folder: str | Path, backend: str = "auto", threads: int | None = None, verify: bool = True) -> BundleRuntime:
+    """The bundle loaded by the runtime its task declares (``edgetl.tasks``' ``Task.runtime``); the arguments are
+    ``BundleRuntime``'s.
+
+    Raises:
+        ArtifactError: no bundle, an unknown format or task, a damaged file, a backend the bundle lacks.
+    """
+    folder = Path(folder)
+    name = runtime_name(read_manifest(folder), folder)
+    runtime = globals().get(name)
+    if not (isinstance(runtime, type) and issubclass(runtime, BundleRuntime)):  # a task names a class not written yet
+        raise ArtifactError(f"{folder}: its task is served by {name}, which this edgetl.runtime does not have")
+    return runtime(folder, backend, threads, verify)

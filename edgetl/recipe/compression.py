@@ -1,0 +1,130 @@
+"""Stages that make a model smaller or faster: distill, prune, export, quantize."""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from edgetl.recipe.base import Backend, Declared, DistillationConfig, _Strict
+
+
+class DistillStage(DistillationConfig, Declared):
+    """Knowledge distillation into a smaller student: a shallower copy of the teacher, or a named pretrained model."""
+
+    takes: ClassVar[tuple[str, ...]] = ("pytorch-model",)
+    reads: ClassVar[frozenset[str]] = frozenset({"data"})
+    distributed: ClassVar[bool] = True
+
+    stage: Literal["distill"]
+    teacher: str | None = Field(None, description="Folder of a fine-tuned classifier (default: the run's last PyTorch model).")
+    student: str | None = Field(None, description="Pretrained model for the student (catalog name, folder or hub id); "
+                                "default: a copy of the teacher keeping `layers`.")
+    layers: list[int] | None = Field(None, min_length=1, description="Teacher layers the student keeps "
+                                     "(default: every other layer from the first, as DistilBERT).")
+    epochs: float = Field(3.0, gt=0)
+    learning_rate: float = Field(1e-4, gt=0, lt=1)
+    extra_text_file: str | None = Field(None, description="Unlabelled text (jsonl/csv/tsv with data.text_field, or "
+                                        ".txt, one text per line) added for the soft-target loss.")
+
+    @model_validator(mode="after")
+    def _student_or_layers(self) -> DistillStage:
+        if self.student is not None and self.layers is not None:
+            raise ValueError("give either student (a pretrained model) or layers (a copy of the teacher), not both")
+        if self.layers is not None and len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers {self.layers} repeats a layer")
+        return self
+
+    def inputs(self) -> tuple[str, ...]:
+        return () if self.teacher else self.takes  # a teacher folder is read by the stage itself
+
+
+class PruneStage(DistillationConfig, Declared):
+    """Structured pruning (heads, FFN neurons, whole layers) rebuilt as smaller Linear layers, then vocabulary."""
+
+    takes: ClassVar[tuple[str, ...]] = ("pytorch-model",)
+    reads: ClassVar[frozenset[str]] = frozenset({"data"})
+    distributed: ClassVar[bool] = True
+
+    stage: Literal["prune"]
+    importance: Literal["fisher", "taylor", "magnitude"] = Field(
+        "taylor", description="How heads, neurons and layers are ranked on training data: fisher sums each text's "
+        "squared gradient of a gate on the unit (Kwon et al. 2022), taylor the |gradient| of a gate on each "
+        "batch's mean loss (Michel et al. 2019), magnitude uses weight norms.")
+    importance_samples: int = Field(2048, ge=1, description="Training sentences used to score heads, neurons and layers.")
+    heads_keep: float = Field(1.0, gt=0, le=1, description="Fraction of attention heads kept (ranked over all layers).")
+    ffn_keep: float = Field(1.0, gt=0, le=1, description="Fraction of FFN intermediate neurons kept (ranked over all layers).")
+    layers_drop: int = Field(0, ge=0, description="Whole layers removed (the least important ones).")
+    latency_budget_ms: float | None = Field(
+        None, gt=0, description="Instead of heads_keep/ffn_keep: the largest common keep ratio (1.0, 0.9, ... 0.1) "
+        "whose ONNX Runtime FP32 batch-1 p50 on evaluation texts, measured on this machine, is within this budget.")
+    vocabulary: bool = Field(False, description="Drop embedding rows of tokens the training text never uses and "
+                             "rewrite the tokenizer to match.")
+    vocab_min_count: int = Field(1, ge=1, description="Keep tokens seen at least this often in the training text.")
+    recovery: bool = Field(True, description="Distil from the unpruned model after structured pruning.")
+    epochs: float = Field(1.0, gt=0)
+    kd_weight: float = Field(0.8, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _layer_scores(self) -> PruneStage:
+        if self.layers_drop and self.importance == "magnitude":
+            raise ValueError("layers_drop ranks layers by gradient scores; set importance: fisher or taylor")
+        if self.latency_budget_ms is not None and (self.heads_keep < 1 or self.ffn_keep < 1):
+            raise ValueError("latency_budget_ms chooses the keep ratio itself; leave heads_keep and ffn_keep at 1")
+        return self
+
+    @property
+    def structured(self) -> bool:
+        return self.heads_keep < 1 or self.ffn_keep < 1 or self.layers_drop > 0 or self.latency_budget_ms is not None
+
+
+class ExportStage(_Strict, Declared):
+    """PyTorch FP32 model -> ONNX (optimum exporter + ORT fusions) and/or OpenVINO IR."""
+
+    takes: ClassVar[tuple[str, ...]] = ("pytorch-model",)
+
+    stage: Literal["export"]
+    formats: list[Backend] = Field(default_factory=lambda: ["onnx", "openvino"], min_length=1)
+    opset: int = Field(17, ge=14, le=21)
+    optimize: bool = Field(True, description="Apply ONNX Runtime's transformer fusions to the ONNX model.")
+
+
+class QATConfig(DistillationConfig):
+    """Quantization-aware training: the fake-quantized model learns from its FP32 self."""
+
+    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(2e-5, gt=0, lt=1)
+    kd_weight: float = Field(0.8, ge=0, le=1)
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "fp32", description="fp32: bf16 autocast would compute the fake-quantizers' scales and rounding in bf16.")
+
+
+class QuantizeStage(_Strict, Declared):
+    """INT8: post-training on exported models (optionally accuracy-controlled), or quantization-aware training."""
+
+    reads: ClassVar[frozenset[str]] = frozenset({"data"})
+
+    stage: Literal["quantize"]
+    method: Literal["ptq", "qat"] = Field("ptq", description="ptq: quantize exported models; qat: NNCF fake-quantizers "
+                                          "on the PyTorch model, trained with distillation, then exported to INT8.")
+    backends: list[Backend] = Field(default_factory=lambda: ["onnx", "openvino"], min_length=1)
+    max_accuracy_drop: float | None = Field(
+        None, gt=0, le=100, description="PTQ only: accuracy points a static INT8 model may lose on the evaluation "
+        "split; the most sensitive layers stay in FP32 until it holds (nncf.quantize_with_accuracy_control). "
+        "Applies to OpenVINO, and to ONNX when onnx_method is static (dynamic INT8 has no calibrated layers to revert).")
+    qat: QATConfig = Field(default_factory=QATConfig, description="Training settings for method: qat.")
+    onnx_method: Literal["static", "dynamic"] = Field("static", description="ONNX Runtime QDQ with calibration, or dynamic INT8.")
+    calibration_samples: int = Field(300, ge=1, description="Texts that calibrate activations: training sentences, "
+                                     "or data.target's unlabelled training texts when it is set (what the model will serve).")
+    per_channel: bool = True
+    onnx_calibration: Literal["minmax", "percentile"] = Field("minmax", description="Static activation ranges: min/max or 99.999th percentile.")
+    onnx_dynamic_ffn_down: bool = Field(
+        True, description="Static INT8 everywhere except the FFN down-projections, which get dynamic INT8 "
+        "(cuts the logit error about 3x; see benchmarks/ort_int8_configs.py).")
+    smooth_alpha: float | None = Field(
+        None, ge=0, le=1, description="ONNX Runtime PTQ: SmoothQuant before INT8, moving activation outliers into the "
+        "weights (strength alpha, measured on the calibration texts); none: off. OpenVINO's nncf.quantize already "
+        "smooths MatMuls (alpha 0.95) under its transformer preset.")
+
+    def inputs(self) -> tuple[str, ...]:
+        return ("pytorch-model",) if self.method == "qat" else ("exported",)
