@@ -216,10 +216,16 @@ def electronics_slice(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shrink(tiny_model, sst2_slice, electronics_slice):
-    """``shrink(recipe="sst-int8", **changes)``: tiny_overrides bound to this session's model and slices."""
+def shrink(request, tiny_model, sst2_slice, electronics_slice):
+    """``shrink(recipe="sst-int8", **changes)``: tiny_overrides bound to this session's model and slices (a recipe on
+    CoNLL-2003 or STS-B gets that corpus's slice and the tiny model with their words)."""
+    task_slices = {"conll2003": "conll_slice", "stsb": "stsb_slice"}
 
     def make(recipe: str | Path = "sst-int8", **changes) -> list[str]:
+        dataset = (_recipe_yaml(recipe).get("data") or {}).get("dataset")
+        if dataset in task_slices:
+            model, data = request.getfixturevalue("tiny_task_model"), request.getfixturevalue(task_slices[dataset])
+            return tiny_overrides(model, data, recipe, electronics_slice, **changes)
         return tiny_overrides(tiny_model, sst2_slice, recipe, electronics_slice, **changes)
 
     return make

@@ -30,9 +30,18 @@ def test_recipe_runs_end_to_end_on_the_tiny_model(recipe, tiny_runs):
     assert (run_dir / "recipe.resolved.yaml").is_file()
     assert not any((run_dir / ".tmp").glob("*")), "a finished run leaves nothing in .tmp"
     if "bundle" in names:
-        from edgetl.runtime import TextClassifier
+        import math
 
-        bundle = folders[names.index("bundle")]
-        classifier = TextClassifier.load(bundle)
-        predictions = classifier.predict(["a gorgeous , witty film", "dull and lifeless"])
-        assert [p.label in classifier.labels for p in predictions] == [True, True]
+        from edgetl.runtime import Entity, Prediction, load
+
+        runtime = load(folders[names.index("bundle")])  # the runtime of the recipe's task
+        texts = ["a gorgeous , witty film", "dull and lifeless"]
+        results = runtime.predict([(t, t) for t in texts] if runtime.text_pair else texts)
+        assert len(results) == 2
+        for result in results:
+            if isinstance(result, Prediction):
+                assert result.label in runtime.labels
+            elif isinstance(result, list):
+                assert all(isinstance(e, Entity) and e.type in {t[2:] for t in runtime.labels} for e in result)
+            else:
+                assert math.isfinite(result)
