@@ -44,6 +44,9 @@ class StageContext:
         matches = [a for a in self.inputs if a.kind in kinds]
         return matches[-1] if matches else None
 
+    def earliest(self, kind: str) -> Artifact | None:
+        return next((a for a in self.inputs if a.kind == kind), None)
+
 
 def _rank() -> tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -66,6 +69,8 @@ def select_inputs(stage_cfg, done: list[Artifact], compared: list[Artifact] = ()
             picked += [a for a in done if a.kind in MODEL_KINDS]
         elif slot == "compared":
             picked += list(compared)
+        elif slot.startswith("first:"):
+            picked += [next((a for a in done if a.kind == slot.removeprefix("first:")), None)]
         else:
             latest = (next((a for a in reversed(done) if a.kind == kind), None) for kind in slot.split("|"))
             picked += [next((a for a in latest if a is not None), None)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -264,3 +265,30 @@ def test_latency_budget_and_keep_ratios_exclude_each_other():
 
     with pytest.raises(ValidationError, match="latency_budget_ms chooses the keep ratio itself"):
         PruneStage(stage="prune", latency_budget_ms=1.0, heads_keep=0.5)
+
+
+def test_recovery_can_distil_from_the_fine_tuned_teacher(tiny_runs, shrink, monkeypatch):
+    import edgetl.distillation
+    from conftest import manifests
+    from edgetl.pipeline import run_recipe
+    from edgetl.recipe import load_recipe
+
+    tiny = tiny_runs("sst-tiny")
+    recipe = load_recipe("sst-tiny", [*shrink("sst-tiny"), "stages.prune.recovery_teacher=first"])
+    recipe = recipe.model_copy(update={"stages": recipe.stages[:3]})  # finetune, distill, prune
+    teachers, distil = [], edgetl.distillation.distil
+
+    def spy(cfg, ctx, student, teacher, *args):
+        teachers.append(teacher.config.num_hidden_layers)
+        return distil(cfg, ctx, student, teacher, *args)
+
+    monkeypatch.setattr(edgetl.distillation, "distil", spy)
+    run_dir = tiny.parent / "sst-tiny-first"
+    run_recipe(recipe, run_dir)
+    ran, before = manifests(run_dir), manifests(tiny)
+    layers = {name: json.loads((run_dir / name / "config.json").read_text())["num_hidden_layers"]
+              for name in ("01-finetune", "02-distill")}
+    assert layers["01-finetune"] > layers["02-distill"] and teachers == [layers["01-finetune"]]
+    assert [Path(i["path"]).name for i in ran["03-prune"]["inputs"]] == ["01-finetune", "02-distill"]
+    assert ran["02-distill"]["fingerprint"] == before["02-distill"]["fingerprint"]  # copied, not trained again
+    assert ran["03-prune"]["fingerprint"] != before["03-prune"]["fingerprint"]

@@ -44,7 +44,8 @@ class Declared:
 
     Attributes:
         takes: the earlier artifacts it reads, in order: an artifact kind (the latest one of that kind), 'a|b' (the
-            latest a, else the latest b), 'models' (every model artifact so far), 'compared' (``bench.compare``'s).
+            latest a, else the latest b), 'first:KIND' (the earliest one of that kind), 'models' (every model
+            artifact so far), 'compared' (``bench.compare``'s).
             A stage whose inputs depend on its settings overrides ``inputs``.
         reads: the recipe sections besides its own config that its work depends on ('model', 'data', 'bench');
             they are hashed into its fingerprint, so a change to one of them reruns it.

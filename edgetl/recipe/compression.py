@@ -61,7 +61,10 @@ class PruneStage(DistillationConfig, Declared):
     vocabulary: bool = Field(False, description="Drop embedding rows of tokens the training text never uses and "
                              "rewrite the tokenizer to match.")
     vocab_min_count: int = Field(1, ge=1, description="Keep tokens seen at least this often in the training text.")
-    recovery: bool = Field(True, description="Distil from the unpruned model after structured pruning.")
+    recovery: bool = Field(True, description="Distil the pruned model after structured pruning, from recovery_teacher.")
+    recovery_teacher: Literal["unpruned", "first"] = Field(
+        "unpruned", description="What recovery distils from: the model before pruning, or the run's first PyTorch "
+        "model (the fine-tuned teacher that a distill stage copied the student from).")
     epochs: float = Field(1.0, gt=0)
     kd_weight: float = Field(0.8, ge=0, le=1)
 
@@ -72,6 +75,11 @@ class PruneStage(DistillationConfig, Declared):
         if self.latency_budget_ms is not None and (self.heads_keep < 1 or self.ffn_keep < 1):
             raise ValueError("latency_budget_ms chooses the keep ratio itself; leave heads_keep and ffn_keep at 1")
         return self
+
+    def inputs(self) -> tuple[str, ...]:
+        if self.structured and self.recovery and self.recovery_teacher == "first":
+            return ("first:pytorch-model", *self.takes)
+        return self.takes
 
     @property
     def structured(self) -> bool:

@@ -109,7 +109,7 @@ def run(cfg: PruneStage, ctx, out_dir: Path) -> StageOutput:
     collator = DataCollatorWithPadding(tokenizer)
     metrics = {"before": {k: v for k, v in model_stats(model, dev_tok).items() if k != "layers"}}
     if cfg.structured:
-        teacher = copy.deepcopy(model)
+        teacher = copy.deepcopy(model) if cfg.recovery_teacher == "unpruned" else load_classifier(ctx.earliest("pytorch-model").path)
         plan, trials = structured_plan(cfg, ctx, model, train_tok, collator)
         apply_plan(model, plan)
         metrics["kept_heads"], metrics["dropped_layers"] = plan.heads, plan.drop_layers
@@ -117,7 +117,7 @@ def run(cfg: PruneStage, ctx, out_dir: Path) -> StageOutput:
             metrics["latency_budget_trials"] = trials
         metrics["accuracy_before_recovery"] = round(fp32_accuracy(model, dev_tok, collator, cfg.eval_batch_size), 5)
         if cfg.recovery:
-            # Recovery: the pruned model learns from the unpruned one (the model holds the best weights after).
+            # Recovery: the pruned model learns from the teacher (the model holds the best weights after).
             trainer = distil(cfg, ctx, model, teacher, tokenizer, train_tok, dev_tok, collator, "prune")
             metrics.update(training_metrics(trainer, len(train_tok), len(dev_tok)))
             write_eval_history(trainer, out_dir)
