@@ -69,12 +69,12 @@ def support_matrix() -> str:
                       "</details>", END]) + "\n"
 
 
-def replace_block(text: str, block: str, where: str = "README.md") -> str:
-    """``text`` with the part from START to END (and its newline) replaced by ``block``."""
-    start, end = text.find(START), text.find(END)
-    if start < 0 or end < start:
-        raise UsageError(f"{where}: no support-matrix block; put the lines {START} and {END} where it goes")
-    return text[:start] + block + text[end + len(END):].removeprefix("\n")
+def replace_block(text: str, block: str, where: str = "README.md", start: str = START, end: str = END) -> str:
+    """``text`` with the part from the ``start`` marker to the ``end`` one (and its newline) replaced by ``block``."""
+    first, last = text.find(start), text.find(end)
+    if first < 0 or last < first:
+        raise UsageError(f"{where}: no generated block; put the lines {start} and {end} where it goes")
+    return text[:first] + block + text[last + len(end):].removeprefix("\n")
 
 
 def write_readme(path: Path) -> bool:

@@ -36,7 +36,7 @@ def test_every_task_stage_option_and_architecture_has_a_row_or_column():
 def test_replacing_the_block_leaves_the_rest_of_the_page_alone():
     page = f"before\n{START}\nold table\n{END}\nafter\n"
     assert replace_block(page, f"{START}\nnew\n{END}\n") == f"before\n{START}\nnew\n{END}\nafter\n"
-    with pytest.raises(UsageError, match="no support-matrix block"):
+    with pytest.raises(UsageError, match="no generated block"):
         replace_block("no markers here\n", "x")
 
 

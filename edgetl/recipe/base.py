@@ -21,13 +21,13 @@ class _Strict(BaseModel):
 class TrainingConfig(_Strict):
     """Optimizer, schedule and checkpointing of a stage that trains (HF Trainer; best dev checkpoint kept)."""
 
-    epochs: float = Field(2.0, gt=0)
+    epochs: float = Field(2.0, gt=0, description="Passes over the training data (fractions allowed).")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides epochs).")
-    learning_rate: float = Field(5e-5, gt=0, lt=1)
-    batch_size: int = Field(32, ge=1)
-    eval_batch_size: int = Field(128, ge=1)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="Peak learning rate (AdamW), reached after the warm-up, then linear decay to 0.")
+    batch_size: int = Field(32, ge=1, description="Training texts per step on each process.")
+    eval_batch_size: int = Field(128, ge=1, description="Texts per batch when evaluating.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Fraction of the steps over which the learning rate rises linearly from 0.")
     eval_steps: int = Field(200, ge=1, description="Evaluate and checkpoint every this many steps.")
     group_by_length: bool = Field(True, description="Batch texts of similar length (about 3x faster on SST-2), "
                                   "the batches in random order.")
@@ -36,7 +36,7 @@ class TrainingConfig(_Strict):
     keep: Literal["best", "last"] = Field(
         "best", description="best: the checkpoint with the best accuracy on the labelled data's dev split; last: "
         "the final weights, never evaluated during training (few-shot: the only dev split is the test split).")
-    seed: int = 42
+    seed: int = Field(42, description="Seed of initialisation, dropout and batch order.")
 
 
 class Declared:

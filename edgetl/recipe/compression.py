@@ -92,8 +92,9 @@ class ExportStage(_Strict, Declared):
     takes: ClassVar[tuple[str, ...]] = ("pytorch-model",)
 
     stage: Literal["export"]
-    formats: list[Backend] = Field(default_factory=lambda: ["onnx", "openvino"], min_length=1)
-    opset: int = Field(17, ge=14, le=21)
+    formats: list[Backend] = Field(default_factory=lambda: ["onnx", "openvino"], min_length=1,
+                                   description="What to export to: onnx, openvino or both.")
+    opset: int = Field(17, ge=14, le=21, description="ONNX opset of the exported graph.")
     optimize: bool = Field(True, description="Apply ONNX Runtime's transformer fusions to the ONNX model.")
 
 
@@ -115,7 +116,8 @@ class QuantizeStage(_Strict, Declared):
     stage: Literal["quantize"]
     method: Literal["ptq", "qat"] = Field("ptq", description="ptq: quantize exported models; qat: NNCF fake-quantizers "
                                           "on the PyTorch model, trained with distillation, then exported to INT8.")
-    backends: list[Backend] = Field(default_factory=lambda: ["onnx", "openvino"], min_length=1)
+    backends: list[Backend] = Field(default_factory=lambda: ["onnx", "openvino"], min_length=1,
+                                    description="Exported models to quantize: onnx, openvino or both.")
     max_accuracy_drop: float | None = Field(
         None, gt=0, le=100, description="PTQ only: accuracy points a static INT8 model may lose on the evaluation "
         "split; the most sensitive layers stay in FP32 until it holds (nncf.quantize_with_accuracy_control). "
@@ -124,7 +126,7 @@ class QuantizeStage(_Strict, Declared):
     onnx_method: Literal["static", "dynamic"] = Field("static", description="ONNX Runtime QDQ with calibration, or dynamic INT8.")
     calibration_samples: int = Field(300, ge=1, description="Texts that calibrate activations: training sentences, "
                                      "or data.target's unlabelled training texts when it is set (what the model will serve).")
-    per_channel: bool = True
+    per_channel: bool = Field(True, description="ONNX Runtime: one weight scale per output channel, not one per tensor.")
     onnx_calibration: Literal["minmax", "percentile"] = Field("minmax", description="Static activation ranges: min/max or 99.999th percentile.")
     onnx_dynamic_ffn_down: bool = Field(
         True, description="Static INT8 everywhere except the FFN down-projections, which get dynamic INT8 "

@@ -22,8 +22,8 @@ class DataConfig(_Strict):
     train_file: str | None = Field(None, description="dataset=files: csv, tsv, jsonl or parquet with the training rows.")
     eval_file: str | None = Field(None, description="dataset=files: csv, tsv, jsonl or parquet with the evaluation rows.")
     hub_config: str | None = Field(None, description="Hub dataset configuration name (e.g. 'sst2' for 'nyu-mll/glue').")
-    train_split: str = "train"
-    eval_split: str = "validation"
+    train_split: str = Field("train", description="Split the model trains on.")
+    eval_split: str = Field("validation", description="Split every metric is measured on (and the best checkpoint chosen on).")
     text_field: str = Field("sentence", description="Column of the text (text-classification, text-regression).")
     text_pair_field: str | None = Field(None, description="Column of a second text: each row is a pair of texts, "
                                         "cut longest_first (text-classification, text-regression).")
@@ -46,8 +46,8 @@ class DataConfig(_Strict):
                                "benchmark and bundle report on its dev split; adapt and domain_adversarial read its "
                                "train texts without labels; training still selects checkpoints on the labelled "
                                "data's own dev split.")
-    max_train_samples: int | None = Field(None, ge=1)
-    max_eval_samples: int | None = Field(None, ge=1)
+    max_train_samples: int | None = Field(None, ge=1, description="Use only the first N training texts (quick trials).")
+    max_eval_samples: int | None = Field(None, ge=1, description="Use only the first N evaluation texts (quick trials).")
 
     @model_validator(mode="before")
     @classmethod

@@ -17,7 +17,7 @@ class EvaluateStage(_Strict, Declared):
     reads: ClassVar[frozenset[str]] = frozenset({"data"})
 
     stage: Literal["evaluate"]
-    batch_size: int = Field(BATCH_SIZE, ge=1)
+    batch_size: int = Field(BATCH_SIZE, ge=1, description="Texts per call when scoring (the metric does not depend on it).")
 
 
 class BenchmarkStage(_Strict, Declared):
@@ -36,7 +36,8 @@ class BundleStage(_Strict, Declared):
     reads: ClassVar[frozenset[str]] = frozenset({"data"})  # labels, text pairs, max length and truncation go into edgetl.json
 
     stage: Literal["bundle"]
-    backends: list[Backend] = Field(default_factory=lambda: ["onnx", "openvino"], min_length=1)
+    backends: list[Backend] = Field(default_factory=lambda: ["onnx", "openvino"], min_length=1,
+                                    description="Runtimes whose models go into the bundle (one keeps the download small).")
 
 
 class BenchConfig(_Strict):
@@ -45,9 +46,9 @@ class BenchConfig(_Strict):
     warmup: int = Field(20, ge=0, description="Untimed calls before each timed block.")
     rounds: int = Field(2, ge=1, description="Timed blocks per backend; block order alternates between rounds.")
     max_sentences: int | None = Field(None, ge=1, description="Eval sentences timed at batch 1 (default: all).")
-    throughput_batch_size: int = Field(32, ge=1)
+    throughput_batch_size: int = Field(32, ge=1, description="Batch size of the throughput measurement.")
     threads: int | None = Field(None, ge=1, description="Intra-op threads for every backend (default: all cores).")
-    include_pytorch: bool = True
+    include_pytorch: bool = Field(True, description="Also time the PyTorch FP32 models (the speed-up baseline).")
     compare: list[str] = Field(default_factory=list, description="Artifacts of other runs evaluated and timed "
                                "beside this run's: 'RECIPE:STAGE' (that recipe's run next to this one, e.g. "
                                "'sst-int8:bundle') or an artifact folder.")

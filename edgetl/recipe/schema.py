@@ -29,15 +29,15 @@ STAGE_NAMES = tuple(STAGE_CLASSES)
 
 
 class Recipe(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The run's folder name under runs/ (letters, digits, _ . -).")
     task: TaskName = Field(DEFAULT_TASK, description="What the model learns: text-classification (a label per text "
                            "or pair of texts), token-classification (a tag per word), text-regression (a score per "
                            "text or pair). Sentence embeddings and text generation are to come.")
-    description: str = ""
+    description: str = Field("", description="One line for people; no stage reads it.")
     model: str = Field(description="Catalog name (minilm-l6), local folder, or hub id.")
-    data: DataConfig = Field(default_factory=DataConfig)
-    stages: list[StageConfig] = Field(min_length=1)
-    bench: BenchConfig = Field(default_factory=BenchConfig)
+    data: DataConfig = Field(default_factory=DataConfig, description="Where the labelled (and unlabelled) texts come from.")
+    stages: list[StageConfig] = Field(min_length=1, description="The chain, in order; each entry names its `stage:`.")
+    bench: BenchConfig = Field(default_factory=BenchConfig, description="How the benchmark stage measures.")
 
     @model_validator(mode="before")
     @classmethod

@@ -23,7 +23,7 @@ class AdaptStage(TrainingConfig, Declared):
     text_field: str = Field("text", description="Column holding the text when `text` is a jsonl/csv/tsv file.")
     max_texts: int | None = Field(None, ge=2, description="Use at most this many texts (shuffled first).")
     whole_word_mask: bool = Field(True, description="Mask every piece of a word together (BERT's wwm).")
-    mlm_probability: float = Field(0.15, gt=0, lt=1)
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="Fraction of tokens masked for the masked-LM loss.")
     eval_fraction: float = Field(0.05, gt=0, lt=0.5, description="Texts held out to measure the MLM loss; "
                                  "the checkpoint with the lowest held-out loss is kept.")
     epochs: float = Field(3.0, gt=0)
@@ -79,9 +79,9 @@ class FinetuneStage(TrainingConfig, Declared):
     method: Literal["full", "lora", "prompt-tuning"] = Field(
         "full", description="full: every weight trains; lora: low-rank adapters (peft), merged into the weights "
         "afterwards; prompt-tuning: a trained soft prompt and head, the encoder frozen (PyTorch only).")
-    lora_r: int = Field(8, ge=1)
-    lora_alpha: int = Field(16, ge=1)
-    lora_dropout: float = Field(0.1, ge=0, lt=1)
+    lora_r: int = Field(8, ge=1, description="method: lora: rank of the low-rank update matrices.")
+    lora_alpha: int = Field(16, ge=1, description="method: lora: scaling of the update (alpha / r).")
+    lora_dropout: float = Field(0.1, ge=0, lt=1, description="method: lora: dropout on the LoRA input.")
     lora_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1,
                                     description="Linear layers (by name) that get LoRA adapters.")
     prompt_tokens: int = Field(20, ge=1, description="prompt-tuning: virtual tokens in the soft prompt.")
