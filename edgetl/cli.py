@@ -1,4 +1,5 @@
-"""edgetl command line: run / validate recipes, print the support matrix, benchmark artifacts, predict with a bundle."""
+"""edgetl command line: run / validate recipes, print the support matrix, benchmark artifacts, predict with a bundle,
+sign one."""
 
 from __future__ import annotations
 
@@ -130,7 +131,7 @@ def _cmd_predict(args) -> int:
         raise UsageError("predict: give texts on the command line or --input FILE.jsonl, not both or neither")
     if args.output and not args.input:
         raise UsageError("predict: --output goes with --input")
-    runtime = load(args.bundle, backend=args.backend, threads=args.threads)
+    runtime = load(args.bundle, backend=args.backend, threads=args.threads, public_key=args.public_key)
     if args.input:
         return _predict_file(runtime, Path(args.input), Path(args.output) if args.output else None)
     items = _command_line_inputs(args.texts, runtime.text_pair)
@@ -154,9 +155,25 @@ def _cmd_serve(args) -> int:
     from edgetl.runtime import load
     from edgetl.runtime.server import serve
 
-    runtime = load(args.bundle, backend=args.backend, threads=args.threads)
+    runtime = load(args.bundle, backend=args.backend, threads=args.threads, public_key=args.public_key)
     limits = {k: v for k, v in (("max_body_bytes", args.max_body_bytes), ("max_texts", args.max_texts)) if v is not None}
     serve(runtime, args.host, args.port, max_batch=args.max_batch, **limits)
+    return 0
+
+
+def _cmd_keygen(args) -> int:
+    from edgetl.runtime.signing import generate_key_pair
+
+    private, public = generate_key_pair(args.out)
+    print(f"wrote {private} (private: keep it where bundles are signed, never in an app) and {public} (public: "
+          f"ship it with the app, pass it as --public-key or load(..., public_key=...))")
+    return 0
+
+
+def _cmd_sign(args) -> int:
+    from edgetl.runtime.bundle import sign_bundle
+
+    print(f"wrote {sign_bundle(args.bundle, args.key)}")
     return 0
 
 
@@ -257,6 +274,10 @@ def _predict_file(runtime, source: Path, target: Path | None, chunk: int = 256) 
     return 0
 
 
+PUBLIC_KEY_HELP = ("Ed25519 public key (PEM): refuse the bundle unless edgetl sign signed it with the matching "
+                   "private key")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgetl", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -314,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", help="JSONL file for the inputs and their predictions (default: stdout)")
     predict.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino"])
     predict.add_argument("--threads", type=int)
+    predict.add_argument("--public-key", help=PUBLIC_KEY_HELP)
     predict.set_defaults(func=_cmd_predict)
 
     serve = sub.add_parser("serve", help="serve a bundle over HTTP: POST /predict, GET /health, GET /metadata")
@@ -325,7 +347,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch", type=int, default=64, help="inputs per batch across concurrent requests")
     serve.add_argument("--max-body-bytes", type=int, help="larger requests get 413 (default: 1 MiB)")
     serve.add_argument("--max-texts", type=int, help="texts or sentences per request; more get 413 (default: 1024)")
+    serve.add_argument("--public-key", help=PUBLIC_KEY_HELP)
     serve.set_defaults(func=_cmd_serve)
+
+    keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles: OUT (private) and OUT.pub")
+    keygen.add_argument("out", help="private key file to write (PEM); the public key goes to OUT.pub")
+    keygen.set_defaults(func=_cmd_keygen)
+
+    sign = sub.add_parser("sign", help="sign a bundle's edgetl.json (which lists every file's sha256): writes "
+                                       "edgetl.json.sig beside it")
+    sign.add_argument("bundle")
+    sign.add_argument("--key", required=True, help="Ed25519 private key (PEM), e.g. from edgetl keygen")
+    sign.set_defaults(func=_cmd_sign)
     return parser
 
 

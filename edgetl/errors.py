@@ -49,6 +49,10 @@ class ArtifactError(EdgetlError, RuntimeError):
     """An artifact folder is missing, incomplete or fails its checksums."""
 
 
+class SignatureError(ArtifactError):
+    """A bundle loaded with a public key has no signature, or one that its manifest or that key does not match."""
+
+
 class StageError(EdgetlError, RuntimeError):
     """A stage failed for a reason the user can act on."""
 

@@ -1,31 +1,61 @@
-"""What every bundle runtime shares: the manifest and its checksums, the backend, tokenizer and engine, the batch size
-rule and the checks on what a caller passes in. ``TextClassifier``, ``TokenClassifier`` and ``TextRegressor`` add
-what their task's outputs mean."""
+"""What every bundle runtime shares: the manifest, its signature, paths and checksums, the backend, tokenizer and
+engine, the batch size rule and the checks on what a caller passes in. ``TextClassifier``, ``TokenClassifier`` and
+``TextRegressor`` add what their task's outputs mean."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 from abc import ABC, abstractmethod
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import ClassVar
 
-from edgetl.artifact import verify_files
-from edgetl.errors import ArtifactError, RecipeError
+from edgetl.artifact import verify_files, write_bytes_atomic
+from edgetl.errors import ArtifactError, RecipeError, UsageError
 from edgetl.runtime.engines import ENGINES, open_engine
+from edgetl.runtime.signing import PublicKey, sign_manifest, signature_path, verify_manifest
 from edgetl.runtime.text import batch_size_for, load_tokenizer, predict_outputs
 from edgetl.tasks import DEFAULT_TASK, TASKS, task_for
 
 SUPPORTED_FORMAT_VERSIONS = (1,)
 
 
-def read_manifest(folder: Path) -> dict:
-    """``edgetl.json`` of a bundle folder; ArtifactError if it is missing, unreadable or of an unknown version."""
+def read_manifest(folder: Path, public_key: PublicKey | None = None) -> dict:
+    """``edgetl.json`` of a bundle folder, its signature checked first if a ``public_key`` is given.
+
+    Raises:
+        ArtifactError: the manifest is missing, unreadable, of an unknown version, or names a path outside the folder.
+        SignatureError: (with a ``public_key``) the manifest is unsigned, or its signature does not match it or the key.
+    """
+    data = _manifest_bytes(folder)
+    if public_key is not None:
+        verify_manifest(folder / "edgetl.json", data, public_key)
+    return _parse_manifest(folder, data)
+
+
+def sign_bundle(folder: str | Path, private_key: str | Path) -> Path:
+    """Sign a bundle with an Ed25519 private key (PEM file): the signature of ``edgetl.json``'s bytes, written
+    atomically beside it (``edgetl.json.sig``). Refuses a bundle that fails the checks a runtime makes (format,
+    paths, every file against its sha256): the signature vouches for every file through those sha256."""
+    folder = Path(folder)
+    data = _manifest_bytes(folder)
+    verify_files(folder, _parse_manifest(folder, data)["files"], "edgetl.json")
+    target = signature_path(folder / "edgetl.json")
+    write_bytes_atomic(target, sign_manifest(data, private_key))
+    return target
+
+
+def _manifest_bytes(folder: Path) -> bytes:
     path = folder / "edgetl.json"
     if not path.is_file():
         raise ArtifactError(f"{folder}: not an edgetl bundle (no edgetl.json)")
+    return path.read_bytes()  # read once: what is parsed is what the signature was checked on
+
+
+def _parse_manifest(folder: Path, data: bytes) -> dict:
+    path = folder / "edgetl.json"
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path}: unreadable bundle manifest ({exc})") from None
     if not isinstance(manifest, dict):
@@ -33,7 +63,39 @@ def read_manifest(folder: Path) -> dict:
     if manifest.get("format") != "edgetl-bundle" or manifest.get("format_version") not in SUPPORTED_FORMAT_VERSIONS:
         raise ArtifactError(f"{path}: bundle format {manifest.get('format')!r} version {manifest.get('format_version')!r} "
                             f"is not supported (this edgetl reads versions {SUPPORTED_FORMAT_VERSIONS})")
+    _check_paths(folder, manifest)
     return manifest
+
+
+def _check_paths(folder: Path, manifest: dict) -> None:
+    """Refuse a manifest path that leaves the bundle folder: bundles arrive over the air, and a path must not make
+    the runtime hash or open a file elsewhere on the device."""
+    path, models, files = folder / "edgetl.json", manifest.get("models"), manifest.get("files")
+    if not isinstance(models, dict) or not all(isinstance(m, dict) for m in models.values()):
+        raise ArtifactError(f"{path}: 'models' must map each backend to {{\"path\": ...}}, got {models!r:.80}")
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{path}: 'files' must map each file to its bytes and sha256, got {files!r:.80}")
+    fields = {f"models.{backend}.path": model.get("path") for backend, model in models.items()}
+    for field, rel in [*fields.items(), *(("files entry", rel) for rel in files)]:
+        problem = path_problem(folder, rel)
+        if problem:
+            raise ArtifactError(f"{path}: {field} {rel!r} {problem}; a bundle's paths must stay inside its folder")
+
+
+def path_problem(folder: Path, rel) -> str | None:
+    """Why ``rel`` does not name a file inside ``folder`` ('..', absolute, a symlink out), or None."""
+    if not isinstance(rel, str) or not rel:
+        return "is not a relative path"
+    as_windows = PureWindowsPath(rel)  # splits on both separators and sees drives: the strictest reading
+    if as_windows.anchor:
+        return "is absolute"
+    if ".." in as_windows.parts:
+        return "climbs out of the folder with '..'"
+    root = folder.resolve()
+    target = (root / rel).resolve()
+    if not target.is_relative_to(root):
+        return f"leads out of the folder through a symlink (to {target})"
+    return None
 
 
 def runtime_name(manifest: dict, folder: Path) -> str:
@@ -74,6 +136,9 @@ class BundleRuntime(ABC):
         backend: 'auto' (OpenVINO if installed and in the bundle, else ONNX Runtime), 'onnxruntime' or 'openvino'.
         threads: intra-op threads (default: the runtime's choice, usually all cores).
         verify: check every file against its sha256 first.
+        public_key: an Ed25519 public key (PEM file path, or the PEM bytes): refuse the bundle unless ``edgetl.json``
+            carries its signature (``edgetl.json.sig``, ``edgetl sign``) and lists every file the runtime reads.
+            Needs ``verify``: the signature reaches the files through their sha256.
 
     Attributes:
         task: the manifest's task (text-classification for a bundle that names none).
@@ -86,9 +151,13 @@ class BundleRuntime(ABC):
     # accept word lists only then.
     takes_words: ClassVar[bool] = False
 
-    def __init__(self, folder: str | Path, backend: str = "auto", threads: int | None = None, verify: bool = True):
+    def __init__(self, folder: str | Path, backend: str = "auto", threads: int | None = None, verify: bool = True,
+                 public_key: PublicKey | None = None):
         self.folder = Path(folder)
-        self.manifest = read_manifest(self.folder)
+        if public_key is not None and not verify:
+            raise UsageError("public_key needs verify=True: the signature covers the bundle's files only through the "
+                             "sha256 that verify checks")
+        self.manifest = read_manifest(self.folder, public_key)
         self._check_task()
         if verify:
             verify_files(self.folder, self.manifest["files"], "edgetl.json")
@@ -96,9 +165,10 @@ class BundleRuntime(ABC):
         self.task = self.manifest.get("task", DEFAULT_TASK)
         self.labels = list(self.manifest["labels"])
         self.text_pair = bool(self.manifest.get("text_pair", False))
+        model = self.manifest["models"][self.backend]
+        self._check_read_files(model["path"], signed=public_key is not None)
         self.tokenizer = load_tokenizer(self.folder, self.manifest["max_length"], self.manifest.get("truncation", "right"),
                                         self.manifest.get("head_tokens", 0))
-        model = self.manifest["models"][self.backend]
         model_file = self.folder / model["path"]
         self._check_model_config(model_file.parent / "config.json")
         self.engine = open_engine(self.backend, model_file, threads)
@@ -108,17 +178,35 @@ class BundleRuntime(ABC):
         self.batch_size = batch_size_for(model.get("batch_invariant", True))
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None, verify: bool = True):
+    def load(cls, path: str | Path, backend: str = "auto", threads: int | None = None, verify: bool = True,
+             public_key: PublicKey | None = None):
         """The bundle at ``path`` loaded by this runtime; ArtifactError if its task is another runtime's."""
-        return cls(path, backend, threads, verify)
+        return cls(path, backend, threads, verify, public_key)
 
     def _check_task(self) -> None:
-        """Refuse a bundle of a task that another runtime serves (its outputs would be misread)."""
+        """Refuse a bundle of a task that another runtime serves (its outputs would be misread); a runtime adds its own
+        refusals of a manifest here, before any file is read."""
         name = runtime_name(self.manifest, self.folder)
         if name not in {klass.__name__ for klass in type(self).__mro__}:
             task = self.manifest.get("task", DEFAULT_TASK)
             raise ArtifactError(f"{self.folder}: a {task} bundle is served by {name}, not {type(self).__name__}: "
                                 f"load it with edgetl.runtime.load, which picks the runtime")
+
+    def _check_read_files(self, model_path: str, signed: bool) -> None:
+        """Refuse a file the runtime reads but the manifest does not name (the tokenizer, a model's config.json, an
+        OpenVINO model's weights) if it leads out of the folder, or, under a signature, if ``files`` does not list
+        it: the signature reaches a file only through its sha256 there."""
+        model = PurePosixPath(model_path)
+        read = ["tokenizer.json", model.as_posix(), (model.parent / "config.json").as_posix()]
+        if model.suffix == ".xml":
+            read.append(model.with_suffix(".bin").as_posix())
+        for rel in read:
+            problem = path_problem(self.folder, rel)
+            if problem:
+                raise ArtifactError(f"{self.folder}: {rel} {problem}; a bundle's files must stay inside its folder")
+            if signed and rel not in self.manifest["files"] and (self.folder / rel).exists():
+                raise ArtifactError(f"{self.folder}: {rel} is not listed in the signed edgetl.json's files, so its "
+                                    f"signature does not cover it; rebuild the bundle (it lists every file) and sign it")
 
     def _check_model_config(self, config_file: Path) -> None:
         """Refuse a tokenizer whose ids overrun the model's embedding, or outputs the runtime cannot name."""

@@ -27,6 +27,7 @@ class TextClassifier(BundleRuntime):
         backend: 'auto' (OpenVINO if installed and in the bundle, else ONNX Runtime), 'onnxruntime' or 'openvino'.
         threads: intra-op threads (default: the runtime's choice, usually all cores).
         verify: check every file against its sha256 first.
+        public_key: refuse the bundle unless its manifest carries this Ed25519 key's signature (see BundleRuntime).
     """
 
     def logits(self, texts: list, batch_size: int | None = None) -> np.ndarray:

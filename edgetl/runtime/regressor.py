@@ -16,6 +16,7 @@ class TextRegressor(BundleRuntime):
         backend: 'auto' (OpenVINO if installed and in the bundle, else ONNX Runtime), 'onnxruntime' or 'openvino'.
         threads: intra-op threads (default: the runtime's choice, usually all cores).
         verify: check every file against its sha256 first.
+        public_key: refuse the bundle unless its manifest carries this Ed25519 key's signature (see BundleRuntime).
     """
 
     def _check_outputs(self, outputs: int, config_name: str) -> None:

@@ -24,12 +24,13 @@ class TokenClassifier(BundleRuntime):
         backend: 'auto' (OpenVINO if installed and in the bundle, else ONNX Runtime), 'onnxruntime' or 'openvino'.
         threads: intra-op threads (default: the runtime's choice, usually all cores).
         verify: check every file against its sha256 first.
+        public_key: refuse the bundle unless its manifest carries this Ed25519 key's signature (see BundleRuntime).
     """
 
     takes_words = True
 
-    def __init__(self, folder, backend: str = "auto", threads: int | None = None, verify: bool = True):
-        super().__init__(folder, backend, threads, verify)
+    def _check_task(self) -> None:
+        super()._check_task()
         # head+tail drops tokens from the middle, and with them the offsets and word ids entities are built from.
         if self.manifest.get("truncation", "right") == "head+tail":
             raise ArtifactError(f"{self.folder}: truncation 'head+tail' cannot tag words (it cuts tokens out of the "
