@@ -1,5 +1,5 @@
-"""edgetl command line: run / validate recipes, print the support matrix, benchmark artifacts, predict with a bundle,
-sign one."""
+"""edgetl command line: run / validate recipes, report on a run, print the support matrix, benchmark artifacts,
+predict with a bundle, sign one."""
 
 from __future__ import annotations
 
@@ -16,12 +16,26 @@ log = logging.getLogger("edgetl")
 
 
 def _cmd_run(args) -> int:
+    import time
+
     from edgetl.pipeline import run_recipe
     from edgetl.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    started = time.time()
     artifacts = run_recipe(recipe, Path(args.run_dir) if args.run_dir else None, from_stage=args.from_stage)
     log.info("recipe %s finished: %s", recipe.name, artifacts[-1].path)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one table, not one per process
+        from edgetl.report import run_summary
+
+        print(run_summary(artifacts, since=started), flush=True)
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from edgetl.report import write_report
+
+    print(f"wrote {write_report(Path(args.run_dir), args.out)}")
     return 0
 
 
@@ -289,6 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--from", dest="from_stage", help="rerun from this stage on, even if finished")
     run.add_argument("--run-dir", help="artifact folder (default: runs/<recipe name>)")
     run.set_defaults(func=_cmd_run)
+
+    report = sub.add_parser("report", help="one self-contained HTML page on a finished run: stages, wall times, "
+                                           "benchmark table and plot, machine")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run folder written by `edgetl run`")
+    report.add_argument("--out", metavar="PAGE.html", help="where to write the page (default: RUN_DIR/report.html)")
+    report.set_defaults(func=_cmd_report)
 
     validate = sub.add_parser("validate", help="check a recipe and its stage chain without running it")
     validate.add_argument("recipe")

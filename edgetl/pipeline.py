@@ -8,12 +8,15 @@ matches a finished artifact is skipped: rerunning the same command resumes after
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import json
 import logging
 import os
 import shutil
+import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +32,7 @@ log = logging.getLogger("edgetl")
 
 # Stage name -> module; imported only when the stage runs, so validation stays light.
 STAGES = {name: f"edgetl.stages.{name}" for name in STAGE_NAMES}
+HEARTBEAT_S = 60  # how often a log with no terminal behind it (CI) hears that a stage is still running
 
 
 @dataclass
@@ -247,7 +251,8 @@ def _run_stage(stage_cfg, name: str, fp: str, recipe: Recipe, inputs, run_dir: P
     module = importlib.import_module(STAGES[stage_cfg.stage])
     log.info("%s: started", name)
     started = time.time()
-    output = module.run(stage_cfg, ctx, tmp)
+    with _elapsed_line(name, started) if rank == 0 else contextlib.nullcontext():
+        output = module.run(stage_cfg, ctx, tmp)
     if rank != 0:
         shutil.rmtree(tmp, ignore_errors=True)
         return
@@ -259,3 +264,36 @@ def _run_stage(stage_cfg, name: str, fp: str, recipe: Recipe, inputs, run_dir: P
     size_mb = sum(f["bytes"] for f in manifest["files"].values()) / 1e6
     headline = ", ".join(f"{k}={v}" for k, v in output.metrics.items() if isinstance(v, (int, float)))
     log.info("%s: done in %.1f s, %.1f MB%s", name, manifest["timings"]["seconds"], size_mb, f", {headline}" if headline else "")
+
+
+@contextlib.contextmanager
+def _elapsed_line(name: str, started: float):
+    """While a stage runs: on a terminal, a live ``NN-stage: running 01:23`` line above the stage's own progress
+    bars (a training stage's bar carries its estimate of the time left); with no terminal, a log line a minute."""
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    terminal = sys.stderr.isatty()
+    line = tqdm(desc=name, bar_format="{desc}: running {elapsed}", leave=False, disable=not terminal)
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(1 if terminal else HEARTBEAT_S):
+            if terminal:
+                line.refresh()
+            else:
+                log.info("%s: still running, %s elapsed", name, tqdm.format_interval(time.time() - started))
+
+    thread = threading.Thread(target=tick, name=f"{name} elapsed", daemon=True)
+    thread.start()
+    try:
+        # On a terminal, log lines are written above the bars rather than through them.
+        with logging_redirect_tqdm(loggers=[logging.getLogger()]) if terminal else contextlib.nullcontext():
+            yield
+    finally:
+        stop.set()
+        thread.join()
+        line.close()
+        if terminal:  # a finished nested bar (HF Trainer's) moves up over this line and leaves its old copy below
+            with tqdm.get_lock():
+                sys.stderr.write("\x1b[2K\r")

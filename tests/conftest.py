@@ -8,7 +8,9 @@ rerun that both the pipeline tests and the stage tests read.
 from __future__ import annotations
 
 import collections
+import itertools
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -119,6 +121,30 @@ def edgetl_cli(*args: str, cwd: Path, timeout: float = 300, env: dict | None = N
     """``python -m edgetl ...`` in a subprocess, from ``cwd`` (never the checkout: nothing may land there)."""
     return subprocess.run([sys.executable, "-m", "edgetl", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+PLAIN_NUMBER = re.compile(r"^\d+(\.\d+)?$")
+
+
+def visible_tick_labels(axis) -> list[str]:
+    """The tick labels a reader sees on a drawn axis: inside the view and not empty."""
+    low, high = sorted(axis.get_view_interval())
+    return [t.get_text() for t, v in zip(axis.get_ticklabels(), axis.get_ticklocs(), strict=True)
+            if low <= v <= high and t.get_text()]
+
+
+def assert_readable(ax) -> None:
+    """Plain-number ticks on the log axis, and point labels inside the axes that overlap no other label."""
+    ax.figure.canvas.draw()
+    renderer = ax.figure.canvas.get_renderer()
+    ticks = visible_tick_labels(ax.xaxis)
+    assert len(ticks) >= 2 and all(PLAIN_NUMBER.match(t) for t in ticks), ticks
+    frame = ax.get_window_extent(renderer)
+    boxes = {t.get_text(): t.get_window_extent(renderer) for t in ax.texts}
+    for (a, box_a), (b, box_b) in itertools.combinations(boxes.items(), 2):
+        assert not box_a.overlaps(box_b), f"labels {a!r} and {b!r} overlap"
+    for label, box in boxes.items():
+        assert frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1), f"{label!r} leaves the axes"
 
 
 def _read_tsv(path: Path) -> tuple[str, list[str]]:

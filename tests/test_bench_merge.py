@@ -13,7 +13,8 @@ import re
 
 import pytest
 
-from edgetl.bench.merge import load_results, merge, pareto_front
+from conftest import assert_readable
+from edgetl.bench.merge import load_results, merge, pareto_figure, pareto_front
 from edgetl.errors import UsageError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -117,6 +118,21 @@ def test_plots_are_png_files(merged):
     for name in ("pareto", "throughput"):
         data = written[name].read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+
+
+def test_pareto_panels_have_plain_ms_ticks_and_labels_apart(result_files):
+    from edgetl.bench.report import pyplot
+
+    _, results = result_files
+    fig = pareto_figure(results)
+    try:
+        panels = [ax for ax in fig.axes if ax.get_visible() and ax.get_title()]
+        assert len(panels) == 2
+        for ax in panels:
+            assert len(ax.texts) == 4  # the batch-1 own-length rows with an accuracy
+            assert_readable(ax)
+    finally:
+        pyplot().close(fig)
 
 
 def test_pareto_front_keeps_exactly_the_non_dominated_points():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -169,6 +170,35 @@ def test_a_failed_stage_raises_its_error_in_the_library(shrink, tmp_path, quiet_
 
     with pytest.raises(DataError, match=r"data\.path: file not found"):
         run([*shrink(), f"data.path={tmp_path / 'no-data'}"], tmp_path / "run")
+
+
+def test_a_running_stage_shows_a_live_elapsed_line_on_a_terminal(monkeypatch):
+    import io
+
+    from edgetl import pipeline
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    with pipeline._elapsed_line("01-finetune", time.time()):
+        time.sleep(1.3)
+    shown = terminal.getvalue()
+    assert "01-finetune: running 00:00" in shown and "01-finetune: running 00:01" in shown
+    assert shown.endswith("\x1b[2K\r")  # the line is gone once the stage is done
+
+
+def test_a_running_stage_logs_a_line_a_minute_without_a_terminal(monkeypatch, caplog):
+    from edgetl import pipeline
+
+    monkeypatch.setattr(pipeline, "HEARTBEAT_S", 0.1)
+    with caplog.at_level(logging.INFO, logger="edgetl"), pipeline._elapsed_line("01-finetune", time.time() - 65):
+        time.sleep(0.35)
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) >= 2 and all(re.fullmatch(r"01-finetune: still running, 01:0\d elapsed", m) for m in lines)
+    assert "\r" not in caplog.text  # no terminal control characters in a CI log
 
 
 # --- manifests --------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from edgetl.backends import BACKEND_LABELS
 from edgetl.bench.machine import describe
-from edgetl.bench.report import _fmt
+from edgetl.bench.report import _fmt, label_points, plain_log_ticks, pyplot
 from edgetl.bench.sweep import RESULT_FORMAT, RESULT_VERSION
 from edgetl.errors import UsageError
 
@@ -190,23 +190,6 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return sorted(p for p in points if not any(dominates(q, p) for q in points))
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _decimal_log_ticks(axis) -> None:
-    """Log-scale ticks as 0.5, 2, 30 rather than 5x10^-1: latencies rarely span more than two decades."""
-    from matplotlib.ticker import LogFormatter
-
-    axis.set_major_formatter(LogFormatter())
-    axis.set_minor_formatter(LogFormatter(minor_thresholds=(2, 0.5)))
-
-
 def _plain(text: str) -> str:
     """Text matplotlib shows as written: a pair of $ in a label would otherwise start TeX math."""
     return text.replace("$", r"\$")
@@ -226,14 +209,21 @@ def _point_label(row: dict, many_threads: bool) -> str:
 
 
 def plot_pareto(results: list[dict], path: Path) -> None:
+    fig = pareto_figure(results)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def pareto_figure(results: list[dict]):
     """Accuracy vs batch-1 own-length p50, one panel per machine, each with its Pareto front as a step line."""
-    plt = _pyplot()
+    plt = pyplot()
     columns = min(len(results), 3) or 1
     panel_rows = -(-len(results) // columns) or 1
     fig, axes = plt.subplots(panel_rows, columns, figsize=(max(5.5 * columns, 7), 4.2 * panel_rows), sharey=True,
                              squeeze=False)
     for ax in axes.flat[len(results):]:
         ax.set_visible(False)
+    labelled = []
     for ax, result in zip(axes.flat, results, strict=False):
         rows = [r for r in result["rows"] if _is_headline(r) and r.get("accuracy") is not None
                 and (r.get("p50_ms") or 0) > 0]
@@ -243,15 +233,16 @@ def plot_pareto(results: list[dict], path: Path) -> None:
             colour = BACKEND_COLOURS.get(r["backend"], "tab:gray")
             ax.scatter(r["p50_ms"], r["accuracy"] * 100, marker="D" if peer else "o", s=45, zorder=3,
                        facecolors="none" if peer else colour, edgecolors=colour)
-            ax.annotate(_point_label(r, many_threads), (r["p50_ms"], r["accuracy"] * 100),
-                        textcoords="offset points", xytext=(5, 3), fontsize=7)
         front = pareto_front([(r["p50_ms"], r["accuracy"] * 100) for r in rows])
         if front:
             ax.step(*zip(*front, strict=True), where="post", color="tab:green", alpha=0.7, label="Pareto front")
             ax.legend(fontsize=7, loc="best")
         ax.set_xscale("log")
-        _decimal_log_ticks(ax.xaxis)
         ax.margins(x=0.25, y=0.08)  # room for the labels of the slowest and most accurate points
+        if rows:
+            plain_log_ticks(ax.xaxis)
+        labelled.append((ax, [(r["p50_ms"], r["accuracy"] * 100) for r in rows],
+                         [_point_label(r, many_threads) for r in rows]))
         ax.set_title(_plain(result["label"]), fontsize=10)
         ax.set_xlabel("batch-1 p50 at own length (ms, log scale)")
         ax.grid(True, alpha=0.3)
@@ -259,13 +250,14 @@ def plot_pareto(results: list[dict], path: Path) -> None:
         ax.set_ylabel("accuracy (%)")
     fig.suptitle("Accuracy vs latency (hollow diamonds: peer models; colour: backend)", fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    for ax, points, labels in labelled:
+        label_points(ax, points, labels, fontsize=7, marker_size=45)
+    return fig
 
 
 def plot_throughput(results: list[dict], path: Path) -> None:
     """Items/s vs batch size at own length: one line per machine x model x backend x device x precision x threads."""
-    plt = _pyplot()
+    plt = pyplot()
     lines: dict[tuple, list[tuple[int, float]]] = {}
     for result in results:
         for r in result["rows"]:
@@ -283,7 +275,8 @@ def plot_throughput(results: list[dict], path: Path) -> None:
     ax.set_xticks(sorted({batch for points in lines.values() for batch, _ in points}))
     ax.xaxis.set_major_formatter("{x:g}")
     ax.set_yscale("log")
-    _decimal_log_ticks(ax.yaxis)
+    if lines:
+        plain_log_ticks(ax.yaxis)
     ax.set_xlabel("batch size (log scale)")
     ax.set_ylabel("items/s at own length (log scale)")
     ax.set_title("Throughput vs batch size", fontsize=11)
