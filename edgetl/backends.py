@@ -28,12 +28,16 @@ class TorchEngine:
                  task: Task = TASKS[DEFAULT_TASK]):
         import torch
 
+        from edgetl.architectures import adapter_for
         from edgetl.modeling import load_classifier
 
         self._torch, self.threads, self.device = torch, threads, device
         TorchEngine._default_threads = TorchEngine._default_threads or torch.get_num_threads()
         self.activate()
         self.model = load_classifier(folder, task)
+        # The runtime's feeds always hold token_type_ids; DistilBERT, RoBERTa-family and MPNet models take none.
+        self.inputs = {"input_ids", "attention_mask"} | (
+            {"token_type_ids"} if adapter_for(self.model.config.model_type).takes_token_type_ids else set())
         if device == "cuda":
             self.model = self.model.half().cuda()
 
@@ -43,7 +47,7 @@ class TorchEngine:
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         with self._torch.inference_mode():
-            inputs = {k: self._torch.from_numpy(v).to(self.device) for k, v in feeds.items()}
+            inputs = {k: self._torch.from_numpy(v).to(self.device) for k, v in feeds.items() if k in self.inputs}
             return self.model(**inputs).logits.float().cpu().numpy()  # .cpu() waits for the GPU
 
 
