@@ -26,7 +26,7 @@ from edgetl.bench.machine import describe, machine_info
 from edgetl.recipe import DataConfig
 from edgetl.runtime.engines import open_engine
 from edgetl.runtime.text import encode, load_tokenizer
-from edgetl.stages._quantize_ort import quantize_onnx
+from edgetl.quantization import quantize_onnx
 from edgetl.stages.quantize import calibration_pool
 
 # name -> (method, quantize_onnx options)

@@ -155,6 +155,7 @@ def test_duplicate_labels_are_refused_naming_the_file(result_files, tmp_path):
     ("{not json", "not JSON"),
     ({"format": "edgetl-bench", "format_version": 1}, "format 'edgetl-bench-sweep' version 1"),
     ({"format": "edgetl-bench-sweep", "format_version": 2}, "found 'edgetl-bench-sweep' version 2"),
+    ({"format": None, "format_version": None}, "benchmark stage result written before result formats"),
 ])
 def test_unmergeable_files_are_refused_naming_the_file(result_files, tmp_path, content, problem):
     paths, results = result_files

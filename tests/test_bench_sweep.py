@@ -25,7 +25,7 @@ def sweep(tiny_run, tmp_path_factory):
 
 def test_every_target_threads_and_shape_has_a_row(sweep):
     _, result = sweep
-    assert (result["format"], result["format_version"], result["label"]) == ("edgetl-bench-sweep", 1, "tiny <b>")
+    assert (result["format"], result["format_version"], result["label"]) == ("edgetl-bench", 2, "tiny <b>")
     targets = {r["target"] for r in result["rows"]}
     assert {"pytorch-fp32 (01-finetune)", "onnx-int8 (03-quantize)", "openvino-int8 (03-quantize)",
             "onnx-int8 (Optimum default)", "openvino-int8 (OpenVINO default)"} <= targets
@@ -81,7 +81,7 @@ def test_bad_sweep_options_are_named(tiny_run, tmp_path, option, value, message)
 
 
 def test_fixed_lengths_pad_every_call_and_own_lengths_do_not(tiny_run, dev_texts):
-    from edgetl.bench.sweep import Shape, shape_feeds
+    from edgetl.bench.measure import Shape, shape_feeds
 
     folder = tiny_run / "02-export" / "onnx"
     fixed = shape_feeds(folder, dev_texts, Shape(4, 24), max_length=64, max_calls=5)
@@ -126,7 +126,7 @@ class _SleepyTarget:
     def artifact(self):
         return type("A", (), {"name": self.key})()
 
-    def open(self, threads):
+    def open(self, threads, task=None):
         self.opened.append(threads)
         delay = self.ms[len(self.opened) - 1] / 1e3
 
@@ -137,13 +137,13 @@ class _SleepyTarget:
 
 
 def test_a_cell_whose_rounds_disagree_is_flagged_noisy(monkeypatch):
-    from edgetl.bench import sweep
+    from edgetl.bench import measure
 
     feeds = [{"input_ids": np.zeros((1, 8), dtype=np.int64)}] * 4
-    monkeypatch.setattr(sweep, "shape_feeds", lambda *args, **kwargs: feeds)
-    monkeypatch.setattr(sweep, "SETTLE_SECONDS", 0)
+    monkeypatch.setattr(measure, "shape_feeds", lambda *args, **kwargs: feeds)
+    monkeypatch.setattr(measure, "SETTLE_SECONDS", 0)
     steady, jumpy = _SleepyTarget("steady", (2, 2, 2)), _SleepyTarget("jumpy", (2, 4, 2))
-    rows = sweep.run_sweep([steady, jumpy], ["x"], [sweep.Shape(1, None)], [None], max_length=8, rounds=3,
+    rows = measure.measure([steady, jumpy], ["x"], [measure.Shape(1, None)], [None], max_length=8, rounds=3,
                            warmup=2, max_calls=4, noise_threshold=0.10, isolate=False)
     by_target = {r["target"]: r for r in rows}
     assert not by_target["steady"]["noisy"] and by_target["jumpy"]["noisy"]
@@ -161,6 +161,26 @@ def test_gpu_variants_name_their_device_where_one_is_present(tiny_artifacts, mon
     assert sorted(t.key for t in variants) == ["onnx-int8 [cuda] (03-quantize)", "onnx-int8 [tensorrt] (03-quantize)",
                                                "pytorch-fp16 [cuda] (01-finetune)"]
     assert notes == ["openvino on gpu: skipped (no GPU device)"]
+
+
+def test_the_benchmark_stage_writes_the_same_format_and_merges_with_a_sweep(sweep, tiny_run, tmp_path):
+    import html
+
+    from edgetl.bench.merge import load_results, merge
+
+    out, swept = sweep
+    stage_file = tiny_run / "05-benchmark" / "results.json"
+    stage = json.loads(stage_file.read_text())
+    assert (stage["format"], stage["format_version"]) == (swept["format"], swept["format_version"])
+    for row in stage["rows"]:  # the engine's batch-1 own-length cell, with the stage's columns beside it
+        assert (row["batch"], row["seq"]) == (1, "own") and isinstance(row["noisy"], bool)
+        assert set(swept["rows"][0]) - {"peer"} <= set(row)
+    written = merge(load_results([stage_file, out / "results.json"]), tmp_path / "merged")
+    table = written["markdown"].read_text()
+    label = html.escape(stage["label"], quote=False).replace("|", "\\|")
+    assert f"| {label} | 01-finetune |" in table and "| tiny &lt;b&gt; | 01-finetune |" in table
+    machines = [line for line in written["csv"].read_text().splitlines()[1:] if line]
+    assert len(machines) == len(stage["rows"]) + len(swept["rows"])
 
 
 def test_the_report_page_renders_in_headless_chromium(sweep, tmp_path):
@@ -188,7 +208,7 @@ def test_the_report_page_renders_in_headless_chromium(sweep, tmp_path):
 
 def test_neural_compressor_pt2e_int8_quantizes_and_stays_close_to_fp32(tiny_artifacts, dev_texts):
     from edgetl.backends import Target
-    from edgetl.bench.sweep import pt2e_variants
+    from edgetl.bench.pt2e import pt2e_variants
     from edgetl.runtime.text import encode, load_tokenizer
 
     fp32 = Target(tiny_artifacts["finetune"], "pytorch")

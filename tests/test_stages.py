@@ -423,7 +423,7 @@ def test_smoothing_keeps_the_fp32_function_and_evens_out_the_activation_channels
 
     from edgetl.runtime.engines import open_engine
     from edgetl.runtime.text import encode, load_tokenizer
-    from edgetl.stages._quantize_ort import _weight_matmuls, quantize_onnx, smooth
+    from edgetl.quantization import _weight_matmuls, quantize_onnx, smooth
 
     export = tiny_artifacts["export"]
     raw = export.path / "raw" / "model.onnx"

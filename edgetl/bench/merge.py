@@ -1,6 +1,7 @@
 """Merge `edgetl bench` result files from several machines: one CSV, one table, two plots, one HTML page.
 
-Each input is the ``results.json`` of one sweep, named in every output by its machine ``label``. The
+Each input is the ``results.json`` of one `edgetl bench` sweep or one recipe's benchmark stage (the same
+result format; the stage's rows are batch 1 at own length), named in every output by its ``label``. The
 table is for choosing hardware: per machine, the batch-1 own-length rows (what an interactive app
 sees) come first, fastest first, then the other shapes.
 """
@@ -16,8 +17,8 @@ from pathlib import Path
 
 from edgetl.backends import BACKEND_LABELS
 from edgetl.bench.machine import describe
-from edgetl.bench.report import _fmt, label_points, plain_log_ticks, pyplot
-from edgetl.bench.sweep import RESULT_FORMAT, RESULT_VERSION
+from edgetl.bench.measure import RESULT_FORMAT, RESULT_FORMAT_V1, RESULT_VERSION
+from edgetl.bench.report import _fmt, label_points, metric_of, plain_log_ticks, pyplot
 from edgetl.errors import UsageError
 
 MACHINE_COLUMNS = ("machine", "cpu", "cores", "isa")
@@ -31,16 +32,16 @@ BACKEND_COLOURS = {"pytorch": "tab:orange", "onnx": "tab:blue", "openvino": "tab
 
 
 def load_results(paths: Iterable[str | Path]) -> list[dict]:
-    """Read sweep result files, refusing any that cannot be merged.
+    """Read result files, refusing any that cannot be merged.
 
     Args:
-        paths: ``results.json`` files written by ``edgetl bench``.
+        paths: ``results.json`` files written by ``edgetl bench`` or a recipe's ``benchmark`` stage.
 
     Returns:
         The parsed results, in the order given.
 
     Raises:
-        UsageError: a file is missing, not JSON, not a sweep result of a known version, or carries the
+        UsageError: a file is missing, not JSON, not a result of a known format and version, or carries the
             machine label of an earlier file.
     """
     results, seen = [], {}
@@ -57,18 +58,21 @@ def load_results(paths: Iterable[str | Path]) -> list[dict]:
 
 def _read_result(path: Path) -> dict:
     if not path.is_file():
-        raise UsageError(f"{path}: no such result file; pass the results.json of an `edgetl bench` run")
+        raise UsageError(f"{path}: no such result file; pass the results.json of an `edgetl bench` run or a benchmark stage")
     try:
         result = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path} is not JSON ({exc}); pass the results.json of an `edgetl bench` run") from None
+        raise UsageError(f"{path} is not JSON ({exc}); pass the results.json of an `edgetl bench` run or a benchmark stage") from None
     found = (result.get("format"), result.get("format_version")) if isinstance(result, dict) else (None, None)
-    if found != (RESULT_FORMAT, RESULT_VERSION):
-        raise UsageError(f"{path} is not an `edgetl bench` result of format {RESULT_FORMAT!r} version "
-                         f"{RESULT_VERSION} (found {found[0]!r} version {found[1]!r})")
+    if found not in ((RESULT_FORMAT, RESULT_VERSION), RESULT_FORMAT_V1):
+        hint = ("; a benchmark stage result written before result formats (timed in one process, no noise flags): "
+                "rerun the stage" if found == (None, None) and isinstance(result, dict) and "rows" in result else "")
+        raise UsageError(f"{path} is not a benchmark result of format {RESULT_FORMAT!r} version {RESULT_VERSION} "
+                         f"(or format {RESULT_FORMAT_V1[0]!r} version {RESULT_FORMAT_V1[1]}, from older `edgetl bench` "
+                         f"runs); found {found[0]!r} version {found[1]!r}{hint}")
     missing = [key for key in ("label", "machine", "rows") if key not in result]
     if missing:
-        raise UsageError(f"{path} lacks {', '.join(missing)}; rerun `edgetl bench` to write it again")
+        raise UsageError(f"{path} lacks {', '.join(missing)}; rerun `edgetl bench` or the benchmark stage to write it again")
     return result
 
 
@@ -76,7 +80,7 @@ def merge(results: list[dict], out_dir: str | Path) -> dict[str, Path]:
     """Write merged.csv, merged.md, pareto.png, throughput_vs_batch.png and merged.html into ``out_dir``.
 
     Args:
-        results: sweep results with distinct labels, as ``load_results`` returns them.
+        results: results with distinct labels, as ``load_results`` returns them.
         out_dir: folder to write into (created if missing).
 
     Returns:
@@ -116,6 +120,12 @@ def _model(row: dict) -> str:
     return row.get("peer") or row.get("artifact") or row["target"]
 
 
+def _score(result: dict, row: dict) -> float | None:
+    """The row's task metric on a 0-100 scale (accuracy in a sweep, the task's metric in a stage result)."""
+    name, scale = metric_of(result)
+    return None if row.get(name) is None else row[name] * scale
+
+
 def _is_headline(row: dict) -> bool:
     return row["batch"] == 1 and row["seq"] == "own"
 
@@ -139,7 +149,7 @@ def table_rows(results: list[dict]) -> list[tuple[list[str], bool]]:
         for r in _ordered(result["rows"]):
             cells = [result["label"], _model(r), BACKEND_LABELS.get(r["backend"], r["backend"]), r["device"],
                      r["precision"].upper(), str(r["threads"] or "default"), str(r["batch"]), str(r["seq"]),
-                     _fmt(r.get("accuracy"), "{:.2f}", 100), _fmt(r.get("p50_ms"), "{:.2f}"),
+                     _fmt(_score(result, r), "{:.2f}"), _fmt(r.get("p50_ms"), "{:.2f}"),
                      _fmt(r.get("p90_ms"), "{:.2f}"), _fmt(r.get("p99_ms"), "{:.2f}"),
                      _fmt(r.get("iqr_ms"), "{:.2f}"), _fmt(r.get("items_per_s"), "{:.1f}"),
                      _fmt(r.get("achieved_gflops_per_s"), "{:.1f}"), _fmt(r.get("peak_fraction"), "{:.1f}", 100),
@@ -225,15 +235,15 @@ def pareto_figure(results: list[dict]):
         ax.set_visible(False)
     labelled = []
     for ax, result in zip(axes.flat, results, strict=False):
-        rows = [r for r in result["rows"] if _is_headline(r) and r.get("accuracy") is not None
+        rows = [r for r in result["rows"] if _is_headline(r) and _score(result, r) is not None
                 and (r.get("p50_ms") or 0) > 0]
         many_threads = len({r["threads"] for r in rows}) > 1
         for r in rows:
             peer = r.get("peer") is not None
             colour = BACKEND_COLOURS.get(r["backend"], "tab:gray")
-            ax.scatter(r["p50_ms"], r["accuracy"] * 100, marker="D" if peer else "o", s=45, zorder=3,
+            ax.scatter(r["p50_ms"], _score(result, r), marker="D" if peer else "o", s=45, zorder=3,
                        facecolors="none" if peer else colour, edgecolors=colour)
-        front = pareto_front([(r["p50_ms"], r["accuracy"] * 100) for r in rows])
+        front = pareto_front([(r["p50_ms"], _score(result, r)) for r in rows])
         if front:
             ax.step(*zip(*front, strict=True), where="post", color="tab:green", alpha=0.7, label="Pareto front")
             ax.legend(fontsize=7, loc="best")
@@ -241,7 +251,7 @@ def pareto_figure(results: list[dict]):
         ax.margins(x=0.25, y=0.08)  # room for the labels of the slowest and most accurate points
         if rows:
             plain_log_ticks(ax.xaxis)
-        labelled.append((ax, [(r["p50_ms"], r["accuracy"] * 100) for r in rows],
+        labelled.append((ax, [(r["p50_ms"], _score(result, r)) for r in rows],
                          [_point_label(r, many_threads) for r in rows]))
         ax.set_title(_plain(result["label"]), fontsize=10)
         ax.set_xlabel("batch-1 p50 at own length (ms, log scale)")

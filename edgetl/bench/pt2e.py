@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from edgetl.backends import Target, TorchEngine
+from edgetl.runtime.text import encode, load_tokenizer
+from edgetl.tasks import DEFAULT_TASK, TASKS, Task
 
 INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -76,5 +78,18 @@ class PT2ETarget(Target):
     def label(self) -> str:
         return f"{self.artifact.name} (INC PT2E)"
 
-    def open(self, threads: int | None = None):
+    def open(self, threads: int | None = None, task: Task = TASKS[DEFAULT_TASK]):
+        if task.name != DEFAULT_TASK:
+            raise NotImplementedError(f"PT2E INT8 is timed for {DEFAULT_TASK} models only, not {task.name}")
         return PT2EEngine(self.folder, threads, list(self.calibration))
+
+
+def pt2e_variants(targets: list[Target], train_texts: list[str], max_length: int) -> list[Target]:
+    """Neural Compressor PT2E INT8 of each PyTorch CPU target, calibrated on 96 training sentences."""
+    variants = []
+    for target in targets:
+        if target.backend == "pytorch" and target.device == "cpu":
+            tokenizer = load_tokenizer(target.folder, max_length)
+            calibration = tuple(encode(tokenizer, train_texts[i:i + 8]) for i in range(0, 96, 8))
+            variants.append(PT2ETarget(target.artifact, "pytorch", calibration=calibration))
+    return variants

@@ -51,15 +51,15 @@ def _heading(name: str, scale: float) -> str:
 def markdown_table(rows: list[dict], metric: tuple[str, float] = ("accuracy", 100)) -> str:
     name, scale = metric
     lines = [
-        f"| model | backend | precision | {_heading(name, scale)} | p50 ms | p90 ms | p99 ms | batch-32 /s | size MB | peak RSS MB | speed-up |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"| model | backend | precision | {_heading(name, scale)} | p50 ms | p90 ms | p99 ms | batch-32 /s | size MB | peak RSS MB | speed-up | flag |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['artifact']} | {BACKEND_LABELS.get(r['backend'], r['backend'])} | {r['precision'].upper()} | "
             f"{_fmt(r.get(name), '{:.2f}', scale)} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
             f"{r['throughput_per_s']:.0f} | {r['model_mb']:.1f} | {_fmt(r.get('peak_rss_mb'), '{:.0f}')} | "
-            f"{_fmt(r.get('speedup_vs_pytorch_fp32'), '{:.2f}x')} |"
+            f"{_fmt(r.get('speedup_vs_pytorch_fp32'), '{:.2f}x')} | {'noisy' if r.get('noisy') else ''} |"
         )
     return "\n".join(lines)
 
@@ -71,8 +71,9 @@ def markdown(result: dict) -> str:
         "",
         f"Machine: {describe(result['machine'])}",
         f"Sentences: {settings['sentences']} evaluation texts at their own length, batch 1 "
-        f"({settings['warmup']} warm-up calls, {settings['rounds']} rounds, block order alternating); "
-        f"throughput at batch {settings['throughput_batch_size']}; threads: {settings['threads'] or 'default'}.",
+        f"({settings['warmup']} warm-up calls, {settings['rounds']} rounds, each in a fresh process, target order "
+        f"alternating); throughput at batch {settings['throughput_batch_size']}; threads: {settings['threads'] or 'default'}. "
+        f"noisy: the per-round p50s spread by more than {settings['noise_threshold']:.0%} of their median.",
         f"{metric_of(result)[0]} on the full evaluation split; speed-up = PyTorch FP32 eager p50 / this p50, same run.",
         "",
         markdown_table(result["rows"], metric_of(result)),

@@ -44,7 +44,10 @@ class BenchConfig(_Strict):
     """How the benchmark measures."""
 
     warmup: int = Field(20, ge=0, description="Untimed calls before each timed block.")
-    rounds: int = Field(2, ge=1, description="Timed blocks per backend; block order alternates between rounds.")
+    rounds: int = Field(2, ge=1, description="Rounds, each in a fresh process that times every target once; "
+                        "target order alternates between rounds.")
+    noise_threshold: float = Field(0.10, gt=0, description="A target whose per-round p50s spread by more than this "
+                                   "fraction of their median is flagged noisy.")
     max_sentences: int | None = Field(None, ge=1, description="Eval sentences timed at batch 1 (default: all).")
     throughput_batch_size: int = Field(32, ge=1, description="Batch size of the throughput measurement.")
     threads: int | None = Field(None, ge=1, description="Intra-op threads for every backend (default: all cores).")

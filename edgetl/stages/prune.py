@@ -23,25 +23,14 @@ def importance_batches(train_tok, collator, samples: int, batch_size: int = 32):
 def onnx_p50_ms(model, feeds: list[dict], warmup: int = 10) -> float:
     """Batch-1 median latency of the model exported to ONNX (FP32, unfused) in ONNX Runtime on this machine."""
     import tempfile
-    import time
 
-    import numpy as np
-    import onnxruntime as ort
-
+    from edgetl.bench.measure import latency_summary, timed_calls
+    from edgetl.runtime.engines import open_engine
     from edgetl.stages.export import export_onnx
 
     with tempfile.TemporaryDirectory() as folder:
-        session = ort.InferenceSession(str(export_onnx(model, Path(folder), opset=17)), providers=["CPUExecutionProvider"])
-    names = {i.name for i in session.get_inputs()}
-    feeds = [{k: v for k, v in feed.items() if k in names} for feed in feeds]
-    for feed in feeds[:warmup]:
-        session.run(None, feed)
-    times = []
-    for feed in feeds:
-        start = time.perf_counter()
-        session.run(None, feed)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
+        engine = open_engine("onnx", export_onnx(model, Path(folder), opset=17))
+    return latency_summary(timed_calls(engine, feeds, warmup))["p50_ms"]
 
 
 def keep_ratio_for_budget(cfg: PruneStage, model, importance, feeds: list[dict]) -> tuple[float, list[dict]]:

@@ -75,7 +75,7 @@ def run(cfg: QuantizeStage, ctx, out_dir: Path) -> StageOutput:
 
 
 def _onnxruntime_int8(cfg: QuantizeStage, source, folder: Path, feeds: list[dict]) -> dict:
-    from edgetl.stages._quantize_ort import quantize_onnx
+    from edgetl.quantization import quantize_onnx
 
     unfused = source.path / source.manifest["unfused_onnx"]
     dynamic_nodes = quantize_onnx(unfused, folder / "model.onnx", cfg.onnx_method, feeds, cfg.per_channel,

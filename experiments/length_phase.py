@@ -1,8 +1,11 @@
+# Experiment record: ran on commit 0542bd5 (as benchmarks/length_phase.py; output and provenance in
+# benchmarks/results/sst-int8/length-phase/). It drives edgetl internals (StageContext, training helpers),
+# not the public API, so it may need that commit to run.
 """Does the order of length-grouped batches show in dev accuracy? Trains a recipe's finetune stage as the recipe
 would (same model, data, schedule) for a few hundred steps, evaluating dev every few steps over a window, beside
 the mean length of the batches just trained on; once with HF's batch order, once with edgetl's.
 
-    .venv/bin/python benchmarks/length_phase.py [--recipe sst-int8] [--start 1200] [--stop 1500] [--every 10]
+    .venv/bin/python experiments/length_phase.py [--recipe sst-int8] [--start 1200] [--stop 1500] [--every 10]
         [--order hf shuffled] [--out results.json]
 
 HF's LengthGroupedSampler yields each mega-batch of 50 batches longest first, so the batch length falls
