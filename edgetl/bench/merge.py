@@ -158,6 +158,35 @@ def table_rows(results: list[dict]) -> list[tuple[list[str], bool]]:
     return table
 
 
+def peers_table(result: dict) -> str:
+    """An `edgetl bench` result as one table: batch 1 over the texts at their own length, at the most threads
+    measured, throughput at the largest batch, accuracy on the whole split, speed-up against PyTorch FP32 eager
+    of the same run; INT8 first."""
+    own = [r for r in result["rows"] if r["seq"] == "own" and r["device"] == "cpu"]
+    threads = max(r["threads"] or 0 for r in own)
+    own = [r for r in own if (r["threads"] or 0) == threads]
+    largest = max(r["batch"] for r in own)
+    single = {r["target"]: r for r in own if r["batch"] == 1}
+    batched = {r["target"]: r for r in own if r["batch"] == largest}
+    reference = next((r for r in single.values() if r["backend"] == "pytorch" and r["precision"] == "fp32"), None)
+    settings = result["settings"]
+    lines = [f"Measured on {describe(result['machine'])}, {threads or 'default'} threads: batch 1 over "
+             f"{settings['texts']} evaluation texts at their own length (up to {settings['max_calls']} calls a "
+             f"round), {settings['rounds']} rounds each in its own process, `noisy` where the rounds' medians spread "
+             f"over {settings['noise_threshold']:.0%}; throughput at batch {largest}; accuracy on the whole split.", "",
+             f"| model | backend | precision | accuracy | p50 ms | p99 ms | batch-{largest} /s | size MB | "
+             "speed-up vs PyTorch FP32 |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in sorted(single.values(), key=lambda r: (r["precision"] != "int8", r["backend"], r["peer"] or "")):
+        name = row["peer"] or (row["artifact"] if "PT2E" in row["artifact"] else f"edgetl {row['artifact']}")
+        noisy = " (noisy)" if row["noisy"] or batched[row["target"]]["noisy"] else ""
+        accuracy = "–" if row["accuracy"] is None else f"{row['accuracy']:.2%}"
+        speedup = "–" if reference is None else f"{reference['p50_ms'] / row['p50_ms']:.2f}x"
+        lines.append(f"| {name} | {BACKEND_LABELS.get(row['backend'], row['backend'])} | {row['precision'].upper()} | {accuracy} | "
+                     f"{row['p50_ms']:.2f}{noisy} | {row['p99_ms']:.2f} | {batched[row['target']]['items_per_s']:.0f} | "
+                     f"{row['model_mb']:.1f} | {speedup} |")
+    return "\n".join(lines)
+
+
 def machine_line(result: dict) -> str:
     """One line on where a result was measured: ``describe`` plus library versions and the noise rule."""
     machine = result["machine"]

@@ -177,8 +177,10 @@ def accuracy_latency_figure(result: dict):
     if rows:
         plain_log_ticks(ax.xaxis)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
+    several = len({r["artifact"] for r in rows}) > 1  # then a label says which model, not only which runtime
     label_points(ax, [(r["p50_ms"], r[name] * scale) for r in rows],
-                 [f"{BACKEND_LABELS.get(r['backend'], r['backend'])} {r['precision'].upper()}" for r in rows])
+                 [(f"{r['artifact']}: " if several else "") +
+                  f"{BACKEND_LABELS.get(r['backend'], r['backend'])} {r['precision'].upper()}" for r in rows])
     return fig
 
 
