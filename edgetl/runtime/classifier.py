@@ -22,12 +22,7 @@ class TextClassifier(BundleRuntime):
     """A text-classification bundle loaded for inference: one label per text, or per (text, text_pair) pair when
     the bundle's ``text_pair`` is true.
 
-    Args:
-        folder: the bundle folder (holds ``edgetl.json``).
-        backend: 'auto' (OpenVINO if installed and in the bundle, else ONNX Runtime), 'onnxruntime' or 'openvino'.
-        threads: intra-op threads (default: the runtime's choice, usually all cores).
-        verify: check every file against its sha256 first.
-        public_key: refuse the bundle unless its manifest carries this Ed25519 key's signature (see BundleRuntime).
+    Loaded as ``BundleRuntime`` says (folder, backend, threads, verify, public_key).
     """
 
     def logits(self, texts: list, batch_size: int | None = None) -> np.ndarray:

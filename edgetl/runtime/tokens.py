@@ -19,12 +19,7 @@ from edgetl.runtime.entities import Entity, entities_from_logits, entities_from_
 class TokenClassifier(BundleRuntime):
     """A token-classification bundle loaded for inference.
 
-    Args:
-        folder: the bundle folder (holds ``edgetl.json``; ``labels`` are the tags in output order).
-        backend: 'auto' (OpenVINO if installed and in the bundle, else ONNX Runtime), 'onnxruntime' or 'openvino'.
-        threads: intra-op threads (default: the runtime's choice, usually all cores).
-        verify: check every file against its sha256 first.
-        public_key: refuse the bundle unless its manifest carries this Ed25519 key's signature (see BundleRuntime).
+    Loaded as ``BundleRuntime`` says (folder, backend, threads, verify, public_key): ``labels`` are the tags in output order.
     """
 
     takes_words = True
