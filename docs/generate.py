@@ -45,7 +45,7 @@ def _description(cls: type[BaseModel], name: str) -> str:
     """The field's description, or the one it overrides (a stage that changes a default keeps the meaning)."""
     for klass in cls.__mro__:
         field = getattr(klass, "model_fields", {}).get(name)
-        if field is not None and field.description and name in getattr(klass, "__annotations__", {}):
+        if field is not None and field.description:
             return field.description
     return ""
 
@@ -68,7 +68,8 @@ def _default(field) -> str:
     return f"`{json.dumps(value)}`"
 
 
-def _fields(cls: type[BaseModel], prefix: str = "") -> list[str]:
+def _fields(cls: type[BaseModel], prefix: str = "", sections: bool = True) -> list[str]:
+    """The table of ``cls``'s fields; with ``sections``, a nested section's fields follow as rows of their own."""
     rows, nested = [], []
     for name, field in cls.model_fields.items():
         if name == "stage":
@@ -76,7 +77,7 @@ def _fields(cls: type[BaseModel], prefix: str = "") -> list[str]:
         annotation = field.annotation
         text = _description(cls, name).replace("|", "\\|")
         rows.append(f"| `{prefix}{name}` | {_type(annotation)} | {_default(field)} | {text} |")
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if sections and isinstance(annotation, type) and issubclass(annotation, BaseModel):
             nested.append((name, annotation))
     table = ["| field | type | default | what it does |", "|---|---|---|---|", *rows]
     for name, sub in nested:
@@ -90,7 +91,7 @@ def recipe_reference() -> str:
              "which each entry names its `stage:` and sets that stage's fields. Anything not set takes the default "
              "below; a misspelt key is an error that names it. Override any field on the command line: "
              "`edgetl run sst-int8 stages.finetune.epochs=1 data.max_train_samples=2000`.", "",
-             "## Top level", "", *[row for row in _fields(Recipe) if "`data." not in row and "`bench." not in row],
+             "## Top level", "", *_fields(Recipe, sections=False),
              "", "## `data`", "", _section_doc(DataConfig), "", *_fields(DataConfig, "data."),
              "", "## `bench`", "", _section_doc(BenchConfig), "", *_fields(BenchConfig, "bench.")]
     for name, cls in STAGE_CLASSES.items():
@@ -121,7 +122,9 @@ def _commits(top: Path) -> list[str]:
 
 
 def _is_sweep(result: dict) -> bool:
-    return bool(result["rows"]) and "seq" in result["rows"][0]
+    """An `edgetl bench` result (a grid of batch sizes), not a benchmark stage's (whose rows also carry a ``seq``
+    since both are timed by the same engine)."""
+    return "batch_sizes" in result["settings"]
 
 
 def _plot(result: dict, png: Path) -> None:
