@@ -36,8 +36,7 @@ class TorchEngine:
         self.activate()
         self.model = load_classifier(folder, task)
         # The runtime's feeds always hold token_type_ids; DistilBERT, RoBERTa-family and MPNet models take none.
-        self.inputs = {"input_ids", "attention_mask"} | (
-            {"token_type_ids"} if adapter_for(self.model.config.model_type).takes_token_type_ids else set())
+        self.inputs = set(adapter_for(self.model.config.model_type).input_names)
         if device == "cuda":
             self.model = self.model.half().cuda()
 

@@ -70,6 +70,11 @@ class Adapter:
         if stray:
             raise ValueError(f"adapter {self.model_type}: reasons given for supported operations {sorted(stray)}")
 
+    @property
+    def input_names(self) -> tuple[str, ...]:
+        """What the model's forward takes of a tokenizer's output."""
+        return ("input_ids", "attention_mask") + (("token_type_ids",) if self.takes_token_type_ids else ())
+
     def supports(self, operation: str) -> bool:
         if operation not in OPERATIONS:
             raise ValueError(f"unknown operation '{operation}'; known: {', '.join(OPERATIONS)}")
