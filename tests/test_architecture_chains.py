@@ -8,6 +8,7 @@ when the recipe loads (tests/test_architectures.py names each refusal).
 
 from __future__ import annotations
 
+import collections
 import json
 from pathlib import Path
 
@@ -15,17 +16,15 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from transformers import AutoConfig, AutoModel, BertTokenizerFast
+from transformers import AutoModel, BertTokenizerFast
 
 from conftest import SPECIAL_TOKENS, manifests
+from test_architectures import tiny_config
 from edgetl.architectures import ADAPTERS, adapter_for
 from edgetl.tasks import TASKS
 
 TYPES = sorted(ADAPTERS)
 TASK_DATA = {"text-classification": "sst2", "token-classification": "conll2003", "text-regression": "stsb"}
-# deberta-v2 takes token_type_ids only when its config says type_vocab_size > 0; the adapter reads the config.
-EXTRA_CONFIG = {"deberta-v2": {"relative_attention": True, "pos_att_type": ["p2c", "c2p"], "position_buckets": 16,
-                               "norm_rel_ebd": "layer_norm"}}
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +34,7 @@ def words(sst2_slice, conll_slice, stsb_slice) -> list[str]:
         texts.append(" ".join(json.loads(line)["tokens"]))
     for row in map(json.loads, (stsb_slice / "train.jsonl").read_text().splitlines()):
         texts += [row["sentence1"], row["sentence2"]]
-    counts: dict[str, int] = {}
-    for word in " ".join(texts).lower().split():
-        counts[word] = counts.get(word, 0) + 1
-    return sorted(counts, key=lambda w: -counts[w])[:300]
+    return [word for word, _ in collections.Counter(" ".join(texts).lower().split()).most_common(300)]
 
 
 def tiny_encoder(model_type: str, folder: Path, words: list[str]) -> Path:
@@ -47,12 +43,9 @@ def tiny_encoder(model_type: str, folder: Path, words: list[str]) -> Path:
     vocab = SPECIAL_TOKENS + [w for w in words if w not in SPECIAL_TOKENS]
     folder.mkdir(parents=True)
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    names = ["input_ids", "attention_mask"] + (["token_type_ids"] if adapter_for(model_type).takes_token_type_ids else [])
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), model_input_names=names).save_pretrained(folder)
-    keys = adapter_for(model_type).config_keys
-    sizes = {keys.hidden: 32, keys.heads: 4, keys.intermediate: 64, keys.layers: 2}
-    config = AutoConfig.for_model(model_type, vocab_size=len(vocab), max_position_embeddings=160, pad_token_id=0,
-                                  **sizes, **EXTRA_CONFIG.get(model_type, {}))
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt"),
+                      model_input_names=list(adapter_for(model_type).input_names)).save_pretrained(folder)
+    config = tiny_config(model_type, layers=2, vocab_size=len(vocab), max_position_embeddings=160, pad_token_id=0)
     torch.manual_seed(0)
     AutoModel.from_config(config).save_pretrained(folder)
     return folder
@@ -60,12 +53,12 @@ def tiny_encoder(model_type: str, folder: Path, words: list[str]) -> Path:
 
 def chain(model_type: str, task: str, model: Path, data: Path) -> dict:
     adapter = adapter_for(model_type)
-    backends = ["onnx", "openvino"] if adapter.openvino else ["onnx"]
+    backends = ["onnx", "openvino"] if adapter.supports("openvino") else ["onnx"]
     train = {"max_steps": 4, "eval_steps": 2, "batch_size": 16}
     stages = [{"stage": "finetune", **train}]
     if TASKS[task].refusal("distill") is None and TASKS[task].refusal("prune") is None:
         stages += [{"stage": "distill", "layers": [0], **train},
-                   {"stage": "prune", "heads_keep": 0.5 if adapter.head_pruning else 1.0, "ffn_keep": 0.5,
+                   {"stage": "prune", "heads_keep": 0.5 if adapter.supports("head_pruning") else 1.0, "ffn_keep": 0.5,
                     "importance_samples": 32, **train}]
     stages += [{"stage": "export", "formats": backends},
                {"stage": "quantize", "backends": backends, "onnx_method": "dynamic", "calibration_samples": 8},

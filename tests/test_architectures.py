@@ -35,12 +35,13 @@ EXTRA_CONFIG = {
 }
 
 
-def tiny_config(model_type: str, layers: int = LAYERS):
+def tiny_config(model_type: str, layers: int = LAYERS, **changes):
+    """The tiny config of ``model_type``; ``changes`` replace any of its keys (vocab_size, pad_token_id, ...)."""
     keys = adapter_for(model_type).config_keys
     sizes = {keys.hidden: HIDDEN, keys.heads: HEADS, keys.intermediate: FFN, keys.layers: layers}
-    return AutoConfig.for_model(model_type, vocab_size=VOCAB, max_position_embeddings=64, num_labels=2,
-                                pad_token_id=adapter_for(model_type).pad_token_id, **sizes,
-                                **EXTRA_CONFIG.get(model_type, {}))
+    settings = {"vocab_size": VOCAB, "max_position_embeddings": 64, "num_labels": 2,
+                "pad_token_id": adapter_for(model_type).pad_token_id, **sizes, **EXTRA_CONFIG.get(model_type, {})}
+    return AutoConfig.for_model(model_type, **{**settings, **changes})
 
 
 def tiny_model(model_type: str, layers: int = LAYERS, seed: int = 0):
