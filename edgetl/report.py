@@ -10,10 +10,9 @@ import time
 from pathlib import Path
 
 from edgetl.artifact import Artifact
-from edgetl.backends import BACKEND_LABELS
 from edgetl.bench.machine import describe
 from edgetl.bench.merge import PAGE_CSS
-from edgetl.bench.report import _fmt, _heading, accuracy_latency_figure, metric_of, pyplot
+from edgetl.bench.report import accuracy_latency_figure, metric_of, pyplot, table
 from edgetl.errors import UsageError
 
 # Kinds whose metrics are keyed by target, earliest model first: the last one is the run's product.
@@ -114,18 +113,13 @@ def _benchmark_section(artifact: Artifact) -> list[str]:
         return [f"<h2>Benchmark: {html.escape(artifact.path.name)}</h2>", "<p>No results.json in this folder.</p>"]
     result = json.loads(path.read_text())
     name, scale = metric_of(result)
-    rows = [[r["artifact"], BACKEND_LABELS.get(r["backend"], r["backend"]), r["precision"].upper(),
-             _fmt(r.get(name), "{:.2f}", scale), _fmt(r.get("p50_ms"), "{:.2f}"), _fmt(r.get("p90_ms"), "{:.2f}"),
-             _fmt(r.get("throughput_per_s"), "{:.0f}"), _fmt(r.get("model_mb"), "{:.1f}"),
-             _fmt(r.get("speedup_vs_pytorch_fp32"), "{:.2f}x")] for r in result["rows"]]
-    headers = ["model", "backend", "precision", _heading(name, scale), "p50 ms", "p90 ms",
-               f"batch-{result['settings']['throughput_batch_size']} /s", "size MB", "speed-up"]
+    headers, rows = table(result["rows"], (name, scale), result["settings"]["throughput_batch_size"])
     scored = any(r.get(name) is not None for r in result["rows"])
     plot = (f'<img alt="{html.escape(name)} vs batch-1 p50 latency" src="{_png_uri(accuracy_latency_figure(result))}">'
             if scored else f"<p>No {html.escape(name)} was measured, so there is no plot.</p>")
     return [f"<h2>Benchmark: {html.escape(artifact.path.name)}</h2>",
             "<p>Batch-1 latency on the evaluation texts at their own length; speed-up = PyTorch FP32 p50 / this p50, "
-            "same run.</p>", *_table(headers, rows, set(range(3, 9))), plot,
+            "same run.</p>", *_table(headers, rows, set(range(3, 11))), plot,
             f"<p>Machine: {html.escape(describe(result['machine']))}</p>"]
 
 

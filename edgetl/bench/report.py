@@ -48,20 +48,23 @@ def _heading(name: str, scale: float) -> str:
     return f"{name} %" if scale == 100 else f"{name} (x{100 / scale:g})"
 
 
-def markdown_table(rows: list[dict], metric: tuple[str, float] = ("accuracy", 100)) -> str:
+def table(rows: list[dict], metric: tuple[str, float] = ("accuracy", 100), throughput_batch: int = 32,
+          ) -> tuple[list[str], list[list[str]]]:
+    """The benchmark table as headers and formatted cells, one list per row (report.md and `edgetl report`)."""
     name, scale = metric
-    lines = [
-        f"| model | backend | precision | {_heading(name, scale)} | p50 ms | p90 ms | p99 ms | batch-32 /s | size MB | peak RSS MB | speed-up | flag |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['artifact']} | {BACKEND_LABELS.get(r['backend'], r['backend'])} | {r['precision'].upper()} | "
-            f"{_fmt(r.get(name), '{:.2f}', scale)} | {r['p50_ms']:.2f} | {r['p90_ms']:.2f} | {r['p99_ms']:.2f} | "
-            f"{r['throughput_per_s']:.0f} | {r['model_mb']:.1f} | {_fmt(r.get('peak_rss_mb'), '{:.0f}')} | "
-            f"{_fmt(r.get('speedup_vs_pytorch_fp32'), '{:.2f}x')} | {'noisy' if r.get('noisy') else ''} |"
-        )
-    return "\n".join(lines)
+    headers = ["model", "backend", "precision", _heading(name, scale), "p50 ms", "p90 ms", "p99 ms",
+               f"batch-{throughput_batch} /s", "size MB", "peak RSS MB", "speed-up", "flag"]
+    cells = [[r["artifact"], BACKEND_LABELS.get(r["backend"], r["backend"]), r["precision"].upper(),
+              _fmt(r.get(name), "{:.2f}", scale), f"{r['p50_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['p99_ms']:.2f}",
+              f"{r['throughput_per_s']:.0f}", f"{r['model_mb']:.1f}", _fmt(r.get("peak_rss_mb"), "{:.0f}"),
+              _fmt(r.get("speedup_vs_pytorch_fp32"), "{:.2f}x"), "noisy" if r.get("noisy") else ""] for r in rows]
+    return headers, cells
+
+
+def markdown_table(rows: list[dict], metric: tuple[str, float] = ("accuracy", 100)) -> str:
+    headers, cells = table(rows, metric)
+    lines = ["| " + " | ".join(headers) + " |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in cells)])
 
 
 def markdown(result: dict) -> str:
