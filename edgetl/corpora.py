@@ -23,20 +23,21 @@ class KnownDataset:
     folder: str | None
     train_file: str
     eval_file: str
-    task: str
+    tasks: tuple[str, ...]  # the tasks its columns serve
     columns: dict[str, str] = field(default_factory=dict)
     labels: tuple[str, ...] | None = None
 
 
 KNOWN_DATASETS = {
-    "sst2": KnownDataset("sst2", "train.tsv", "dev.tsv", "text-classification",
+    "sst2": KnownDataset("sst2", "train.tsv", "dev.tsv", ("text-classification",),
                          {"text_field": "sentence", "label_field": "label"}, ("negative", "positive")),
     # The target domain's own labelled reviews ({text, label}), for few-shot learning.
-    "target": KnownDataset(None, "train.jsonl", "dev.jsonl", "text-classification",
+    "target": KnownDataset(None, "train.jsonl", "dev.jsonl", ("text-classification",),
                            {"text_field": "text", "label_field": "label"}, ("negative", "positive")),
-    "conll2003": KnownDataset("conll2003", "train.jsonl", "dev.jsonl", "token-classification",
+    "conll2003": KnownDataset("conll2003", "train.jsonl", "dev.jsonl", ("token-classification",),
                               {"tokens_field": "tokens", "tags_field": "tags"}),
-    "stsb": KnownDataset("stsb", "train.jsonl", "dev.jsonl", "text-regression",
+    # Scored pairs: a cross-encoder's score, or the cosine of two sentence embeddings.
+    "stsb": KnownDataset("stsb", "train.jsonl", "dev.jsonl", ("text-regression", "sentence-embedding"),
                          {"text_field": "sentence1", "text_pair_field": "sentence2", "score_field": "score"}),
 }
 

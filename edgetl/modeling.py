@@ -84,21 +84,69 @@ def _classifier_dropout(config) -> float:
     return 0.1
 
 
+class _EmbeddingHead:
+    """A sentence-embedding model: the base model's last hidden states pooled into one vector per text (the mean over
+    the attention mask, or the [CLS] position), L2-normalised when ``config.sentence_normalize`` is true.
+
+    The vector is returned as ``logits`` so that every engine, the exporter and the runtime read it like any head's
+    output. ``config.sentence_pooling`` and ``config.sentence_normalize`` record how the checkpoint was trained.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        base_cls = _base_model_class(config.model_type)
+        no_pooler = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(base_cls).parameters else {}
+        setattr(self, self.base_model_prefix, base_cls(config, **no_pooler))
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, output_hidden_states=None,
+                output_attentions=None, inputs_embeds=None, **_):
+        if attention_mask is None:
+            given = input_ids if input_ids is not None else inputs_embeds
+            attention_mask = torch.ones(given.shape[:2], dtype=torch.long, device=given.device)
+        types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        out = getattr(self, self.base_model_prefix)(
+            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **types,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        hidden = out.last_hidden_state
+        if self.config.sentence_pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        if self.config.sentence_normalize:
+            pooled = nn.functional.normalize(pooled, p=2, dim=-1)
+        return SequenceClassifierOutput(logits=pooled, hidden_states=out.hidden_states, attentions=out.attentions)
+
+
+# Head mixin -> the name suffix of its classes: <Base><suffix>, or MeanPool<Base>ForSequenceClassification.
+_HEADS = {_MeanPoolHead: "ForSequenceClassification", _EmbeddingHead: "ForSentenceEmbedding"}
+
+
 @functools.cache
+def _head_class(head: type, model_type: str) -> type:
+    adapter_for(model_type)
+    base_cls = _base_model_class(model_type)
+    pretrained_cls = next(c for c in base_cls.__mro__[1:] if issubclass(c, PreTrainedModel))
+    prefix = "MeanPool" if head is _MeanPoolHead else ""
+    name = f"{prefix}{base_cls.__name__.removesuffix('Model')}{_HEADS[head]}"
+    cls = type(name, (head, pretrained_cls), {"__module__": __name__, "__qualname__": name, "__doc__": head.__doc__})
+    globals()[name] = cls  # so pickle and copy find the class by its module and name, like a written one
+    return cls
+
+
 def mean_pool_class(model_type: str) -> type:
     """The mean-pooled classifier of a model type that has an adapter; ``ArchitectureError`` otherwise.
 
     Named ``MeanPool<Type>ForSequenceClassification`` after the base class (``MeanPoolBertFor...`` for BERT,
     as saved before other types existed); ``save_pretrained`` records that name in ``config.architectures``.
     """
-    adapter_for(model_type)
-    base_cls = _base_model_class(model_type)
-    pretrained_cls = next(c for c in base_cls.__mro__[1:] if issubclass(c, PreTrainedModel))
-    name = f"MeanPool{base_cls.__name__.removesuffix('Model')}ForSequenceClassification"
-    cls = type(name, (_MeanPoolHead, pretrained_cls), {"__module__": __name__, "__qualname__": name,
-                                                       "__doc__": _MeanPoolHead.__doc__})
-    globals()[name] = cls  # so pickle and copy find the class by its module and name, like a written one
-    return cls
+    return _head_class(_MeanPoolHead, model_type)
+
+
+def embedding_class(model_type: str) -> type:
+    """The sentence-embedding model of a model type that has an adapter (``<Type>ForSentenceEmbedding``)."""
+    return _head_class(_EmbeddingHead, model_type)
 
 
 def is_mean_pooled(model) -> bool:
@@ -120,6 +168,19 @@ def new_classifier(name: str, labels: list[str] | None, pooling: str | None, tas
     config = AutoConfig.from_pretrained(source, **task.head_config(labels))
     head = mean_pool_class(config.model_type) if pooling == "mean" else getattr(transformers, task.auto_model)
     return head.from_pretrained(source, config=config), AutoTokenizer.from_pretrained(source)
+
+
+def new_embedder(name: str, pooling: str | None = None, normalize: bool | None = None):
+    """A pretrained encoder as a sentence-embedding model, plus its tokenizer; pooling and normalisation as given,
+    else as the checkpoint's sentence-transformers files say (``sentence_transformers_setup``), else mean and none."""
+    from edgetl.models import sentence_transformers_setup
+
+    source = resolve_model_source(name)
+    found = sentence_transformers_setup(source)
+    config = AutoConfig.from_pretrained(source)
+    config.sentence_pooling = pooling or found.get("pooling", "mean")  # new keys: from_pretrained drops them as kwargs
+    config.sentence_normalize = found.get("normalize", False) if normalize is None else normalize
+    return embedding_class(config.model_type).from_pretrained(source, config=config), AutoTokenizer.from_pretrained(source)
 
 
 SOFT_PROMPT_FILE = "soft_prompt.safetensors"
@@ -162,28 +223,33 @@ def _load_encoder_classifier(folder, task: Task):
     import transformers
 
     config = AutoConfig.from_pretrained(folder)
-    mean_pool = _saved_mean_pool_class(config)
+    saved = _saved_head_class(config)
     auto_head = getattr(transformers, task.auto_model)
     sizes = getattr(config, PRUNED_LAYERS, None)
     if sizes is None:
-        return (mean_pool or auto_head).from_pretrained(folder)
+        return (saved or auto_head).from_pretrained(folder)
     # Pruned layers differ in width, which a config cannot say: build the recorded shapes, then load exactly.
-    model = mean_pool(config) if mean_pool else auto_head.from_config(config)
+    model = saved(config) if saved else auto_head.from_config(config)
     resize_layers(model, sizes)
     model.load_state_dict(load_file(str(Path(folder) / "model.safetensors")), strict=True)
     return model
 
 
-def _saved_mean_pool_class(config) -> type | None:
-    """The mean-pool class a saved config's ``architectures`` names, or None for any other head."""
+def _saved_head_class(config) -> type | None:
+    """The edgetl head class a saved config's ``architectures`` names (mean-pooled classifier, sentence embedding),
+    or None for any other head."""
     saved = config.architectures or []
-    if not any(name.startswith("MeanPool") for name in saved):
-        return None
-    cls = mean_pool_class(config.model_type)
-    if cls.__name__ not in saved:
-        raise ArchitectureError(f"config.architectures {saved} names a mean-pool head, but a "
-                                f"{config.model_type} one is {cls.__name__}")
-    return cls
+    for head, suffix in _HEADS.items():
+        if not any(name.endswith(suffix) and (head is not _MeanPoolHead or name.startswith("MeanPool")) for name in saved):
+            continue
+        if head is _EmbeddingHead and not hasattr(config, "sentence_pooling"):
+            continue  # a model of another library that happens to end in the same words
+        cls = _head_class(head, config.model_type)
+        if cls.__name__ not in saved:
+            raise ArchitectureError(f"config.architectures {saved} names an edgetl head, but a "
+                                    f"{config.model_type} one is {cls.__name__}")
+        return cls
+    return None
 
 
 def resize_layers(model, sizes: list[dict]) -> None:

@@ -50,3 +50,44 @@ def resolve_model_source(name: str) -> str:
         reason = type(exc).__name__
         raise ModelNotFoundError(f"'{name}' is {known}, and the hub did not confirm it ({reason})") from None
     return name
+
+
+_ST_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+
+
+def sentence_transformers_setup(source: str) -> dict:
+    """How a sentence-transformers checkpoint folder pools and normalises (``modules.json`` and its Pooling
+    module's ``config.json``): ``{"pooling": "mean"|"cls", "normalize": bool}``, the keys it says; {} for any other
+    folder or a hub id."""
+    import json
+
+    modules_file = Path(source) / "modules.json"
+    if not modules_file.is_file():
+        return {}
+    modules = json.loads(modules_file.read_text())
+    found = {"normalize": any(m.get("type", "").endswith(".Normalize") for m in modules)}
+    pooling = next((m for m in modules if m.get("type", "").endswith(".Pooling")), None)
+    pooling_file = Path(source) / pooling.get("path", "") / "config.json" if pooling else None
+    if pooling_file is not None and pooling_file.is_file():
+        modes = [mode for key, mode in _ST_POOLING_KEYS.items() if json.loads(pooling_file.read_text()).get(key)]
+        if len(modes) == 1:
+            found["pooling"] = modes[0]
+    return found
+
+
+def write_sentence_transformers_files(folder: Path, pooling: str, normalize: bool, dimension: int,
+                                      max_length: int) -> None:
+    """The files that let ``SentenceTransformer(folder)`` load a saved embedding model as edgetl pools it."""
+    import json
+
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    if normalize:
+        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+        (folder / "2_Normalize").mkdir()
+    (folder / "1_Pooling").mkdir()
+    pooling_config = {"word_embedding_dimension": dimension,
+                      **{key: mode == pooling for key, mode in _ST_POOLING_KEYS.items()}}
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps(pooling_config, indent=2))
+    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": max_length, "do_lower_case": False}))

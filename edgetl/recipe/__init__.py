@@ -12,12 +12,19 @@ from edgetl.recipe.data import DataConfig
 from edgetl.recipe.loader import RECIPES_DIR, apply_override, find_recipe, load_recipe, resolved_dict
 from edgetl.recipe.measure import BenchConfig, BenchmarkStage, BundleStage, EvaluateStage
 from edgetl.recipe.schema import STAGE_CLASSES, STAGE_NAMES, Recipe, StageConfig
-from edgetl.recipe.training import AdaptStage, AugmentStage, DomainAdversarialConfig, FinetuneStage, SelfTrainStage
+from edgetl.recipe.training import (
+    AdaptStage,
+    AugmentStage,
+    DomainAdversarialConfig,
+    FinetuneStage,
+    PretrainedStage,
+    SelfTrainStage,
+)
 
 __all__ = [
     "RECIPES_DIR", "STAGE_CLASSES", "STAGE_NAMES", "AdaptStage", "AugmentStage", "Backend", "BenchConfig",
     "BenchmarkStage", "BundleStage", "DataConfig", "Declared", "DistillStage", "DistillationConfig",
-    "DomainAdversarialConfig", "EvaluateStage", "ExportStage", "FinetuneStage", "PruneStage", "QATConfig",
+    "DomainAdversarialConfig", "EvaluateStage", "ExportStage", "FinetuneStage", "PretrainedStage", "PruneStage", "QATConfig",
     "QuantizeStage", "Recipe", "SelfTrainStage", "StageConfig", "TaskName", "TrainingConfig", "apply_override",
     "find_recipe", "load_recipe", "resolved_dict",
 ]

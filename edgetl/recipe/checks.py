@@ -10,7 +10,7 @@ from edgetl.corpora import KNOWN_DATASETS, target_files
 from edgetl.recipe.compression import DistillStage, ExportStage, PruneStage, QuantizeStage
 from edgetl.recipe.measure import BenchmarkStage, BundleStage, EvaluateStage
 from edgetl.recipe.schema import Recipe
-from edgetl.recipe.training import AdaptStage, AugmentStage, FinetuneStage, SelfTrainStage
+from edgetl.recipe.training import AdaptStage, AugmentStage, FinetuneStage, PretrainedStage, SelfTrainStage
 from edgetl.tasks import OPTIONS, task_for
 
 
@@ -39,9 +39,9 @@ def check_task(recipe: Recipe) -> list[str]:
     task = task_for(recipe.task)
     problems = []
     known = KNOWN_DATASETS.get(recipe.data.dataset)
-    if known is not None and known.task != task.name:
-        problems.append(f"data.dataset: '{recipe.data.dataset}' holds {known.task} data, but the task is {task.name}: "
-                        f"set task: {known.task}, or choose data of task {task.name}")
+    if known is not None and task.name not in known.tasks:
+        problems.append(f"data.dataset: '{recipe.data.dataset}' holds {' or '.join(known.tasks)} data, but the task is "
+                        f"{task.name}: set task: {known.tasks[0]}, or choose data of task {task.name}")
     problems += task.check_data(recipe.data)
     for index, stage in enumerate(recipe.stages):
         where = f"stages[{index}] ({stage.stage})"
@@ -95,7 +95,9 @@ def check_chain(stages: list) -> list[str]:
                             "(merged into the weights) or full, or end the chain with evaluate")
         if isinstance(stage, FinetuneStage) and stage.method == "prompt-tuning":
             prompt_tuned = where
-        if isinstance(stage, (FinetuneStage, SelfTrainStage, DistillStage, PruneStage)):
+        if isinstance(stage, PretrainedStage) and pytorch_model:
+            problems.append(f"{where}: pretrained makes the run's first PyTorch model; move it to the start")
+        if isinstance(stage, (PretrainedStage, FinetuneStage, SelfTrainStage, DistillStage, PruneStage)):
             if exported:
                 problems.append(f"{where}: {stage.stage} after export would leave the exported models stale; move it before export")
             if isinstance(stage, (PruneStage, SelfTrainStage)) and not pytorch_model:
@@ -122,7 +124,7 @@ def check_chain(stages: list) -> list[str]:
             missing = [b for b in stage.backends if b not in exported]
             if missing:
                 problems.append(f"{where}.backends: {missing} not exported by an earlier stage")
-        if stage.stage in seen and stage.stage in ("adapt", "augment", "finetune", "self_train", "evaluate", "benchmark", "bundle"):
+        if stage.stage in seen and stage.stage in ("pretrained", "adapt", "augment", "finetune", "self_train", "evaluate", "benchmark", "bundle"):
             problems.append(f"{where}: stage '{stage.stage}' appears twice")
         seen.add(stage.stage)
     return problems

@@ -135,6 +135,13 @@ class QuantizeStage(_Strict, Declared):
         None, ge=0, le=1, description="ONNX Runtime PTQ: SmoothQuant before INT8, moving activation outliers into the "
         "weights (strength alpha, measured on the calibration texts); none: off. OpenVINO's nncf.quantize already "
         "smooths MatMuls (alpha 0.95) under its transformer preset.")
+    min_cosine: float = Field(
+        0.99, gt=0, le=1, description="sentence-embedding: a backend's INT8 model ships only if the mean cosine "
+        "between its vectors and the FP32 model's, on held-out training texts, is at least this (and the 1st "
+        "percentile at least min_cosine_p1); else that backend ships its FP32 model, and the manifest says why.")
+    min_cosine_p1: float = Field(0.97, gt=0, le=1, description="sentence-embedding: see min_cosine.")
+    fidelity_samples: int = Field(500, ge=1, description="sentence-embedding: training texts after the calibration "
+                                  "ones on which min_cosine is checked.")
 
     def inputs(self) -> tuple[str, ...]:
         return ("pytorch-model",) if self.method == "qat" else ("exported",)

@@ -10,18 +10,18 @@ from edgetl.recipe.base import Declared, TaskName, _Strict
 from edgetl.recipe.compression import DistillStage, ExportStage, PruneStage, QuantizeStage
 from edgetl.recipe.data import DataConfig
 from edgetl.recipe.measure import BenchConfig, BenchmarkStage, BundleStage, EvaluateStage
-from edgetl.recipe.training import AdaptStage, AugmentStage, FinetuneStage, SelfTrainStage
+from edgetl.recipe.training import AdaptStage, AugmentStage, FinetuneStage, PretrainedStage, SelfTrainStage
 from edgetl.tasks import DEFAULT_TASK, TASKS
 
 
 StageConfig = Annotated[
-    AdaptStage | AugmentStage | FinetuneStage | SelfTrainStage | DistillStage | PruneStage | ExportStage | QuantizeStage
+    PretrainedStage | AdaptStage | AugmentStage | FinetuneStage | SelfTrainStage | DistillStage | PruneStage | ExportStage | QuantizeStage
     | EvaluateStage | BenchmarkStage | BundleStage,
     Field(discriminator="stage"),
 ]
 STAGE_CLASSES: dict[str, type[Declared]] = {
     cls.model_fields["stage"].annotation.__args__[0]: cls
-    for cls in (AdaptStage, AugmentStage, FinetuneStage, SelfTrainStage, DistillStage, PruneStage, ExportStage,
+    for cls in (PretrainedStage, AdaptStage, AugmentStage, FinetuneStage, SelfTrainStage, DistillStage, PruneStage, ExportStage,
                 QuantizeStage, EvaluateStage, BenchmarkStage, BundleStage)
 }
 STAGE_NAMES = tuple(STAGE_CLASSES)
@@ -32,7 +32,7 @@ class Recipe(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="The run's folder name under runs/ (letters, digits, _ . -).")
     task: TaskName = Field(DEFAULT_TASK, description="What the model learns: text-classification (a label per text "
                            "or pair of texts), token-classification (a tag per word), text-regression (a score per "
-                           "text or pair). Sentence embeddings and text generation are to come.")
+                           "text or pair), sentence-embedding (a vector per text). Text generation is to come.")
     description: str = Field("", description="One line for people; no stage reads it.")
     model: str = Field(description="Catalog name (minilm-l6), local folder, or hub id.")
     data: DataConfig = Field(default_factory=DataConfig, description="Where the labelled (and unlabelled) texts come from.")

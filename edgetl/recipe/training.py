@@ -1,4 +1,5 @@
-"""Stages that train a PyTorch model: adapt, augment (its data), finetune, self_train."""
+"""Stages that make the run's first PyTorch model or train one: pretrained, adapt, augment (its data), finetune,
+self_train."""
 
 from __future__ import annotations
 
@@ -7,6 +8,21 @@ from typing import ClassVar, Literal
 from pydantic import Field, model_validator
 
 from edgetl.recipe.base import Declared, TrainingConfig, _Strict
+
+
+class PretrainedStage(_Strict, Declared):
+    """The recipe's model as it was trained, saved as the run's first PyTorch model: for a task whose pretrained
+    checkpoint already does the job (sentence-embedding), so export, INT8 and benchmarks have a model to start from."""
+
+    reads: ClassVar[frozenset[str]] = frozenset({"model"})
+
+    stage: Literal["pretrained"]
+    pooling: Literal["cls", "mean"] | None = Field(
+        None, description="One vector per text: the attention-masked mean of the last hidden states, or the [CLS] "
+        "one. Default: as the checkpoint's sentence-transformers files say, else mean.")
+    normalize: bool | None = Field(
+        None, description="L2-normalise each vector (cosine similarity becomes a dot product). Default: as the "
+        "checkpoint's sentence-transformers files say (a Normalize module), else no.")
 
 
 class AdaptStage(TrainingConfig, Declared):

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 from edgetl import __version__
+from edgetl.architectures import adapter_for
 from edgetl.artifact import StageOutput, file_table
 from edgetl.backends import Target
 from edgetl.bench.machine import describe
@@ -64,7 +65,7 @@ def run(cfg: BundleStage, ctx, out_dir: Path) -> StageOutput:
         "max_length": recipe.data.max_length,
         "truncation": recipe.data.truncation,
         "head_tokens": recipe.data.head_tokens,
-        "input_names": ["input_ids", "attention_mask", "token_type_ids"],
+        "input_names": list(adapter_for(config["model_type"]).input_names),
         "models": models,
         "metrics": {"metric": task.metric, "per_backend": metrics, "accuracy_split": "eval", "measured_on": describe(machine) if machine else None},
         "provenance": {"recipe": recipe.name, "model": recipe.model, "data": recipe.data.dataset,
@@ -72,6 +73,9 @@ def run(cfg: BundleStage, ctx, out_dir: Path) -> StageOutput:
                        "source_artifact": source.name},
         "files": file_table(out_dir),
     }
+    if "sentence_pooling" in config:  # a sentence-embedding model: what its one output is
+        manifest["embedding"] = {"dimension": config["hidden_size"], "pooling": config["sentence_pooling"],
+                                 "normalize": config["sentence_normalize"]}
     (out_dir / "edgetl.json").write_text(json.dumps(manifest, indent=1))
     summary = {f"{b} {task.metric}": m[task.metric] for b, m in metrics.items() if m[task.metric] is not None}
     summary["bundle_bytes"] = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())

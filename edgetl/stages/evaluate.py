@@ -2,8 +2,10 @@
 
 ``evaluation.json`` holds one row per artifact and backend; its metric is under the task's metric name:
 ``accuracy`` for text classification, ``f1`` (entity-level, with ``entity_precision`` and ``entity_recall``) for
-token classification, ``spearman`` (x100, with ``pearson``) for text regression. A reader takes the key named by the
-task's ``metric``, which is also what the manifest's metrics give per target.
+token classification, ``spearman`` (x100, with ``pearson``) for text regression and sentence embeddings. A reader
+takes the key named by the task's ``metric``, which is also what the manifest's metrics give per target. A task with
+a ``fidelity`` measure (sentence-embedding) also gets each artifact's closeness to the first FP32 one's outputs
+(``fidelity_to`` names it).
 """
 
 from __future__ import annotations
@@ -29,14 +31,20 @@ def run(cfg: EvaluateStage, ctx, out_dir: Path) -> StageOutput:
     dev = load_evaluation(data, task)
     columns, labels = dev[:], label_names(data, task)
     inputs = task.examples(columns)
-    rows = []
+    rows, reference = [], None
     for target in targets_of(ctx.inputs):
         tokenizer = load_tokenizer(target.folder, data.max_length, data.truncation, data.head_tokens)
         # A batch-dependent model is evaluated one text per call, as the runtime then predicts by default.
         batch_size = batch_size_for(target.batch_invariant, cfg.batch_size)
         outputs, encodings = predict_outputs(target.open(task=task), tokenizer, inputs, batch_size,
                                              task.pretokenized, desc=target.key)
-        metrics = {name: round(value, 5) for name, value in task.score(outputs, encodings, columns, labels).items()}
+        metrics = task.score(outputs, encodings, columns, labels)
+        if task.fidelity is not None:
+            if reference is None and target.precision == "fp32":
+                reference = target.key, outputs
+            if reference is not None:
+                metrics |= {**task.fidelity(outputs, reference[1], inputs), "fidelity_to": reference[0]}
+        metrics = {name: round(value, 5) if isinstance(value, float) else value for name, value in metrics.items()}
         rows.append({"target": target.key, "artifact": target.artifact.name, "backend": target.backend,
                      "precision": target.precision, **metrics, "samples": len(inputs), "split": data.target or "eval",
                      "batch_size": batch_size})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -12,6 +13,8 @@ from edgetl.errors import StageError
 from edgetl.recipe import QuantizeStage
 from edgetl.runtime.text import encode, load_tokenizer
 from edgetl.tasks import DEFAULT_TASK, TASKS, Task, task_for
+
+log = logging.getLogger("edgetl")
 
 
 def encode_texts(data, texts: list, tokenizer_dir: Path, is_pretokenized: bool = False) -> list[dict]:
@@ -32,6 +35,12 @@ def calibration_pool(data, task: Task = TASKS[DEFAULT_TASK]) -> list:
         return random.Random(1).sample(texts, len(texts))
     train, _ = load_labelled(data, task)
     return task.examples(train.shuffle(seed=1)[:])
+
+
+def held_out_inputs(ctx, start: int, samples: int) -> list:
+    """``calibration_pool``'s inputs ``start`` .. ``start + samples``: training text that calibration did not see."""
+    task = task_for(ctx.recipe.task)
+    return calibration_pool(ctx.recipe.data, task)[start:start + samples]
 
 
 def calibration_feeds(ctx, tokenizer_dir: Path, samples: int) -> list[dict]:
@@ -70,8 +79,36 @@ def run(cfg: QuantizeStage, ctx, out_dir: Path) -> StageOutput:
         else:
             models[backend] = _openvino_int8(source, folder, feeds)
         copy_tokenizer(source.model_path(backend).parent, folder)
+        if task_for(ctx.recipe.task).fidelity is not None:
+            models[backend] = _fidelity_gate(cfg, ctx, source, backend, folder, models[backend])
     metrics = {f"{b}_bytes": model_file_bytes(out_dir / m["path"]) for b, m in models.items()}
     return StageOutput(kind="quantized", precision="int8", models=models, metrics=metrics)
+
+
+def _fidelity_gate(cfg: QuantizeStage, ctx, source, backend: str, folder: Path, model: dict) -> dict:
+    """Keep the INT8 model if its outputs stay close to the FP32 model's on held-out training text (the task's
+    ``fidelity``); else put the FP32 model in its place, the measured fidelity beside it in the manifest."""
+    from edgetl.runtime.engines import open_engine
+    from edgetl.runtime.text import predict_outputs
+
+    task, data = task_for(ctx.recipe.task), ctx.recipe.data
+    inputs = held_out_inputs(ctx, cfg.calibration_samples, cfg.fidelity_samples)
+    tokenizer = load_tokenizer(folder, data.max_length, data.truncation, data.head_tokens)
+    out_path = folder.parent / model["path"]
+    fp32, int8 = (predict_outputs(open_engine(backend, path), tokenizer, inputs, 1)[0]
+                  for path in (source.model_path(backend), out_path))
+    fidelity = {k: round(v, 5) for k, v in task.fidelity(int8, fp32, inputs).items() if k.startswith("cosine")}
+    fidelity["texts"] = len(inputs)
+    if fidelity["cosine_mean"] >= cfg.min_cosine and fidelity["cosine_p1"] >= cfg.min_cosine_p1:
+        return {**model, "fidelity": fidelity}
+    log.warning("quantize: %s INT8 keeps mean cosine %.4f (1st percentile %.4f) to FP32, under min_cosine %.3f "
+                "(%.3f): this backend ships its FP32 model", backend, fidelity["cosine_mean"], fidelity["cosine_p1"],
+                cfg.min_cosine, cfg.min_cosine_p1)
+    for file in out_path.parent.glob(out_path.stem + ".*"):
+        file.unlink()
+    for file in source.model_path(backend).parent.glob(source.model_path(backend).stem + ".*"):
+        shutil.copy2(file, folder / file.name)
+    return {"path": model["path"], "precision": "fp32", "int8_rejected": {**model, "fidelity": fidelity}}
 
 
 def _onnxruntime_int8(cfg: QuantizeStage, source, folder: Path, feeds: list[dict]) -> dict:

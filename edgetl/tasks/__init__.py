@@ -8,7 +8,7 @@ the task object and never branches on a task's name; optimum's ``TasksManager`` 
 Importing this package never imports torch, transformers or datasets (the recipe loader reads the
 declarations): the library classes are named as strings (``auto_model``, ``collator``) and resolved by the
 code that builds models and batches, and the metrics import numpy, seqeval and scipy only when they are made.
-``sentence-embedding`` and ``text-generation`` are the next tasks (one module each, registered below).
+``text-generation`` is the next task (one module, registered below).
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ class Task:
         score: per-row runtime outputs (``[labels]`` per text, ``[tokens, labels]`` per word list, padding
             dropped), their ``tokenizers`` encodings, the rows' columns and the label names -> the metrics,
             ``metric`` among them.
+        fidelity: (a task whose compressed models are judged against the FP32 one's outputs) a model's per-input
+            outputs, the reference model's and the inputs -> closeness metrics; None where the task metric says it.
     """
 
     name: str
@@ -89,6 +91,7 @@ class Task:
     examples: Callable[[dict], list]
     score: Callable[[list, list, dict, list[str] | None], dict]
     runtime: str
+    fidelity: Callable[[list, list, list], dict] | None = None
 
     def __post_init__(self):
         unknown = set(self.options) - set(OPTIONS)
@@ -112,9 +115,10 @@ class Task:
 
 
 def _registry() -> dict[str, Task]:
-    from edgetl.tasks import text_classification, text_regression, token_classification
+    from edgetl.tasks import sentence_embedding, text_classification, text_regression, token_classification
 
-    return {t.TASK.name: t.TASK for t in (text_classification, token_classification, text_regression)}
+    modules = (text_classification, token_classification, text_regression, sentence_embedding)
+    return {t.TASK.name: t.TASK for t in modules}
 
 
 TASKS: dict[str, Task] = _registry()

@@ -98,6 +98,7 @@ TASK = Task(
     stages=frozenset({"finetune", "export", "quantize", "evaluate", "benchmark", "bundle"}),
     options=frozenset({"pooling"}),
     reasons={
+        "pretrained": "a pretrained checkpoint has no trained head for this task: finetune it",
         "adapt": f"adapt {_CLASSIFICATION_ONLY}",
         "augment": f"augment {_CLASSIFICATION_ONLY}: it balances labels",
         "self_train": f"self_train {_CLASSIFICATION_ONLY}: it pseudo-labels the surest predicted class",

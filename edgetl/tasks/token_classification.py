@@ -131,6 +131,7 @@ TASK = Task(
     stages=frozenset({"finetune", "export", "quantize", "evaluate", "benchmark", "bundle"}),
     options=frozenset(),
     reasons={
+        "pretrained": "a pretrained checkpoint has no trained head for this task: finetune it",
         "adapt": f"adapt {_CLASSIFICATION_ONLY}: it reads the labelled texts, not pre-split words",
         "augment": f"augment {_CLASSIFICATION_ONLY}: its word edits would move the words the tags belong to",
         "self_train": f"self_train {_CLASSIFICATION_ONLY}: it pseudo-labels whole texts",
