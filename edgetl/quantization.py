@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 
 
-def quantize_openvino(source: Path, target: Path, feeds: list[dict], transformer: bool = True) -> None:
+def quantize_openvino(source: Path, target: Path, feeds: list[dict], transformer: bool = True,
+                      exclude: list[str] = ()) -> None:
+    """``exclude``: MatMul node names left in FP32."""
     import nncf
     import openvino as ov
 
@@ -19,6 +21,8 @@ def quantize_openvino(source: Path, target: Path, feeds: list[dict], transformer
     names = [i.get_any_name() for i in model.inputs]
     dataset = nncf.Dataset(feeds, lambda feed: {k: feed[k] for k in names})
     preset = {"model_type": nncf.ModelType.TRANSFORMER} if transformer else {}
+    if exclude:
+        preset["ignored_scope"] = nncf.IgnoredScope(names=list(exclude))
     quantized = nncf.quantize(model, dataset, subset_size=len(feeds), **preset)
     ov.save_model(quantized, str(target), compress_to_fp16=False)
 
@@ -51,6 +55,22 @@ def down_projections(model) -> list[str]:
         if weight is not None and len(weight) == 2 and weight[0] > weight[1]:
             names.append(node.name)
     return names
+
+
+def matmul_roles(source: Path) -> dict[str, list[str]]:
+    """The graph's weight MatMul nodes grouped by their role in a layer (the node name with the layer number taken
+    out: every layer's FFN output projection is one role), in graph order."""
+    import re
+
+    import onnx
+
+    model = onnx.load(str(source), load_external_data=False)
+    weights = {init.name for init in model.graph.initializer}
+    roles: dict[str, list[str]] = {}
+    for node in model.graph.node:
+        if node.op_type == "MatMul" and len(node.input) > 1 and node.input[1] in weights:
+            roles.setdefault(re.sub(r"\.\d+(?=[/.])", ".N", node.name), []).append(node.name)
+    return roles
 
 
 def _weight_matmuls(model) -> dict[str, list]:
@@ -117,30 +137,32 @@ def smooth(source: Path, target: Path, feeds: list[dict], alpha: float) -> int:
 
 
 def quantize_onnx(source: Path, target: Path, method: str, feeds: list[dict], per_channel: bool,
-                  calibration: str = "minmax", dynamic_ffn_down: bool = False, smooth_alpha: float | None = None) -> list[str]:
+                  calibration: str = "minmax", dynamic_ffn_down: bool = False, smooth_alpha: float | None = None,
+                  exclude: list[str] = ()) -> list[str]:
     """Quantize ``source`` into ``target``; returns the MatMul nodes quantized dynamically instead of statically.
 
     With ``dynamic_ffn_down`` the FFN down-projections get dynamic INT8 (activation range measured per
     call) instead of a calibrated static range: their GELU-output inputs have rare large outliers that a
     fixed range either clips or resolves coarsely. With ``smooth_alpha`` the MatMul inputs are smoothed
-    first (``smooth``), measured on ``feeds``.
+    first (``smooth``), measured on ``feeds``. ``exclude``: MatMul node names left in FP32.
     """
     if smooth_alpha is None:
-        return _quantize(source, target, method, feeds, per_channel, calibration, dynamic_ffn_down)
+        return _quantize(source, target, method, feeds, per_channel, calibration, dynamic_ffn_down, exclude)
     with tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         smoothed = Path(scratch) / "smoothed.onnx"
         smooth(source, smoothed, feeds, smooth_alpha)
-        return _quantize(smoothed, target, method, feeds, per_channel, calibration, dynamic_ffn_down)
+        return _quantize(smoothed, target, method, feeds, per_channel, calibration, dynamic_ffn_down, exclude)
 
 
 def _quantize(source: Path, target: Path, method: str, feeds: list[dict], per_channel: bool, calibration: str,
-              dynamic_ffn_down: bool) -> list[str]:
+              dynamic_ffn_down: bool, exclude: list[str] = ()) -> list[str]:
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method == "dynamic":
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=per_channel)
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=per_channel,
+                         nodes_to_exclude=list(exclude))
         return []
     calibrate_method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                         "entropy": CalibrationMethod.Entropy}[calibration]
@@ -150,7 +172,7 @@ def _quantize(source: Path, target: Path, method: str, feeds: list[dict], per_ch
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
         model = onnx.load(str(prepared), load_external_data=False)
-        excluded = down_projections(model) if dynamic_ffn_down else []
+        excluded = [n for n in down_projections(model) if n not in exclude] if dynamic_ffn_down else []
         static_out = Path(scratch) / "static.onnx" if excluded else target
         quantize_static(
             prepared,
@@ -159,7 +181,7 @@ def _quantize(source: Path, target: Path, method: str, feeds: list[dict], per_ch
             quant_format=QuantFormat.QDQ,
             # MatMul carries almost all compute; the embedding Gather, half of the weights, makes the file small.
             op_types_to_quantize=["MatMul", "Gather"],
-            nodes_to_exclude=excluded,
+            nodes_to_exclude=excluded + list(exclude),
             per_channel=per_channel,
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,

@@ -136,12 +136,17 @@ class QuantizeStage(_Strict, Declared):
         "weights (strength alpha, measured on the calibration texts); none: off. OpenVINO's nncf.quantize already "
         "smooths MatMuls (alpha 0.95) under its transformer preset.")
     min_cosine: float = Field(
-        0.99, gt=0, le=1, description="sentence-embedding: a backend's INT8 model ships only if the mean cosine "
-        "between its vectors and the FP32 model's, on held-out training texts, is at least this (and the 1st "
-        "percentile at least min_cosine_p1); else that backend ships its FP32 model, and the manifest says why.")
+        0.99, gt=0, le=1, description="sentence-embedding (fidelity control): a backend's INT8 model ships as it is "
+        "if, on held-out training texts, the mean cosine between its vectors and the FP32 model's is at least this, "
+        "their 1st percentile at least min_cosine_p1, and its recall@10 agreement at least min_recall_at_10; else "
+        "the MatMul roles (every layer's FFN output, ...) that cost most stay in FP32 one at a time until it holds; "
+        "else that backend ships its FP32 model. The manifest records the fidelity and what stayed in FP32.")
     min_cosine_p1: float = Field(0.97, gt=0, le=1, description="sentence-embedding: see min_cosine.")
-    fidelity_samples: int = Field(500, ge=1, description="sentence-embedding: training texts after the calibration "
-                                  "ones on which min_cosine is checked.")
+    min_recall_at_10: float | None = Field(0.95, gt=0, le=1, description="sentence-embedding: see min_cosine; null: "
+                                           "not checked.")
+    fidelity_samples: int = Field(2000, ge=10, description="sentence-embedding: training texts after the calibration "
+                                  "ones on which fidelity is measured (recall@10 among them: more texts, nearer "
+                                  "neighbours, a harder bar).")
 
     def inputs(self) -> tuple[str, ...]:
         return ("pytorch-model",) if self.method == "qat" else ("exported",)
