@@ -1,5 +1,5 @@
 """edgetl command line: run / validate recipes, report on a run, print the support matrix, benchmark artifacts,
-predict with a bundle, sign one."""
+predict with a bundle or embed texts with one, serve it, sign it."""
 
 from __future__ import annotations
 
@@ -191,8 +191,9 @@ def _cmd_sign(args) -> int:
     return 0
 
 
-def _jsonl_input(row, text_pair: bool, takes_words: bool) -> tuple[str, object]:
-    """The runtime method and input of one JSONL row; ValueError says what the row should be."""
+def _jsonl_input(row, text_pair: bool, takes_words: bool, field: str = "text") -> tuple[str, object]:
+    """The runtime method and input of one JSONL row (the text under ``field``); ValueError says what the row
+    should be."""
     from edgetl.runtime.payloads import pair_from_json
 
     if takes_words and isinstance(row, dict) and "words" in row:
@@ -208,34 +209,59 @@ def _jsonl_input(row, text_pair: bool, takes_words: bool) -> tuple[str, object]:
         return "predict", pair
     if isinstance(row, dict) and "text_pair" in row:
         raise ValueError("'text_pair' given, but this bundle's model reads single texts")
-    text = row.get("text") if isinstance(row, dict) else row
+    text = row.get(field) if isinstance(row, dict) else row
     if not isinstance(text, str):
-        raise ValueError("expected a string or an object with a string 'text'"
+        found = f" (its keys: {', '.join(sorted(row))})" if isinstance(row, dict) and field not in row else ""
+        raise ValueError(f"expected a string or an object with a string {field!r}{found}"
                          + (", or an object with a list of strings 'words'" if takes_words else ""))
     return "predict", text
 
 
-def read_jsonl_inputs(path: Path, text_pair: bool = False, takes_words: bool = False) -> list[tuple[str, object]]:
-    """(runtime method, input) per line of a JSONL file: a JSON string or {"text": ...}; {"text": ..., "text_pair":
-    ...} for a bundle whose model reads pairs; {"words": [...]} for a runtime that takes pre-split words."""
+def _input_lines(path: Path) -> list[str]:
+    """The lines of a UTF-8 file, split on newlines only (a JSON string or a text may hold U+2028 and other
+    characters that ``str.splitlines`` would split on); a final newline ends the last line, a CR before a newline
+    is dropped."""
     if not path.is_file():
         raise UsageError(f"--input: file not found: {path}")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise UsageError(f"--input: {path}:{line}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    lines = text.removeprefix("\ufeff").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def read_jsonl_inputs(path: Path, text_pair: bool = False, takes_words: bool = False,
+                      field: str = "text") -> list[tuple[str, object]]:
+    """(runtime method, input) per line of a JSONL file: a JSON string or {"text": ...} (the text under ``field``);
+    {"text": ..., "text_pair": ...} for a bundle whose model reads pairs; {"words": [...]} for a runtime that takes
+    pre-split words. Blank lines are skipped."""
     inputs = []
-    with open(path, encoding="utf-8", errors="strict") as handle:
-        try:
-            lines = handle.read().splitlines()
-        except UnicodeDecodeError as exc:
-            raise UsageError(f"--input: {path} is not UTF-8 ({exc})") from None
-    for number, line in enumerate(lines, 1):
+    for number, line in enumerate(_input_lines(path), 1):
         if not line.strip():
             continue
         try:
-            inputs.append(_jsonl_input(json.loads(line), text_pair, takes_words))
+            inputs.append(_jsonl_input(json.loads(line), text_pair, takes_words, field))
         except json.JSONDecodeError as exc:
             raise UsageError(f"--input: {path}:{number}: not valid JSON ({exc.msg})") from None
         except ValueError as exc:
             raise UsageError(f"--input: {path}:{number}: {exc}") from None
     return inputs
+
+
+def read_texts(path: Path, field: str = "text") -> list[str]:
+    """The texts of a file to embed: a .txt file's lines (every line a text, an empty one too, so that row i of the
+    vectors is line i + 1), or a .jsonl file's rows as ``read_jsonl_inputs`` reads single texts."""
+    if path.suffix == ".txt":
+        return _input_lines(path)
+    if path.suffix != ".jsonl":
+        raise UsageError(f"--input: {path}: expected a .jsonl file (one JSON text or {{\"{field}\": ...}} per line) "
+                         f"or a .txt file (one text per line)")
+    return [text for _, text in read_jsonl_inputs(path, field=field)]
 
 
 def _predict_inputs(runtime, inputs: list[tuple[str, object]]) -> list:
@@ -281,11 +307,50 @@ def _predict_file(runtime, source: Path, target: Path | None, chunk: int = 256) 
     if target is None:
         print("\n".join(rows))
         return 0
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_text("".join(f"{row}\n" for row in rows), encoding="utf-8")
-    os.replace(tmp, target)  # a reader never sees half a file
+    from edgetl.artifact import write_bytes_atomic
+
+    write_bytes_atomic(target, "".join(f"{row}\n" for row in rows).encode("utf-8"))  # never half a file
     print(f"wrote {len(rows)} predictions to {target}", file=sys.stderr)
     return 0
+
+
+def _cmd_embed(args) -> int:
+    import io
+
+    import numpy as np
+
+    from edgetl.artifact import write_bytes_atomic
+    from edgetl.runtime import Embedder, load
+
+    source, target = Path(args.input), Path(args.output)
+    if target.suffix != ".npy":
+        raise UsageError(f"--output: {target}: the vectors are written as a NumPy .npy file; give a name ending .npy")
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size: {args.batch_size} is not a positive integer")
+    texts = read_texts(source, args.field)  # a bad line fails before a model is loaded
+    runtime = load(args.bundle, backend=args.backend, threads=args.threads, public_key=args.public_key)
+    if not isinstance(runtime, Embedder):
+        raise UsageError(f"embed: {args.bundle} is a {runtime.task} bundle (served by {type(runtime).__name__}), not a "
+                         f"sentence-embedding one: use edgetl predict for its {runtime.task} results")
+    vectors = _embed_texts(runtime, texts, args.batch_size)
+    buffer = io.BytesIO()
+    np.save(buffer, vectors, allow_pickle=False)
+    write_bytes_atomic(target, buffer.getvalue())  # a reader never sees half a file, an error leaves none
+    print(f"wrote {vectors.shape[0]} vectors of {vectors.shape[1]} float32 values to {target}", file=sys.stderr)
+    return 0
+
+
+def _embed_texts(runtime, texts: list[str], batch_size: int | None, chunk: int = 1024):
+    """``runtime.embed`` of ``texts`` a chunk at a time, with a progress bar (length-grouped batches inside each)."""
+    import numpy as np
+    from tqdm import tqdm
+
+    parts = [np.zeros((0, runtime.dimension), dtype=np.float32)]
+    with tqdm(total=len(texts), desc="embed", unit="text") as progress:
+        for start in range(0, len(texts), chunk):
+            parts.append(runtime.embed(texts[start:start + chunk], batch_size))
+            progress.update(len(parts[-1]))
+    return np.concatenate(parts)
 
 
 PUBLIC_KEY_HELP = ("Ed25519 public key (PEM): refuse the bundle unless edgetl sign signed it with the matching "
@@ -345,8 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-accuracy", action="store_true", help="skip accuracy on the evaluation split")
     bench.set_defaults(func=_cmd_bench)
 
-    predict = sub.add_parser("predict", help="predict with a bundle, torch-free: a label, entities or a score per "
-                                             "text (as the bundle's task says)")
+    predict = sub.add_parser("predict", help="predict with a bundle, torch-free: a label, entities, a score or a "
+                                             "vector per text (as the bundle's task says)")
     predict.add_argument("bundle")
     predict.add_argument("texts", nargs="*", help="texts; two at a time (text, text_pair) for a bundle of pairs")
     predict.add_argument("--input", help="JSONL file, one input per line: a JSON string or {\"text\": ...}; "
@@ -358,7 +423,25 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--public-key", help=PUBLIC_KEY_HELP)
     predict.set_defaults(func=_cmd_predict)
 
-    serve = sub.add_parser("serve", help="serve a bundle over HTTP: POST /predict, GET /health, GET /metadata")
+    embed = sub.add_parser("embed", help="embed texts with a sentence-embedding bundle, torch-free: one float32 "
+                                         "vector per text, written as a .npy array (n, dimension)")
+    embed.add_argument("bundle")
+    embed.add_argument("--input", required=True, help="a .jsonl file (one JSON string or {\"text\": ...} per line; "
+                                                      "blank lines skipped) or a .txt file (one text per line, "
+                                                      "every line a text)")
+    embed.add_argument("--output", required=True, help=".npy file for the vectors, row i for the i-th text "
+                                                       "(written atomically)")
+    embed.add_argument("--field", default="text", help="the JSONL field that holds the text (default: text)")
+    embed.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino"])
+    embed.add_argument("--threads", type=int)
+    embed.add_argument("--batch-size", type=int,
+                       help="texts per model call (default: the bundle's: 64, or 1 for a dynamic-INT8 model whose "
+                            "vectors depend on their batch-mates)")
+    embed.add_argument("--public-key", help=PUBLIC_KEY_HELP)
+    embed.set_defaults(func=_cmd_embed)
+
+    serve = sub.add_parser("serve", help="serve a bundle over HTTP: POST /predict (POST /embed for a "
+                                         "sentence-embedding bundle), GET /health, GET /metadata")
     serve.add_argument("bundle")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")

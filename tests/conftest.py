@@ -8,6 +8,7 @@ rerun that both the pipeline tests and the stage tests read.
 from __future__ import annotations
 
 import collections
+import json
 import itertools
 import os
 import re
@@ -147,6 +148,42 @@ def assert_readable(ax) -> None:
         assert frame.contains(box.x0, box.y0) and frame.contains(box.x1, box.y1), f"{label!r} leaves the axes"
 
 
+def write_tiny_bundle(folder: Path, model, task: str, labels: list[str], text_pair: bool, tokenizer_dir: Path,
+                      max_length: int) -> Path:
+    """``folder`` as the bundle stage writes it: an ONNX and an OpenVINO model, each with its tokenizer and config,
+    ``tokenizer.json`` at the top and ``edgetl.json`` listing every file with its sha256 (and, for a sentence-embedding
+    model, the ``embedding`` section read from its config, as the bundle stage reads it)."""
+    from edgetl import __version__
+    from edgetl.artifact import copy_tokenizer, file_table
+    from edgetl.stages.bundle import BUNDLE_FORMAT, BUNDLE_VERSION
+    from edgetl.stages.export import export_onnx, export_openvino
+    from edgetl.tasks import task_for
+
+    raw_dir = folder.with_name(folder.name + "-raw")
+    raw_dir.mkdir()
+    raw = export_onnx(model, raw_dir, opset=17, task=task_for(task).optimum_task)
+    for backend in ("onnx", "openvino"):
+        (folder / backend).mkdir(parents=True)
+        copy_tokenizer(tokenizer_dir, folder / backend)
+        model.config.save_pretrained(str(folder / backend))
+    shutil.copy2(raw, folder / "onnx" / "model.onnx")
+    export_openvino(raw, folder / "openvino" / "model.xml")
+    shutil.copy2(tokenizer_dir / "tokenizer.json", folder / "tokenizer.json")
+    manifest = {
+        "format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "edgetl_version": __version__, "task": task,
+        "labels": labels, "text_pair": text_pair, "max_length": max_length, "truncation": "right", "head_tokens": 0,
+        "input_names": ["input_ids", "attention_mask", "token_type_ids"],
+        "models": {"onnx": {"path": "onnx/model.onnx", "precision": "fp32", "batch_invariant": True},
+                   "openvino": {"path": "openvino/model.xml", "precision": "fp32", "batch_invariant": True}},
+        "metrics": {}, "provenance": {}, "files": file_table(folder),
+    }
+    if hasattr(model.config, "sentence_pooling"):
+        manifest["embedding"] = {"dimension": model.config.hidden_size, "pooling": model.config.sentence_pooling,
+                                 "normalize": model.config.sentence_normalize}
+    (folder / "edgetl.json").write_text(json.dumps(manifest, indent=1))
+    return folder
+
+
 def _read_tsv(path: Path) -> tuple[str, list[str]]:
     lines = path.read_text().splitlines()
     return lines[0], [line for line in lines[1:] if line.strip()]
@@ -231,6 +268,23 @@ def tiny_task_model(tmp_path_factory, conll_slice, stsb_slice) -> Path:
         texts += [" ".join(json.loads(line)["tokens"]) for line in (conll_slice / name).read_text().splitlines()]
         texts += [f"{row['sentence1']} {row['sentence2']}" for row in map(json.loads, (stsb_slice / name).read_text().splitlines())]
     return tiny_bert(tmp_path_factory.mktemp("tiny-task-bert"), texts)
+
+
+@pytest.fixture(scope="session")
+def tiny_embedding_bundle(tmp_path_factory, tiny_task_model) -> Path:
+    """A sentence-embedding bundle of the tiny task BERT (random weights): mean-pooled, L2-normalised vectors of 32
+    values, max_length 32, FP32 ONNX and OpenVINO models; built in seconds."""
+    import torch
+    from transformers import BertConfig
+
+    from edgetl.modeling import embedding_class
+
+    config = BertConfig.from_pretrained(str(tiny_task_model))
+    config.sentence_pooling, config.sentence_normalize = "mean", True
+    torch.manual_seed(0)
+    model = embedding_class("bert")(config).eval()
+    folder = tmp_path_factory.mktemp("embedding-bundle") / "bundle"
+    return write_tiny_bundle(folder, model, "sentence-embedding", [], False, tiny_task_model, 32)
 
 
 @pytest.fixture(scope="session")

@@ -30,11 +30,16 @@ def test_recipe_runs_end_to_end_on_the_tiny_model(recipe, tiny_runs):
     assert (run_dir / "recipe.resolved.yaml").is_file()
     assert not any((run_dir / ".tmp").glob("*")), "a finished run leaves nothing in .tmp"
     if "bundle" in names:
+        import json
         import math
+
+        import numpy as np
 
         from edgetl.runtime import Entity, Prediction, load
 
         runtime = load(folders[names.index("bundle")])  # the runtime of the recipe's task
+        # What the bundle says its model reads is what the runtime asks for (an embedder: single texts).
+        assert json.loads((folders[names.index("bundle")] / "edgetl.json").read_text())["text_pair"] is runtime.text_pair
         texts = ["a gorgeous , witty film", "dull and lifeless"]
         results = runtime.predict([(t, t) for t in texts] if runtime.text_pair else texts)
         assert len(results) == 2
@@ -43,5 +48,7 @@ def test_recipe_runs_end_to_end_on_the_tiny_model(recipe, tiny_runs):
                 assert result.label in runtime.labels
             elif isinstance(result, list):
                 assert all(isinstance(e, Entity) and e.type in {t[2:] for t in runtime.labels} for e in result)
+            elif isinstance(result, np.ndarray):  # a sentence vector
+                assert result.shape == (runtime.dimension,) and np.isfinite(result).all()
             else:
                 assert math.isfinite(result)

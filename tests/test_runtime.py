@@ -239,13 +239,7 @@ def _fuzz_texts(count: int, seed: int = 0) -> list[str]:
     return [rng.choice(makers)() for _ in range(count)]
 
 
-def test_fuzz_ten_thousand_generated_inputs_give_valid_predictions(tiny_run):
-    from edgetl.runtime import TextClassifier
-
-    classifier = TextClassifier.load(tiny_run / "06-bundle", backend="onnxruntime")
-    texts = _fuzz_texts(10_000)
-    predictions = classifier.predict(texts)  # one call with all 10,000: batched by length inside
-    assert len(predictions) == len(texts)
+def _valid_predictions(classifier, texts: list[str], predictions: list) -> None:
     for prediction in predictions:
         assert prediction.label in classifier.labels and 0.0 <= prediction.score <= 1.0
         assert abs(sum(prediction.scores.values()) - 1.0) < 1e-5 and prediction.score == max(prediction.scores.values())
@@ -254,6 +248,33 @@ def test_fuzz_ten_thousand_generated_inputs_give_valid_predictions(tiny_run):
         alone = classifier.predict_one(texts[index])
         # INT8 kernels differ by batch shape, so a value may round to the next step (observed 1.1e-4 on a score).
         assert alone.label == predictions[index].label and abs(alone.score - predictions[index].score) < 1e-3
+
+
+def _valid_vectors(embedder, texts: list[str], vectors: list) -> None:
+    stacked = np.stack(vectors)
+    assert stacked.dtype == np.float32 and stacked.shape == (len(texts), embedder.dimension)
+    assert np.isfinite(stacked).all()
+    np.testing.assert_allclose(np.linalg.norm(stacked, axis=1), 1.0, atol=1e-5)  # the tiny bundle normalises
+    # The batch did not change the answers: a sample embedded one at a time points the same way.
+    for index in range(0, len(texts), 97):
+        assert float(embedder.predict_one(texts[index]) @ stacked[index]) >= 0.9999
+
+
+# Runtime -> (the fixture that gives its bundle, the folder in it, the check of its results).
+FUZZED = {"TextClassifier": ("tiny_run", "06-bundle", _valid_predictions),
+          "Embedder": ("tiny_embedding_bundle", ".", _valid_vectors)}
+
+
+@pytest.mark.parametrize("runtime_name", FUZZED)
+def test_fuzz_ten_thousand_generated_inputs_give_valid_results(request, runtime_name):
+    import edgetl.runtime
+
+    fixture, folder, check = FUZZED[runtime_name]
+    runtime = getattr(edgetl.runtime, runtime_name).load(request.getfixturevalue(fixture) / folder, backend="onnxruntime")
+    texts = _fuzz_texts(10_000)
+    results = runtime.predict(texts)  # one call with all 10,000: batched by length inside
+    assert len(results) == len(texts)
+    check(runtime, texts, results)
 
 
 def test_lone_surrogates_are_replaced_not_fatal(tiny_run):

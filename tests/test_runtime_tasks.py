@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, write_tiny_bundle
 from edgetl.errors import ArtifactError, UsageError
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -31,40 +31,10 @@ TEXTS = ["Peter Blackburn visited London on Friday", "EU  rejects German call to
          "West \ud800 Indian all-rounder Phil Simmons", "Jos\u00e9 \ud83c\udfac Leicestershire beat Somerset", "", "   "]
 
 
-def _bundle(folder: Path, model, task: str, labels: list[str], text_pair: bool, tokenizer_dir: Path) -> Path:
-    """``folder`` as the bundle stage writes it: an ONNX and an OpenVINO model, each with its tokenizer and config,
-    ``tokenizer.json`` at the top and ``edgetl.json`` listing every file with its sha256."""
-    from edgetl import __version__
-    from edgetl.artifact import copy_tokenizer, file_table
-    from edgetl.stages.bundle import BUNDLE_FORMAT, BUNDLE_VERSION
-    from edgetl.stages.export import export_onnx, export_openvino
-    from edgetl.tasks import task_for
-
-    raw_dir = folder.with_name(folder.name + "-raw")
-    raw_dir.mkdir()
-    raw = export_onnx(model, raw_dir, opset=17, task=task_for(task).optimum_task)
-    for backend in ("onnx", "openvino"):
-        (folder / backend).mkdir(parents=True)
-        copy_tokenizer(tokenizer_dir, folder / backend)
-        model.config.save_pretrained(str(folder / backend))
-    shutil.copy2(raw, folder / "onnx" / "model.onnx")
-    export_openvino(raw, folder / "openvino" / "model.xml")
-    shutil.copy2(tokenizer_dir / "tokenizer.json", folder / "tokenizer.json")
-    manifest = {
-        "format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "edgetl_version": __version__, "task": task,
-        "labels": labels, "text_pair": text_pair, "max_length": MAX_LENGTH, "truncation": "right", "head_tokens": 0,
-        "input_names": ["input_ids", "attention_mask", "token_type_ids"],
-        "models": {"onnx": {"path": "onnx/model.onnx", "precision": "fp32", "batch_invariant": True},
-                   "openvino": {"path": "openvino/model.xml", "precision": "fp32", "batch_invariant": True}},
-        "metrics": {}, "provenance": {}, "files": file_table(folder),
-    }
-    (folder / "edgetl.json").write_text(json.dumps(manifest, indent=1))
-    return folder
-
-
 @pytest.fixture(scope="module")
-def bundles(tmp_path_factory, tiny_task_model) -> dict[str, Path]:
-    """'tokens' (NER tags), 'regression' (a score per pair) and 'pairs' (two labels per pair) bundles."""
+def bundles(tmp_path_factory, tiny_task_model, tiny_embedding_bundle) -> dict[str, Path]:
+    """'tokens' (NER tags), 'regression' (a score per pair), 'pairs' (two labels per pair) and 'embedding' (a vector
+    per text) bundles."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertForTokenClassification
 
@@ -79,8 +49,8 @@ def bundles(tmp_path_factory, tiny_task_model) -> dict[str, Path]:
                                             label2id={label: i for i, label in enumerate(names)})
         torch.manual_seed(0)
         model = head(config).eval()
-        made[name] = _bundle(root / name, model, task, labels, text_pair, tiny_task_model)
-    return made
+        made[name] = write_tiny_bundle(root / name, model, task, labels, text_pair, tiny_task_model, MAX_LENGTH)
+    return made | {"embedding": tiny_embedding_bundle}
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +86,7 @@ def _edit_manifest(bundle: Path, target: Path, **changes) -> Path:
 # --- load: the runtime the task declares ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, runtime", [("tokens", "TokenClassifier"), ("regression", "TextRegressor"),
-                                           ("pairs", "TextClassifier")])
+                                           ("pairs", "TextClassifier"), ("embedding", "Embedder")])
 def test_load_returns_the_runtime_that_the_bundles_task_declares(bundles, name, runtime):
     import edgetl.runtime
     from edgetl.tasks import task_for
@@ -171,7 +141,9 @@ def test_a_bundle_of_an_unknown_task_is_refused_naming_it(bundles, tmp_path, tas
 
 @pytest.mark.parametrize("runtime, name, served_by", [("TextClassifier", "tokens", "TokenClassifier"),
                                                       ("TokenClassifier", "regression", "TextRegressor"),
-                                                      ("TextRegressor", "pairs", "TextClassifier")])
+                                                      ("TextRegressor", "pairs", "TextClassifier"),
+                                                      ("Embedder", "pairs", "TextClassifier"),
+                                                      ("TextClassifier", "embedding", "Embedder")])
 def test_a_runtime_refuses_a_bundle_of_another_task(bundles, runtime, name, served_by):
     import edgetl.runtime
 
@@ -447,6 +419,17 @@ def test_cli_predict_names_the_line_a_tasks_input_is_wrong_on(bundles, tmp_path,
         main(["--debug", "predict", str(bundles[name]), "--input", str(tmp_path / "in.jsonl"), "--output",
               str(tmp_path / "out.jsonl")])
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_cli_embed_refuses_a_bundle_of_another_task_naming_predict(bundles, tmp_path, capsys):
+    from edgetl.cli import main
+
+    (tmp_path / "in.txt").write_text("a man\n")
+    code = main(["embed", str(bundles["pairs"]), "--input", str(tmp_path / "in.txt"), "--output",
+                 str(tmp_path / "out.npy")])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a text-classification bundle (served by TextClassifier), not a sentence-embedding" in err
+    assert "use edgetl predict" in err and not (tmp_path / "out.npy").exists()
 
 
 def test_cli_predict_refuses_a_text_pair_for_a_single_text_bundle(bundles, tmp_path):

@@ -1,4 +1,5 @@
-"""`edgetl serve`: the real uvicorn server in a subprocess, on loopback, with the tiny run's bundle."""
+"""`edgetl serve`: the real uvicorn server in a subprocess, on loopback, with the tiny run's bundle (POST /predict)
+and the tiny embedding bundle (POST /embed)."""
 
 from __future__ import annotations
 
@@ -32,15 +33,26 @@ def server(bundle):
 
 
 @pytest.fixture(scope="module")
+def embedding_server(tiny_embedding_bundle):
+    process, port = start_server(tiny_embedding_bundle, "--backend", "onnxruntime")
+    yield port
+    stop_server(process)
+
+
+# A route -> the fixture of the server that answers it: /predict by a classifier, /embed by an embedder.
+SERVED_BY = {"/predict": "server", "/embed": "embedding_server"}
+
+
+@pytest.fixture(scope="module")
 def classifier(bundle):
     from edgetl.runtime import TextClassifier
 
     return TextClassifier.load(bundle, backend="onnxruntime")
 
 
-def post(port: int, body: bytes | str | dict, **headers):
+def post(port: int, body: bytes | str | dict, route: str = "/predict", **headers):
     data = json.dumps(body).encode() if isinstance(body, dict) else body.encode() if isinstance(body, str) else body
-    return request("127.0.0.1", port, "POST", "/predict", data, headers=headers)
+    return request("127.0.0.1", port, "POST", route, data, headers=headers)
 
 
 def test_health_and_metadata(server, bundle):
@@ -82,6 +94,7 @@ def test_concurrent_requests_each_get_their_own_answers(server, classifier, dev_
         np.testing.assert_allclose([p["score"] for p in body["predictions"]], [p.score for p in expected], atol=1e-4)
 
 
+@pytest.mark.parametrize("route", SERVED_BY)
 @pytest.mark.parametrize("body, status, message", [
     ("{not json", 400, "not valid JSON"),
     (b"\xff\xfe{}", 400, "not UTF-8"),
@@ -95,21 +108,77 @@ def test_concurrent_requests_each_get_their_own_answers(server, classifier, dev_
     ({"texts": ["a"] * 1025}, 413, "over the limit of 1024 per request"),
     ("x" * ((1 << 20) + 1), 413, "over the limit of 1048576 bytes"),
 ])
-def test_bad_requests_get_4xx_and_the_service_keeps_serving(server, body, status, message):
-    answer_status, answer = post(server, body)
+def test_bad_requests_get_4xx_and_the_service_keeps_serving(request, route, body, status, message):
+    port = request.getfixturevalue(SERVED_BY[route])
+    answer_status, answer = post(port, body, route)
     assert answer_status == status and message in answer["error"]
-    assert post(server, {"text": "still here"})[0] == 200
+    assert post(port, {"text": "still here"}, route)[0] == 200
 
 
-def test_a_chunked_oversize_body_is_cut_off_with_413(server):
+@pytest.mark.parametrize("route", SERVED_BY)
+def test_a_chunked_oversize_body_is_cut_off_with_413(request, route):
     """No Content-Length: the limit holds while the body streams in."""
-    conn = http.client.HTTPConnection("127.0.0.1", server, timeout=30)
+    port = request.getfixturevalue(SERVED_BY[route])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     chunks = (b'{"text": "' + b"y" * 65536 for _ in range(20))
-    conn.request("POST", "/predict", body=chunks, encode_chunked=True, headers={"Content-Type": "application/json"})
+    conn.request("POST", route, body=chunks, encode_chunked=True, headers={"Content-Type": "application/json"})
     response = conn.getresponse()
     assert response.status == 413 and "over the limit" in json.loads(response.read())["error"]
     conn.close()
-    assert request("127.0.0.1", server, "GET", "/health")[0] == 200
+    assert post(port, {"text": "still here"}, route)[0] == 200  # (``request`` is pytest's fixture here)
+
+
+# --- POST /embed ----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def embedder(tiny_embedding_bundle):
+    from edgetl.runtime import Embedder
+
+    return Embedder.load(tiny_embedding_bundle, backend="onnxruntime")
+
+
+def test_embed_answers_the_libraries_vectors(embedding_server, embedder, dev_texts):
+    texts = [*dev_texts[:30], "", "\ud800 lone surrogate", "a" * 100_000]
+    status, body = post(embedding_server, {"texts": texts}, "/embed")
+    assert status == 200 and set(body) == {"embeddings"}
+    vectors = np.array(body["embeddings"])
+    assert vectors.shape == (len(texts), embedder.dimension)
+    np.testing.assert_allclose(vectors, embedder.embed(texts), atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    status, body = post(embedding_server, {"text": texts[0]}, "/embed")
+    assert status == 200 and set(body) == {"embedding"}
+    np.testing.assert_allclose(body["embedding"], vectors[0], atol=1e-6)
+    assert post(embedding_server, {"texts": []}, "/embed") == (200, {"embeddings": []})
+
+
+def test_concurrent_embed_and_predict_requests_each_get_their_own_vectors(embedding_server, embedder, dev_texts):
+    """/embed and /predict of one embedding bundle share batches; /predict wraps each vector as every task does."""
+    chunks = [dev_texts[i:i + 1 + i % 5] for i in range(0, 60, 3)]
+
+    def ask(index_texts):
+        index, texts = index_texts
+        return post(embedding_server, {"texts": texts}, "/embed" if index % 2 else "/predict")
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, enumerate(chunks)))
+    for index, (texts, (status, body)) in enumerate(zip(chunks, answers, strict=True)):
+        assert status == 200
+        got = body["embeddings"] if index % 2 else [p["embedding"] for p in body["predictions"]]
+        np.testing.assert_allclose(got, embedder.embed(texts), atol=1e-6)
+
+
+def test_embed_on_a_classifier_is_404_naming_predict(server):
+    status, body = post(server, {"text": "a witty film"}, "/embed")
+    assert status == 404 and "this service serves a text-classification bundle: POST /predict" in body["error"]
+    assert request("127.0.0.1", server, "GET", "/embed") == (405, {"error": "Method Not Allowed"})
+
+
+def test_embedding_metadata_gives_dimension_and_single_texts(embedding_server, tiny_embedding_bundle, embedder):
+    status, meta = request("127.0.0.1", embedding_server, "GET", "/metadata")
+    manifest = json.loads((tiny_embedding_bundle / "edgetl.json").read_text())
+    assert status == 200 and meta["task"] == "sentence-embedding" and meta["text_pair"] is False
+    assert meta["embedding"] == manifest["embedding"] == {"dimension": embedder.dimension, "pooling": "mean",
+                                                          "normalize": True}
 
 
 def test_odd_but_valid_texts_are_classified(server, classifier):

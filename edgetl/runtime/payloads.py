@@ -1,4 +1,4 @@
-"""JSON inputs of a bundle runtime: ``edgetl serve``'s POST /predict bodies (the routes are in ``server``'s
+"""JSON inputs of a bundle runtime: ``edgetl serve``'s POST /predict and /embed bodies (the routes are in ``server``'s
 docstring) and the pair form that ``edgetl predict --input`` rows share. A body is checked whole before anything is
 queued, so one malformed request never fails the batch it would have joined."""
 

@@ -14,8 +14,16 @@ Routes:
                               -> {"prediction": {"entities": [{"type", "score", "start", "end", "text"}, ...]}}
                                  / {"predictions": [{"entities": [...]}, ...]}; ``start``/``end`` index the text,
                                  or ``" ".join(words)``
+        sentence-embedding    {"text": "..."} / {"texts": ["...", ...]} -> {"prediction": {"embedding": [...]}}
+                              / {"predictions": [{"embedding": [...]}, ...]} (the envelope every task shares)
+    POST /embed     a sentence-embedding bundle's vectors without the envelope: {"text": "..."} -> {"embedding":
+                    [x, ...]}, {"texts": ["...", ...]} -> {"embeddings": [[x, ...], ...]}; float32 values, each
+                    vector ``dimension`` long (/metadata's ``embedding``), of unit length where ``normalize``. Bodies,
+                    limits, batching and errors as /predict's (the two routes' inputs share batches). Another
+                    task's bundle answers 404 naming /predict.
     GET  /health    {"status": "ok"}
     GET  /metadata  task, text_pair, labels, max length, backend, precision, metrics and provenance of the bundle
+                    (and ``embedding``: dimension, pooling, normalize, for a sentence-embedding bundle)
 
 Concurrent requests are batched: inputs that arrive while a batch runs are predicted together in the next
 one (up to ``max_batch`` inputs). A body over ``max_body_bytes`` is refused with 413 before it is read in
@@ -34,6 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from edgetl.errors import MissingDependencyError
 from edgetl.runtime.bundle import BundleRuntime
+from edgetl.runtime.embedder import Embedder
 from edgetl.runtime.payloads import RequestError, parse_predict_request
 
 log = logging.getLogger("edgetl.serve")
@@ -126,7 +135,8 @@ def metadata(runtime: BundleRuntime) -> dict:
     manifest = runtime.manifest
     keys = ("format_version", "edgetl_version", "labels", "max_length", "truncation", "input_names", "metrics",
             "provenance")
-    return {**{k: manifest.get(k) for k in keys}, "task": runtime.task, "text_pair": runtime.text_pair,
+    extra = {"embedding": manifest["embedding"]} if "embedding" in manifest else {}
+    return {**{k: manifest.get(k) for k in keys}, **extra, "task": runtime.task, "text_pair": runtime.text_pair,
             "backend": runtime.backend, "precision": manifest["models"][runtime.backend].get("precision")}
 
 
@@ -161,18 +171,34 @@ def create_app(runtime: BundleRuntime, max_batch: int = 64, max_body_bytes: int 
     def error(status: int, message: str) -> JSONResponse:
         return JSON({"error": message}, status_code=status)
 
-    async def predict(request):
+    async def answer(request) -> tuple[list, bool] | JSONResponse:
+        """The results of a request's inputs and whether it asked for one, or the error response to send."""
         try:
             body = await _read_body(request, max_body_bytes)
             method, items, single = parse_predict_request(body, max_texts, runtime.text_pair, runtime.takes_words)
         except RequestError as exc:
             return error(exc.status, str(exc))
         try:
-            results = await batcher.predict(items, method) if items else []
+            return (await batcher.predict(items, method) if items else []), single
         except Exception as exc:
             return error(500, f"prediction failed: {type(exc).__name__}: {exc}")
-        rows = [runtime.to_json(result) for result in results]
-        return JSON({"prediction": rows[0]} if single else {"predictions": rows})
+
+    async def predict(request):
+        answered = await answer(request)
+        if isinstance(answered, JSONResponse):
+            return answered
+        rows = [runtime.to_json(result) for result in answered[0]]
+        return JSON({"prediction": rows[0]} if answered[1] else {"predictions": rows})
+
+    async def embed(request):
+        if not isinstance(runtime, Embedder):
+            return error(404, f"/embed serves sentence-embedding bundles; this service serves a {runtime.task} "
+                              f"bundle: POST /predict")
+        answered = await answer(request)
+        if isinstance(answered, JSONResponse):
+            return answered
+        rows = [vector.tolist() for vector in answered[0]]
+        return JSON({"embedding": rows[0]} if answered[1] else {"embeddings": rows})
 
     async def health(request):
         return JSON({"status": "ok"})
@@ -183,8 +209,8 @@ def create_app(runtime: BundleRuntime, max_batch: int = 64, max_body_bytes: int 
     async def http_error(request, exc):  # 404, 405 ... as JSON like every other answer
         return error(exc.status_code, exc.detail)
 
-    routes = [Route("/predict", predict, methods=["POST"]), Route("/health", health, methods=["GET"]),
-              Route("/metadata", meta, methods=["GET"])]
+    routes = [Route("/predict", predict, methods=["POST"]), Route("/embed", embed, methods=["POST"]),
+              Route("/health", health, methods=["GET"]), Route("/metadata", meta, methods=["GET"])]
 
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
 

@@ -67,6 +67,9 @@ class Task:
             ``metric`` among them.
         fidelity: (a task whose compressed models are judged against the FP32 one's outputs) a model's per-input
             outputs, the reference model's and the inputs -> closeness metrics; None where the task metric says it.
+        reads_pairs: whether the model reads a (text, text_pair) pair as one input when the data names a
+            ``text_pair_field``; False where the pairs only score the model and each text is an input of its own
+            (a bundle's ``text_pair`` is then false).
     """
 
     name: str
@@ -92,6 +95,7 @@ class Task:
     score: Callable[[list, list, dict, list[str] | None], dict]
     runtime: str
     fidelity: Callable[[list, list, list], dict] | None = None
+    reads_pairs: bool = True
 
     def __post_init__(self):
         unknown = set(self.options) - set(OPTIONS)

@@ -130,4 +130,5 @@ TASK = Task(
     score=score,
     runtime="Embedder",
     fidelity=fidelity,
+    reads_pairs=False,  # the STS-B pairs score the vectors; the model embeds one text at a time
 )
