@@ -72,16 +72,10 @@ def test_normalised_vectors_have_unit_length_and_one_text_gives_its_row(embedder
     assert embedder.to_json(vectors[0]) == {"embedding": [float(x) for x in vectors[0]]}
 
 
-def test_an_embedder_takes_single_texts_even_where_the_bundle_says_pairs(tiny_embedding_bundle, tmp_path):
-    """Bundles built before Task.reads_pairs carry text_pair true from their STS-B evaluation pairs."""
-    import shutil
-
+def test_an_embedder_takes_single_texts_though_its_recipe_scores_pairs(tiny_embedding_bundle):
     from edgetl.runtime import load
 
-    copy = Path(shutil.copytree(tiny_embedding_bundle, tmp_path / "old"))
-    manifest = json.loads((copy / "edgetl.json").read_text())
-    (copy / "edgetl.json").write_text(json.dumps({**manifest, "text_pair": True}))
-    embedder = load(copy, backend="onnxruntime")
+    embedder = load(tiny_embedding_bundle, backend="onnxruntime")
     assert embedder.text_pair is False and embedder.embed(["a man", "a dog"]).shape == (2, embedder.dimension)
     with pytest.raises(TypeError, match=r"texts\[0\] is a \(text, text_pair\) pair, but this bundle's model reads single"):
         embedder.embed([("a", "b")])

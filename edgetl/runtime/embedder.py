@@ -19,12 +19,6 @@ class Embedder(BundleRuntime):
         normalize: whether vectors have unit length (then a dot product is their cosine).
     """
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # One text per vector, always: the pairs of a sentence-embedding recipe only score the vectors. Bundles
-        # written before the task said so (``Task.reads_pairs``) carry ``text_pair: true`` from that data.
-        self.text_pair = False
-
     def _check_task(self) -> None:
         super()._check_task()
         section = self.manifest.get("embedding")
