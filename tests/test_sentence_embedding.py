@@ -148,11 +148,12 @@ def test_the_files_edgetl_writes_read_back_as_the_same_pooling_and_normalisation
     assert json.loads((tmp_path / "sentence_bert_config.json").read_text())["max_seq_length"] == 48
 
 
-# --- the pretrained stage, and the quantize gate --------------------------------------------------------------------
+# --- the pretrained stage, the quantize gate, the bundle --------------------------------------------------------------------
 
 GATED = [{"stage": "pretrained"}, {"stage": "export", "formats": ["onnx"]},
          {"stage": "quantize", "backends": ["onnx"], "onnx_method": "dynamic", "calibration_samples": 8,
-          "fidelity_samples": 40}]
+          "fidelity_samples": 40},
+         {"stage": "evaluate"}, {"stage": "bundle", "backends": ["onnx"]}]
 
 
 @pytest.fixture(scope="module")
@@ -228,3 +229,22 @@ def test_sentence_transformers_loads_the_pretrained_folder_and_embeds_as_edgetl_
     expected = edgetl_vectors(folder, texts, 48)
     assert_same_directions(found, expected)
     np.testing.assert_allclose(found, expected, atol=1e-4, rtol=0)  # no Normalize module: the same lengths too
+
+
+def test_the_bundle_embeds_one_text_at_a_time_as_the_evaluate_stage_did(gated_run, stsb_slice):
+    from edgetl.runtime import Embedder, load
+
+    bundle = gated_run / "05-bundle"
+    manifest = json.loads((bundle / "edgetl.json").read_text())
+    # STS-B names a second text, but an embedding model reads each text alone: the bundle takes single texts.
+    assert manifest["text_pair"] is False and manifest["embedding"] == {"dimension": 32, "pooling": "mean",
+                                                                         "normalize": False}
+    embedder = load(bundle)
+    assert isinstance(embedder, Embedder)
+    rows = [json.loads(line) for line in (stsb_slice / "dev.jsonl").read_text().splitlines()]
+    texts = [row["sentence1"] for row in rows] + [row["sentence2"] for row in rows]
+    evaluated = np.load(gated_run / "04-evaluate" / "logits-03-quantize-onnx.npy")
+    np.testing.assert_allclose(embedder.embed(texts), evaluated, atol=1e-5, rtol=0)
+    with pytest.raises(TypeError, match=r"texts\[0\] is a \(text, text_pair\) pair, but this bundle's model reads "
+                                        r"single texts"):
+        embedder.embed([("a man", "a woman")])

@@ -67,6 +67,9 @@ class Task:
             ``metric`` among them.
         fidelity: (a task whose compressed models are judged against the FP32 one's outputs) a model's per-input
             outputs, the reference model's and the inputs -> closeness metrics; None where the task metric says it.
+        pair_input: whether the model reads a (text, text_pair) pair as one input when the data names a second text
+            (a cross-encoder, and the bundle's ``text_pair``); False where each text of a pair is an input of its own
+            and the pair only scores (sentence embeddings).
     """
 
     name: str
@@ -92,6 +95,7 @@ class Task:
     score: Callable[[list, list, dict, list[str] | None], dict]
     runtime: str
     fidelity: Callable[[list, list, list], dict] | None = None
+    pair_input: bool = True
 
     def __post_init__(self):
         unknown = set(self.options) - set(OPTIONS)

@@ -130,4 +130,5 @@ TASK = Task(
     score=score,
     runtime="Embedder",
     fidelity=fidelity,
+    pair_input=False,  # STS-B's pairs are two texts to embed apart; an app embeds one text at a time
 )
