@@ -139,6 +139,26 @@ def test_sentence_transformers_files_say_how_a_checkpoint_pools_and_normalises(t
     assert sentence_transformers_setup("sentence-transformers/all-MiniLM-L6-v2") == {}
 
 
+def test_a_checkpoint_pooled_otherwise_than_by_mean_or_cls_is_refused_unless_the_recipe_names_a_pooling(
+        tmp_path, tiny_task_model):
+    import shutil
+
+    from edgetl.errors import ArchitectureError
+    from edgetl.modeling import new_embedder
+    from edgetl.models import sentence_transformers_setup
+
+    both = st_folder(tmp_path / "both", {"pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": True}, False)
+    assert sentence_transformers_setup(str(both)) == {"pooling": "mean+max", "normalize": False}
+    folder = tmp_path / "max-pooled"
+    shutil.copytree(tiny_task_model, folder)
+    st_folder(folder, {"pooling_mode_max_tokens": True}, True)
+    with pytest.raises(ArchitectureError, match=r"pools by 'max', and edgetl pools by mean or cls only: set "
+                                                r"stages\.pretrained\.pooling"):
+        new_embedder(str(folder))
+    model, _ = new_embedder(str(folder), pooling="mean")
+    assert model.config.sentence_pooling == "mean" and model.config.sentence_normalize is True
+
+
 @pytest.mark.parametrize("pooling, normalize", [("mean", True), ("cls", False)])
 def test_the_files_edgetl_writes_read_back_as_the_same_pooling_and_normalisation(tmp_path, pooling, normalize):
     from edgetl.models import sentence_transformers_setup, write_sentence_transformers_files
