@@ -170,6 +170,9 @@ def new_classifier(name: str, labels: list[str] | None, pooling: str | None, tas
     return head.from_pretrained(source, config=config), AutoTokenizer.from_pretrained(source)
 
 
+EMBEDDING_POOLINGS = ("mean", "cls")  # what _EmbeddingHead computes
+
+
 def new_embedder(name: str, pooling: str | None = None, normalize: bool | None = None):
     """A pretrained encoder as a sentence-embedding model, plus its tokenizer; pooling and normalisation as given,
     else as the checkpoint's sentence-transformers files say (``sentence_transformers_setup``), else mean and none."""
@@ -177,8 +180,14 @@ def new_embedder(name: str, pooling: str | None = None, normalize: bool | None =
 
     source = resolve_model_source(name)
     found = sentence_transformers_setup(source)
+    pooling = pooling or found.get("pooling", "mean")
+    if pooling not in EMBEDDING_POOLINGS:  # mean-pooling a max-pooled checkpoint would give vectors it never made
+        raise ArchitectureError(f"{source}: its sentence-transformers Pooling module pools by '{pooling}', and edgetl "
+                                f"pools by {' or '.join(EMBEDDING_POOLINGS)} only: set stages.pretrained.pooling to "
+                                "one of them to take the checkpoint anyway (its vectors will not be the ones it "
+                                "was trained to give)")
     config = AutoConfig.from_pretrained(source)
-    config.sentence_pooling = pooling or found.get("pooling", "mean")  # new keys: from_pretrained drops them as kwargs
+    config.sentence_pooling = pooling  # new keys: from_pretrained drops them as kwargs
     config.sentence_normalize = found.get("normalize", False) if normalize is None else normalize
     return embedding_class(config.model_type).from_pretrained(source, config=config), AutoTokenizer.from_pretrained(source)
 

@@ -52,13 +52,17 @@ def resolve_model_source(name: str) -> str:
     return name
 
 
-_ST_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
+# sentence-transformers' Pooling modes -> their names here; edgetl pools by mean and cls only.
+_ST_POOLING_KEYS = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls",
+                    "pooling_mode_max_tokens": "max", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len",
+                    "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
 
 
 def sentence_transformers_setup(source: str) -> dict:
     """How a sentence-transformers checkpoint folder pools and normalises (``modules.json`` and its Pooling
-    module's ``config.json``): ``{"pooling": "mean"|"cls", "normalize": bool}``, the keys it says; {} for any other
-    folder or a hub id."""
+    module's ``config.json``): ``{"pooling": "mean"|"cls"|..., "normalize": bool}``, the keys it says; {} for any
+    other folder or a hub id. ``pooling`` names every mode the file turns on, joined by ``+`` (sentence-transformers
+    concatenates their vectors), even one edgetl cannot pool by: the caller refuses those rather than guess."""
     import json
 
     modules_file = Path(source) / "modules.json"
@@ -70,8 +74,8 @@ def sentence_transformers_setup(source: str) -> dict:
     pooling_file = Path(source) / pooling.get("path", "") / "config.json" if pooling else None
     if pooling_file is not None and pooling_file.is_file():
         modes = [mode for key, mode in _ST_POOLING_KEYS.items() if json.loads(pooling_file.read_text()).get(key)]
-        if len(modes) == 1:
-            found["pooling"] = modes[0]
+        if modes:
+            found["pooling"] = "+".join(modes)
     return found
 
 

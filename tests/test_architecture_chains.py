@@ -2,7 +2,8 @@
 
 Each pair runs a recipe: fine-tune a few steps (text classification also distils and prunes), export, INT8 on
 every backend the architecture allows, evaluate, benchmark, bundle; the FP32 exports must answer as PyTorch
-does, and the bundle must load with the task's runtime and predict. What an architecture cannot do is refused
+does, and the bundle must load with the task's runtime and predict. Sentence embedding takes the tiny encoder as
+it is (pretrained) on a dozen STS-B-like pairs and skips the benchmark, which the other tasks already time. What an architecture cannot do is refused
 when the recipe loads (tests/test_architectures.py names each refusal).
 """
 
@@ -24,7 +25,11 @@ from edgetl.architectures import ADAPTERS, adapter_for
 from edgetl.tasks import TASKS
 
 TYPES = sorted(ADAPTERS)
-TASK_DATA = {"text-classification": "sst2", "token-classification": "conll2003", "text-regression": "stsb"}
+TASK_DATA = {"text-classification": "sst2", "token-classification": "conll2003", "text-regression": "stsb",
+             "sentence-embedding": "stsb"}
+TASK_SLICE = {"text-classification": "sst2_slice", "token-classification": "conll_slice",
+              "text-regression": "stsb_slice", "sentence-embedding": "stsb_pairs"}
+EMBEDDING_PAIRS = {"train.jsonl": 24, "dev.jsonl": 12}
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +40,16 @@ def words(sst2_slice, conll_slice, stsb_slice) -> list[str]:
     for row in map(json.loads, (stsb_slice / "train.jsonl").read_text().splitlines()):
         texts += [row["sentence1"], row["sentence2"]]
     return [word for word, _ in collections.Counter(" ".join(texts).lower().split()).most_common(300)]
+
+
+@pytest.fixture(scope="module")
+def stsb_pairs(tmp_path_factory, stsb_slice) -> Path:
+    """A dozen STS-B-like scored pairs to evaluate on, two dozen to calibrate and check INT8 fidelity on: the first
+    rows of the STS-B slice, whose words the tiny encoders know."""
+    folder = tmp_path_factory.mktemp("stsb-pairs")
+    for name, count in EMBEDDING_PAIRS.items():
+        (folder / name).write_text("\n".join((stsb_slice / name).read_text().splitlines()[:count]) + "\n")
+    return folder
 
 
 def tiny_encoder(model_type: str, folder: Path, words: list[str]) -> Path:
@@ -55,14 +70,17 @@ def chain(model_type: str, task: str, model: Path, data: Path) -> dict:
     adapter = adapter_for(model_type)
     backends = ["onnx", "openvino"] if adapter.supports("openvino") else ["onnx"]
     train = {"max_steps": 4, "eval_steps": 2, "batch_size": 16}
-    stages = [{"stage": "finetune", **train}]
+    trains = TASKS[task].refusal("finetune") is None
+    stages = [{"stage": "finetune", **train} if trains else {"stage": "pretrained"}]
     if TASKS[task].refusal("distill") is None and TASKS[task].refusal("prune") is None:
         stages += [{"stage": "distill", "layers": [0], **train},
                    {"stage": "prune", "heads_keep": 0.5 if adapter.supports("head_pruning") else 1.0, "ffn_keep": 0.5,
                     "importance_samples": 32, **train}]
-    stages += [{"stage": "export", "formats": backends},
-               {"stage": "quantize", "backends": backends, "onnx_method": "dynamic", "calibration_samples": 8},
-               {"stage": "evaluate"}, {"stage": "benchmark"}, {"stage": "bundle", "backends": backends}]
+    quantize = {"stage": "quantize", "backends": backends, "onnx_method": "dynamic", "calibration_samples": 8}
+    if TASKS[task].fidelity is not None:
+        quantize["fidelity_samples"] = 16
+    stages += [{"stage": "export", "formats": backends}, quantize, {"stage": "evaluate"},
+               *([{"stage": "benchmark"}] if trains else []), {"stage": "bundle", "backends": backends}]
     return {"name": f"{model_type}-{task}", "task": task, "model": str(model),
             "data": {"dataset": TASK_DATA[task], "path": str(data), "max_length": 48},
             "stages": stages,
@@ -100,7 +118,7 @@ def test_the_whole_chain_runs_for_every_architecture_and_task(model_type, task, 
     from edgetl.recipe import load_recipe
     from edgetl.runtime import load
 
-    data = request.getfixturevalue({"sst2": "sst2_slice", "conll2003": "conll_slice", "stsb": "stsb_slice"}[TASK_DATA[task]])
+    data = request.getfixturevalue(TASK_SLICE[task])
     model = tiny_encoder(model_type, tmp_path / "encoder", words)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(chain(model_type, task, model, data)))
@@ -109,11 +127,17 @@ def test_the_whole_chain_runs_for_every_architecture_and_task(model_type, task, 
 
     ran = manifests(run_dir)
     quantized = next(m for name, m in ran.items() if name.endswith("-quantize"))
-    assert all(m["precision"] == "int8" for m in quantized["models"].values())
+    assert all(m["precision"] == "int8" for m in quantized["models"].values()), quantized["models"]
     assert fp32_agreement(run_dir, task) < 1e-3
     bundle = next(p for p in run_dir.glob("[0-9][0-9]-bundle"))
     runtime = load(bundle)
     assert type(runtime).__name__ == TASKS[task].runtime
     example = {"text-classification": ("a gorgeous movie",), "token-classification": ("Angela Merkel met Macron",),
-               "text-regression": ("A man plays a guitar.", "Someone plays the guitar.")}[task]
+               "text-regression": ("A man plays a guitar.", "Someone plays the guitar."),
+               "sentence-embedding": ("A man plays a guitar.",)}[task]
     assert runtime.predict_one(*example) is not None
+    if task == "sentence-embedding":
+        assert runtime.predict_one(*example).shape == (32,)
+        scored = json.loads(next(run_dir.glob("[0-9][0-9]-evaluate")).joinpath("evaluation.json").read_text())
+        assert {r["samples"] for r in scored} == {2 * EMBEDDING_PAIRS["dev.jsonl"]}
+        assert all(r["cosine_mean"] >= 0.99 and r["fidelity_to"].startswith("pytorch-fp32") for r in scored)

@@ -74,7 +74,9 @@ def run(cfg: BundleStage, ctx, out_dir: Path) -> StageOutput:
         "files": file_table(out_dir),
     }
     if "sentence_pooling" in config:  # a sentence-embedding model: what its one output is
-        manifest["embedding"] = {"dimension": config["hidden_size"], "pooling": config["sentence_pooling"],
+        # The width under the architecture's own key: DistilBERT's config.json says dim, not hidden_size.
+        width = config[adapter_for(config["model_type"]).config_keys.hidden]
+        manifest["embedding"] = {"dimension": width, "pooling": config["sentence_pooling"],
                                  "normalize": config["sentence_normalize"]}
     (out_dir / "edgetl.json").write_text(json.dumps(manifest, indent=1))
     summary = {f"{b} {task.metric}": m[task.metric] for b, m in metrics.items() if m[task.metric] is not None}
