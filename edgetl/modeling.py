@@ -24,7 +24,36 @@ from edgetl.tasks import DEFAULT_TASK, TASKS, Task
 MEAN_POOL_ARCH = "MeanPoolBertForSequenceClassification"
 
 
-class _MeanPoolHead:
+class _PooledEncoder:
+    """What edgetl's heads share: the base model under the HF ``base_model_prefix`` (``bert``, ``distilbert``, ...,
+    so pretrained weights load by name), without its pooler, and one vector per text pooled from its last hidden
+    states."""
+
+    def _add_encoder(self, config) -> None:
+        base_cls = _base_model_class(config.model_type)
+        # Poolers are unused here and would only hold untrained weights (DistilBERT, DeBERTa-v2 have none).
+        no_pooler = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(base_cls).parameters else {}
+        setattr(self, self.base_model_prefix, base_cls(config, **no_pooler))
+
+    def _pooled(self, pooling: str, input_ids, attention_mask, token_type_ids, inputs_embeds, output_hidden_states,
+                output_attentions):
+        """(one vector per text: the attention-masked mean, or the first position for ``cls``; the encoder output)."""
+        if attention_mask is None:
+            given = input_ids if input_ids is not None else inputs_embeds
+            attention_mask = torch.ones(given.shape[:2], dtype=torch.long, device=given.device)
+        # DistilBERT and MPNet have no token_type_ids argument: pass it only when given.
+        types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+        out = getattr(self, self.base_model_prefix)(
+            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **types,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        hidden = out.last_hidden_state
+        if pooling == "cls":
+            return hidden[:, 0], out
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9), out
+
+
+class _MeanPoolHead(_PooledEncoder):
     """A classifier (or, with ``problem_type`` regression, a scorer) on the attention-masked mean of the last
     hidden states, over any adapter's base model.
 
@@ -37,27 +66,15 @@ class _MeanPoolHead:
     def __init__(self, config):
         super().__init__(config)
         self.num_labels = config.num_labels
-        base_cls = _base_model_class(config.model_type)
-        # Poolers are unused here and would only hold untrained weights (DistilBERT, DeBERTa-v2 have none).
-        no_pooler = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(base_cls).parameters else {}
-        setattr(self, self.base_model_prefix, base_cls(config, **no_pooler))
+        self._add_encoder(config)
         self.dropout = nn.Dropout(_classifier_dropout(config))
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None,
                 output_hidden_states=None, output_attentions=None, inputs_embeds=None, **_):
-        if attention_mask is None:
-            given = input_ids if input_ids is not None else inputs_embeds
-            attention_mask = torch.ones(given.shape[:2], dtype=torch.long, device=given.device)
-        # DistilBERT and MPNet have no token_type_ids argument: pass it only when given.
-        types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        out = getattr(self, self.base_model_prefix)(
-            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **types,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        hidden = out.last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        pooled, out = self._pooled("mean", input_ids, attention_mask, token_type_ids, inputs_embeds,
+                                   output_hidden_states, output_attentions)
         logits = self.classifier(self.dropout(pooled))
         loss = None
         if labels is not None and self.config.problem_type == "regression":  # one score per text, as HF's heads
@@ -84,7 +101,7 @@ def _classifier_dropout(config) -> float:
     return 0.1
 
 
-class _EmbeddingHead:
+class _EmbeddingHead(_PooledEncoder):
     """A sentence-embedding model: the base model's last hidden states pooled into one vector per text (the mean over
     the attention mask, or the [CLS] position), L2-normalised when ``config.sentence_normalize`` is true.
 
@@ -94,26 +111,13 @@ class _EmbeddingHead:
 
     def __init__(self, config):
         super().__init__(config)
-        base_cls = _base_model_class(config.model_type)
-        no_pooler = {"add_pooling_layer": False} if "add_pooling_layer" in inspect.signature(base_cls).parameters else {}
-        setattr(self, self.base_model_prefix, base_cls(config, **no_pooler))
+        self._add_encoder(config)
         self.post_init()
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, output_hidden_states=None,
                 output_attentions=None, inputs_embeds=None, **_):
-        if attention_mask is None:
-            given = input_ids if input_ids is not None else inputs_embeds
-            attention_mask = torch.ones(given.shape[:2], dtype=torch.long, device=given.device)
-        types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        out = getattr(self, self.base_model_prefix)(
-            input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds, **types,
-            output_hidden_states=output_hidden_states, output_attentions=output_attentions)
-        hidden = out.last_hidden_state
-        if self.config.sentence_pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)
+        pooled, out = self._pooled(self.config.sentence_pooling, input_ids, attention_mask, token_type_ids,
+                                   inputs_embeds, output_hidden_states, output_attentions)
         if self.config.sentence_normalize:
             pooled = nn.functional.normalize(pooled, p=2, dim=-1)
         return SequenceClassifierOutput(logits=pooled, hidden_states=out.hidden_states, attentions=out.attentions)

@@ -40,7 +40,11 @@ def calibration_pool(data, task: Task = TASKS[DEFAULT_TASK]) -> list:
 def held_out_inputs(ctx, start: int, samples: int) -> list:
     """``calibration_pool``'s inputs ``start`` .. ``start + samples``: training text that calibration did not see."""
     task = task_for(ctx.recipe.task)
-    return calibration_pool(ctx.recipe.data, task)[start:start + samples]
+    inputs = calibration_pool(ctx.recipe.data, task)[start:start + samples]
+    if len(inputs) < 2:
+        raise StageError(f"quantize: fidelity is measured on training texts after the {start} that calibrate, and "
+                         f"the training split has {len(inputs)} more; lower calibration_samples")
+    return inputs
 
 
 def calibration_feeds(ctx, tokenizer_dir: Path, samples: int) -> list[dict]:
