@@ -15,7 +15,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from edgetl.artifact import Artifact
+from edgetl.artifact import Artifact, model_file_bytes
 from edgetl.data import load_evaluation
 from edgetl.recipe import load_recipe
 from edgetl.runtime.engines import open_engine
@@ -61,7 +61,7 @@ def main() -> None:
 
     def score(backend: str, setting: str, path: Path) -> None:
         got = vectors(backend, path)
-        row = {"backend": backend, "setting": setting, "mb": round(path.stat().st_size / 1e6, 2)}
+        row = {"backend": backend, "setting": setting, "mb": round(model_file_bytes(path) / 1e6, 2)}
         for name in ("held_out", "dev"):
             texts = held_out if name == "held_out" else dev
             fidelity = task.fidelity(got[name], reference[backend][name], texts)
