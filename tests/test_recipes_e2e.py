@@ -43,5 +43,7 @@ def test_recipe_runs_end_to_end_on_the_tiny_model(recipe, tiny_runs):
                 assert result.label in runtime.labels
             elif isinstance(result, list):
                 assert all(isinstance(e, Entity) and e.type in {t[2:] for t in runtime.labels} for e in result)
+            elif getattr(result, "ndim", 0) == 1:  # a vector (sentence-embedding)
+                assert len(result) == runtime.dimension and all(math.isfinite(x) for x in result)
             else:
                 assert math.isfinite(result)

@@ -61,7 +61,7 @@ def run(cfg: BundleStage, ctx, out_dir: Path) -> StageOutput:
         "edgetl_version": __version__,
         "task": recipe.task,
         "labels": labels,
-        "text_pair": recipe.data.text_pair_field is not None,
+        "text_pair": recipe.data.text_pair_field is not None and task.pair_inputs,
         "max_length": recipe.data.max_length,
         "truncation": recipe.data.truncation,
         "head_tokens": recipe.data.head_tokens,
