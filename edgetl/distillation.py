@@ -164,8 +164,9 @@ def distil(cfg: DistillationConfig, ctx, student, teacher, tokenizer, train_tok,
 HELD_OUT_TEXTS = 1000  # at most, and at most a tenth of the training texts
 
 
-def distillation_data(ctx, tokenizer, extra_text_file: str | None = None):
-    """Tokenized (train, selection) rows of the task's objective; ``extra_text_file``'s texts train only.
+def distillation_data(ctx, tokenizer, extra_text_file: str | None = None, extra_text_field: str | None = None):
+    """Tokenized (train, selection) rows of the task's objective; ``extra_text_file``'s texts (its column
+    ``extra_text_field``, default ``data.text_field``) train only.
 
     soft_targets: the labelled training split (plus the extra text with label -100, soft targets only) and the dev
     split. vectors: unlabelled texts, every text of the training split's rows (both texts of a pair) once, of which a
@@ -178,7 +179,9 @@ def distillation_data(ctx, tokenizer, extra_text_file: str | None = None):
     from edgetl.training import labelled_data
 
     data, task = ctx.recipe.data, task_for(ctx.recipe.task)
-    extra = read_texts(Path(extra_text_file).expanduser(), data.text_field, "distill.extra_text_file") if extra_text_file else []
+    extra = []
+    if extra_text_file:
+        extra = read_texts(Path(extra_text_file).expanduser(), extra_text_field or data.text_field, "distill.extra_text_file")
     if task.distillation == "soft_targets":
         train_tok, dev_tok = labelled_data(ctx, tokenizer)
         if extra:

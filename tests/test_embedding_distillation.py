@@ -81,6 +81,9 @@ def test_embedding_distillation_reads_each_training_text_once_holds_some_out_and
     dev_ids = {tuple(tokenizer(t, truncation=True, max_length=recipe.data.max_length)["input_ids"]) for t in unseen_dev}
     assert not dev_ids - encoded & set(ids(training) + ids(held_out))
     assert len(set(ids(training)) - encoded) == 1  # the extra sentence
+    column = tmp_path / "extra.tsv"  # SST-2's layout: the text under its own column name
+    column.write_text("sentence\tlabel\na sentence from elsewhere .\t1\nanother one .\t0\n")
+    assert len(distillation_data(ctx, tokenizer, str(column), "sentence")[0]) == len(training) + 1
 
 
 @pytest.mark.parametrize("score", ["taylor", "fisher"])

@@ -27,6 +27,8 @@ class DistillStage(DistillationConfig, Declared):
     extra_text_file: str | None = Field(None, description="Unlabelled text (jsonl/csv/tsv with data.text_field, or "
                                         ".txt, one text per line) added to the training texts: soft targets only for a "
                                         "classifier, the teacher's vectors for an embedding model.")
+    extra_text_field: str | None = Field(None, description="The column of extra_text_file (csv/tsv/jsonl) that holds "
+                                         "the text; default: data.text_field.")
 
     @model_validator(mode="after")
     def _student_or_layers(self) -> DistillStage:
