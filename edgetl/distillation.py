@@ -1,13 +1,18 @@
-"""Knowledge distillation with HF Trainer: soft targets, hidden states and attention maps from a frozen teacher.
+"""Knowledge distillation with HF Trainer: soft targets or output vectors, hidden states and attention maps from a
+frozen teacher.
 
 Used by ``distill`` (a smaller student), ``prune`` (recovery from the unpruned model) and QAT (the
-fake-quantized model learns from its FP32 self).
+fake-quantized model learns from its FP32 self). What the student learns is the task's ``distillation``
+(``edgetl.tasks.DISTILLATION``): a classifier the teacher's soft targets and the labels, an embedding model the
+teacher's vectors on unlabelled text (Reimers and Gurevych 2020).
 """
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -63,15 +68,30 @@ def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def distillation_loss(cfg: DistillationConfig, student_out: dict, teacher_out, labels, attention_mask) -> torch.Tensor:
-    """(1 - kd_weight) * task CE + kd_weight * T^2 KL(soft targets) + the optional hidden and attention terms."""
-    s_logits, t_logits = student_out["logits"].float(), teacher_out.logits.float()
+def soft_target_loss(cfg: DistillationConfig, s_logits: torch.Tensor, t_logits: torch.Tensor, labels) -> torch.Tensor:
+    """(1 - kd_weight) * task CE + kd_weight * T^2 KL(soft targets)."""
     temperature = cfg.temperature
     soft = F.kl_div(F.log_softmax(s_logits / temperature, -1), F.log_softmax(t_logits / temperature, -1),
                     log_target=True, reduction="batchmean") * temperature**2
     labelled = labels >= 0  # extra unlabelled text carries label -100: soft targets only
     task = F.cross_entropy(s_logits[labelled], labels[labelled]) if labelled.any() else s_logits.sum() * 0
-    loss = (1 - cfg.kd_weight) * task + cfg.kd_weight * soft
+    return (1 - cfg.kd_weight) * task + cfg.kd_weight * soft
+
+
+def vector_loss(cfg: DistillationConfig, s_vectors: torch.Tensor, t_vectors: torch.Tensor, labels) -> torch.Tensor:
+    """The mean squared error between the student's and the teacher's output vectors (sentence-transformers'
+    MSELoss); labels, temperature and kd_weight play no part."""
+    return F.mse_loss(s_vectors, t_vectors)
+
+
+# Task.distillation -> the output term of the loss (edgetl.tasks.DISTILLATION says what each one trains on).
+OBJECTIVES = {"soft_targets": soft_target_loss, "vectors": vector_loss}
+
+
+def distillation_loss(cfg: DistillationConfig, student_out: dict, teacher_out, labels, attention_mask,
+                      objective: str = "soft_targets") -> torch.Tensor:
+    """The objective's output term (``OBJECTIVES``) + the optional hidden and attention terms."""
+    loss = OBJECTIVES[objective](cfg, student_out["logits"].float(), teacher_out.logits.float(), labels)
     if cfg.hidden_weight:
         s_hidden, t_hidden = student_out["hidden_states"], teacher_out.hidden_states
         pairs = layer_map(len(s_hidden) - 1, len(t_hidden) - 1)
@@ -92,39 +112,88 @@ def distillation_loss(cfg: DistillationConfig, student_out: dict, teacher_out, l
 
 
 class DistillationTrainer(Trainer):
-    """Trainer whose training loss comes from a frozen teacher; evaluation is plain accuracy of the student."""
+    """Trainer whose training loss comes from a frozen teacher. Evaluation: soft targets, the student's
+    cross-entropy on the labels (and its accuracy); vectors, the MSE to the teacher's vectors (the selection loss)."""
 
-    def __init__(self, *args, teacher, kd: DistillationConfig, **kwargs):
+    def __init__(self, *args, teacher, kd: DistillationConfig, objective: str = "soft_targets", **kwargs):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.to(self.args.device).eval()
         for param in self.teacher.parameters():
             param.requires_grad_(False)
-        self.kd = kd
+        self.kd, self.objective = kd, objective
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         labels = inputs.pop("labels")
-        if not model.training:
+        if not model.training and self.objective == "soft_targets":
             out = model(**inputs)
             labelled = labels >= 0
             loss = F.cross_entropy(out["logits"][labelled].float(), labels[labelled])
             return (loss, out) if return_outputs else loss
-        wants = {"output_hidden_states": bool(self.kd.hidden_weight), "output_attentions": bool(self.kd.attention_weight)}
-        with torch.no_grad(), torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=self.args.bf16):
+        training = model.training
+        wants = {"output_hidden_states": training and bool(self.kd.hidden_weight),
+                 "output_attentions": training and bool(self.kd.attention_weight)}
+        with torch.no_grad(), torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=self.args.bf16 and training):
             teacher_out = self.teacher(**inputs, **wants)
         out = model(**inputs, **wants)
-        loss = distillation_loss(self.kd, out, teacher_out, labels, inputs["attention_mask"])
+        if training:
+            loss = distillation_loss(self.kd, out, teacher_out, labels, inputs["attention_mask"], self.objective)
+        else:  # held-out texts: the output term alone, in FP32, is what selects the checkpoint
+            loss = OBJECTIVES[self.objective](self.kd, out["logits"].float(), teacher_out.logits.float(), labels)
         return (loss, out) if return_outputs else loss
 
 
 def distil(cfg: DistillationConfig, ctx, student, teacher, tokenizer, train_tok, dev_tok, collator, stage: str):
-    """Train ``student`` against ``teacher`` (best dev checkpoint kept, resumed after a crash); returns the trainer."""
+    """Train ``student`` against ``teacher`` with the task's objective (the best checkpoint on ``dev_tok`` kept:
+    by accuracy for soft targets, by the MSE for vectors; resumed after a crash); returns the trainer."""
+    from edgetl.tasks import task_for
     from edgetl.tasks.text_classification import accuracy
     from edgetl.training import train_and_resume, training_arguments
 
+    objective = task_for(ctx.recipe.task).distillation
+    by_accuracy = objective == "soft_targets"
     wrapped = StudentWithProjections(student, teacher.config.hidden_size, use_hidden=bool(cfg.hidden_weight))
-    trainer = DistillationTrainer(model=wrapped, args=training_arguments(cfg, ctx), train_dataset=train_tok,
-                                  eval_dataset=dev_tok, data_collator=collator, compute_metrics=accuracy,
-                                  processing_class=tokenizer, teacher=teacher, kd=cfg)
+    args = training_arguments(cfg, ctx, metric="accuracy" if by_accuracy else "loss")
+    trainer = DistillationTrainer(model=wrapped, args=args, train_dataset=train_tok, eval_dataset=dev_tok,
+                                  data_collator=collator, compute_metrics=accuracy if by_accuracy else None,
+                                  processing_class=tokenizer, teacher=teacher, kd=cfg, objective=objective)
     train_and_resume(trainer, ctx.work_dir, stage)
     return trainer
+
+
+HELD_OUT_TEXTS = 1000  # at most, and at most a tenth of the training texts
+
+
+def distillation_data(ctx, tokenizer, extra_text_file: str | None = None, extra_text_field: str | None = None):
+    """Tokenized (train, selection) rows of the task's objective; ``extra_text_file``'s texts (its column
+    ``extra_text_field``, default ``data.text_field``) train only.
+
+    soft_targets: the labelled training split (plus the extra text with label -100, soft targets only) and the dev
+    split. vectors: unlabelled texts, every text of the training split's rows (both texts of a pair) once, of which a
+    seeded draw of up to ``HELD_OUT_TEXTS`` is held out to select the checkpoint; the dev split is never read.
+    """
+    import datasets
+
+    from edgetl.data import load_labelled, read_texts, tokenize
+    from edgetl.tasks import task_for
+    from edgetl.training import labelled_data
+
+    data, task = ctx.recipe.data, task_for(ctx.recipe.task)
+    extra = []
+    if extra_text_file:
+        extra = read_texts(Path(extra_text_file).expanduser(), extra_text_field or data.text_field, "distill.extra_text_file")
+    if task.distillation == "soft_targets":
+        train_tok, dev_tok = labelled_data(ctx, tokenizer)
+        if extra:
+            rows = datasets.Dataset.from_dict({"text": extra, "label": [-100] * len(extra)})
+            train_tok = datasets.concatenate_datasets([train_tok, tokenize(rows, tokenizer, data).cast(train_tok.features)])
+        return train_tok, dev_tok
+    train = load_labelled(data, task)[0]
+    texts = list(dict.fromkeys(t for column in ("text", "text_pair") if column in train.column_names for t in train[column]))
+    order = np.random.default_rng(0).permutation(len(texts))
+    held = min(HELD_OUT_TEXTS, max(1, len(texts) // 10))
+    held_out = [texts[i] for i in order[:held]]
+    unseen = set(held_out)
+    training = [t for t in dict.fromkeys([texts[i] for i in order[held:]] + extra) if t not in unseen]
+    return tuple(tokenize(datasets.Dataset.from_dict({"text": split, "label": [-100] * len(split)}), tokenizer, data)
+                 for split in (training, held_out))

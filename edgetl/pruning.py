@@ -72,7 +72,31 @@ def _gate_hooks(model, gates: dict) -> list:
     return handles
 
 
-def _gate_scores(model, batches, per_text: bool) -> Importance:
+def _label_loss(logits: torch.Tensor, labels: torch.Tensor, per_text: bool, generator) -> torch.Tensor:
+    """Cross-entropy on the labels (summed over texts when ``per_text``)."""
+    return F.cross_entropy(logits, labels, reduction="sum" if per_text else "mean")
+
+
+def _vector_loss(vectors: torch.Tensor, labels, per_text: bool, generator) -> torch.Tensor:
+    """Each text's vector projected on a random unit direction of its own (summed over texts when ``per_text``).
+
+    A model distilled to reproduce its unpruned vectors loses, to second order, ||J (1 - g)||^2 when gates g move off
+    1 (J: the vector's Jacobian in the gates); the MSE itself has no gradient at g = 1. The squared gradient of
+    r . f with r uniform on the unit sphere has expectation ||J_unit||^2 / d, the Gauss-Newton diagonal of that
+    loss (Hutchinson's estimator): fisher sums it over texts; taylor's |batch-mean gradient| is its root mean over
+    the batch, up to the random signs, and ranks the same way in expectation.
+    """
+    directions = torch.randn(vectors.shape, generator=generator).to(vectors.device)
+    directions = directions / directions.norm(dim=-1, keepdim=True)
+    projected = (vectors * directions).sum(-1)
+    return projected.sum() if per_text else projected.mean()
+
+
+# Task.distillation -> the loss whose gate gradients score the units: what the pruned model is recovered towards.
+IMPORTANCE_LOSSES = {"soft_targets": _label_loss, "vectors": _vector_loss}
+
+
+def _gate_scores(model, batches, per_text: bool, objective: str = "soft_targets") -> Importance:
     """Summed |dL/dg| of batch-wide gates (``per_text`` False), or summed (dL_i/dg_i)^2 of one gate per text."""
     sizes = layer_sizes(model)
     widths = {"heads": [size["heads"] for size in sizes],
@@ -83,6 +107,7 @@ def _gate_scores(model, batches, per_text: bool) -> Importance:
     model.eval()  # no dropout: score the model as it predicts
     gates: dict = {}
     handles = _gate_hooks(model, gates)
+    loss_of, generator = IMPORTANCE_LOSSES[objective], torch.Generator().manual_seed(0)
     try:
         for batch in batches:
             batch = dict(batch)
@@ -97,7 +122,7 @@ def _gate_scores(model, batches, per_text: bool) -> Importance:
                 logits = model(**batch).logits.float()
                 # Summed over texts: each text's loss reaches only its own gates, so per-text gates get
                 # per-text gradients from one backward pass.
-                loss = F.cross_entropy(logits, labels, reduction="sum" if per_text else "mean")
+                loss = loss_of(logits, labels, per_text, generator)
                 grads = torch.autograd.grad(loss, flat)
             targets = [s for key in widths for s in scores[key]]
             for score, grad in zip(targets, grads, strict=True):
@@ -109,24 +134,25 @@ def _gate_scores(model, batches, per_text: bool) -> Importance:
     return Importance(scores["heads"], scores["neurons"], torch.stack([s.squeeze() for s in scores["layers"]]))
 
 
-def taylor_importance(model, batches) -> Importance:
+def taylor_importance(model, batches, objective: str = "soft_targets") -> Importance:
     """First-order Taylor scores: the summed |dL/d gate| of a gate on each head, neuron and layer.
 
     |dL/dg| at g = 1 estimates how much the loss moves when the unit is removed (Michel et al., 2019;
     Molchanov et al., 2019). ``batches`` are dicts of tensors with ``labels``. The gradient is taken on
-    each batch's mean loss, so texts that pull a gate in opposite directions cancel.
+    each batch's mean loss, so texts that pull a gate in opposite directions cancel. ``objective`` (the task's
+    ``distillation``) chooses the loss: ``IMPORTANCE_LOSSES``.
     """
-    return _gate_scores(model, batches, per_text=False)
+    return _gate_scores(model, batches, per_text=False, objective=objective)
 
 
-def fisher_importance(model, batches) -> Importance:
+def fisher_importance(model, batches, objective: str = "soft_targets") -> Importance:
     """Empirical Fisher scores: the sum over texts of (dL_i/d gate)^2, one gate per text (Kwon et al., 2022).
 
     Squared per-text gradients never cancel between texts, so a unit that matters for some texts in one
     direction and for others in the other still scores high; the diagonal Fisher also approximates the
     loss increase of removing the unit to second order.
     """
-    return _gate_scores(model, batches, per_text=True)
+    return _gate_scores(model, batches, per_text=True, objective=objective)
 
 
 def magnitude_importance(model) -> Importance:

@@ -331,6 +331,51 @@ def fp32_metrics(model, dataset, collator, batch_size: int, compute_metrics) -> 
     return compute_metrics((logits, labels))
 
 
+def task_metrics(model, tokenizer, dev_tok, collator, batch_size: int, ctx) -> dict:
+    """The task's dev metrics of a PyTorch model in FP32: ``fp32_metrics`` on the tokenized dev split, or, for a task
+    with no Trainer-style ``compute_metrics`` (a pair's score needs two vectors), as the evaluate stage scores it."""
+    task = task_for(ctx.recipe.task)
+    if task.compute_metrics is None:
+        return output_metrics(model, tokenizer, ctx, batch_size)
+    config = model.config
+    labels = [config.id2label[i] for i in range(config.num_labels)]
+    return fp32_metrics(model, dev_tok, collator, batch_size, task.compute_metrics(labels))
+
+
+class _ModelEngine:
+    """A PyTorch model in memory behind the runtime's engine interface (numpy feeds in, FP32 outputs out)."""
+
+    def __init__(self, model):
+        from edgetl.architectures import adapter_for
+
+        self.model = without_autocast(model).eval()
+        self.inputs = set(adapter_for(model.config.model_type).input_names)
+        self.device = next(model.parameters()).device
+
+    def run(self, feeds: dict) -> np.ndarray:
+        with torch.inference_mode():
+            inputs = {k: torch.from_numpy(v).to(self.device) for k, v in feeds.items() if k in self.inputs}
+            return self.model(**inputs).logits.float().cpu().numpy()
+
+
+def output_metrics(model, tokenizer, ctx, batch_size: int) -> dict:
+    """The task's ``score`` of a PyTorch model's outputs on the evaluation split, the inputs cut and batched by the
+    runtime's tokenizer exactly as the evaluate stage cuts and batches them."""
+    import tempfile
+
+    from edgetl.data import label_names, load_evaluation
+    from edgetl.runtime.text import load_tokenizer, predict_outputs
+
+    data, task = ctx.recipe.data, task_for(ctx.recipe.task)
+    columns = load_evaluation(data, task)[:]
+    with tempfile.TemporaryDirectory() as folder:
+        tokenizer.save_pretrained(folder)
+        fast = load_tokenizer(folder, data.max_length, data.truncation, data.head_tokens)
+    outputs, encodings = predict_outputs(_ModelEngine(model), fast, task.examples(columns), batch_size,
+                                         task.pretokenized)
+    return task.score(outputs, encodings, columns, label_names(data, task))
+
+
 def fp32_accuracy(model, dataset, collator, batch_size: int) -> float:
     """Accuracy of a kept classifier in FP32 (``fp32_metrics`` of text classification)."""
     return fp32_metrics(model, dataset, collator, batch_size, TASKS[DEFAULT_TASK].compute_metrics(None))["accuracy"]
@@ -356,10 +401,7 @@ def finish_training(trainer, model, tokenizer, collator, train_tok, dev_tok, cfg
     from edgetl.modeling import SoftPromptClassifier, model_stats
     from edgetl.peft_methods import save
 
-    config = model.config
-    labels = [config.id2label[i] for i in range(config.num_labels)]
-    compute_metrics = task_for(ctx.recipe.task).compute_metrics(labels)
-    dev_metrics = fp32_metrics(model, dev_tok, collator, cfg.eval_batch_size, compute_metrics)
+    dev_metrics = task_metrics(model, tokenizer, dev_tok, collator, cfg.eval_batch_size, ctx)
     if ctx.rank == 0:
         save(model, out_dir)
         tokenizer.save_pretrained(str(out_dir))

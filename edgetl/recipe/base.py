@@ -34,8 +34,9 @@ class TrainingConfig(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Mixed precision for training; auto = bf16 where the CPU or GPU computes it natively.")
     keep: Literal["best", "last"] = Field(
-        "best", description="best: the checkpoint with the best accuracy on the labelled data's dev split; last: "
-        "the final weights, never evaluated during training (few-shot: the only dev split is the test split).")
+        "best", description="best: the checkpoint with the best accuracy on the labelled data's dev split (an "
+        "embedding student: the lowest MSE to its teacher's vectors on held-out training texts); last: the final "
+        "weights, never evaluated during training (few-shot: the only dev split is the test split).")
     seed: int = Field(42, description="Seed of initialisation, dropout and batch order.")
 
 

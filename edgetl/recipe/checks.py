@@ -62,6 +62,8 @@ def _options(stage) -> list[str]:
     if isinstance(stage, QuantizeStage):
         used = ["qat"] if stage.method == "qat" else []
         return used + (["max_accuracy_drop"] if stage.max_accuracy_drop is not None else [])
+    if isinstance(stage, DistillStage):
+        return ["student"] if stage.student is not None else []
     if not isinstance(stage, FinetuneStage):
         return []
     used = ["pooling"] if stage.pooling is not None else []

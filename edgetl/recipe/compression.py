@@ -17,7 +17,7 @@ class DistillStage(DistillationConfig, Declared):
     distributed: ClassVar[bool] = True
 
     stage: Literal["distill"]
-    teacher: str | None = Field(None, description="Folder of a fine-tuned classifier (default: the run's last PyTorch model).")
+    teacher: str | None = Field(None, description="Folder of a saved model of the task (default: the run's last PyTorch model).")
     student: str | None = Field(None, description="Pretrained model for the student (catalog name, folder or hub id); "
                                 "default: a copy of the teacher keeping `layers`.")
     layers: list[int] | None = Field(None, min_length=1, description="Teacher layers the student keeps "
@@ -25,7 +25,10 @@ class DistillStage(DistillationConfig, Declared):
     epochs: float = Field(3.0, gt=0)
     learning_rate: float = Field(1e-4, gt=0, lt=1)
     extra_text_file: str | None = Field(None, description="Unlabelled text (jsonl/csv/tsv with data.text_field, or "
-                                        ".txt, one text per line) added for the soft-target loss.")
+                                        ".txt, one text per line) added to the training texts: soft targets only for a "
+                                        "classifier, the teacher's vectors for an embedding model.")
+    extra_text_field: str | None = Field(None, description="The column of extra_text_file (csv/tsv/jsonl) that holds "
+                                         "the text; default: data.text_field.")
 
     @model_validator(mode="after")
     def _student_or_layers(self) -> DistillStage:

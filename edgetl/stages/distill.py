@@ -13,7 +13,7 @@ def teacher_folder(cfg: DistillStage, ctx) -> Path:
     if cfg.teacher:
         folder = Path(cfg.teacher).expanduser()
         if not (folder / "config.json").is_file():
-            raise StageError(f"distill.teacher: {folder} is not a saved classifier (no config.json)")
+            raise StageError(f"distill.teacher: {folder} is not a saved model (no config.json)")
         return folder
     source = ctx.latest("pytorch-model")
     if source is None:
@@ -39,34 +39,21 @@ def make_student(cfg: DistillStage, teacher, tokenizer, labels: list[str]):
     return student
 
 
-def unlabelled_text(path: str, ctx, tokenizer):
-    """Extra text for the soft targets, tokenized, with label -100 (no task loss)."""
-    import datasets
-
-    from edgetl.data import read_texts, tokenize
-
-    texts = read_texts(Path(path).expanduser(), ctx.recipe.data.text_field, "distill.extra_text_file")
-    ds = datasets.Dataset.from_dict({"text": texts, "label": [-100] * len(texts)})
-    return tokenize(ds, tokenizer, ctx.recipe.data)
-
-
 def run(cfg: DistillStage, ctx, out_dir: Path) -> StageOutput:
-    import datasets
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
     from edgetl.data import label_names
-    from edgetl.distillation import distil
+    from edgetl.distillation import distil, distillation_data
     from edgetl.modeling import load_classifier
-    from edgetl.training import finish_training, labelled_data
+    from edgetl.tasks import task_for
+    from edgetl.training import finish_training
 
     folder = teacher_folder(cfg, ctx)
     teacher = load_classifier(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    student = make_student(cfg, teacher, tokenizer, label_names(ctx.recipe.data))
-    train_tok, dev_tok = labelled_data(ctx, tokenizer)
-    if cfg.extra_text_file:
-        extra = unlabelled_text(cfg.extra_text_file, ctx, tokenizer).cast(train_tok.features)
-        train_tok = datasets.concatenate_datasets([train_tok, extra])
+    student = make_student(cfg, teacher, tokenizer, label_names(ctx.recipe.data, task_for(ctx.recipe.task)))
+    # The task's rows: labelled ones (soft targets), or unlabelled texts with held-out ones to select by (vectors).
+    train_tok, dev_tok = distillation_data(ctx, tokenizer, cfg.extra_text_file, cfg.extra_text_field)
     collator = DataCollatorWithPadding(tokenizer)
     trainer = distil(cfg, ctx, student, teacher, tokenizer, train_tok, dev_tok, collator, "distill")
     return finish_training(trainer, student, tokenizer, collator, train_tok, dev_tok, cfg, ctx, out_dir,

@@ -51,7 +51,7 @@ def keep_ratio_for_budget(cfg: PruneStage, model, importance, feeds: list[dict])
                      f"{trials[-1]['onnx_fp32_p50_ms']} ms (budget {cfg.latency_budget_ms}); raise the budget or drop layers")
 
 
-def structured_plan(cfg: PruneStage, ctx, model, train_tok, collator):
+def structured_plan(cfg: PruneStage, ctx, model, train_tok, collator, objective: str = "soft_targets"):
     """Score and choose what to keep; the plan is saved first, so a resumed run rebuilds the same shapes."""
     from tqdm import tqdm
 
@@ -64,15 +64,16 @@ def structured_plan(cfg: PruneStage, ctx, model, train_tok, collator):
     if cfg.importance in ("fisher", "taylor"):
         batches = tqdm(importance_batches(train_tok, collator, cfg.importance_samples), desc="importance", leave=False)
         score = fisher_importance if cfg.importance == "fisher" else taylor_importance
-        importance = score(model, batches)
+        importance = score(model, batches, objective)
     else:
         importance = magnitude_importance(model)
     heads_keep, ffn_keep, trials = cfg.heads_keep, cfg.ffn_keep, None
     if cfg.latency_budget_ms is not None:
         from edgetl.data import load_labelled
         from edgetl.stages.quantize import encode_texts
+        from edgetl.tasks import task_for
 
-        _, dev = load_labelled(ctx.recipe.data)
+        _, dev = load_labelled(ctx.recipe.data, task_for(ctx.recipe.task))
         feeds = encode_texts(ctx.recipe.data, dev["text"][:200], ctx.latest("pytorch-model").path)
         heads_keep, trials = keep_ratio_for_budget(cfg, model, importance, feeds)
         ffn_keep = heads_keep
@@ -85,26 +86,29 @@ def structured_plan(cfg: PruneStage, ctx, model, train_tok, collator):
 def run(cfg: PruneStage, ctx, out_dir: Path) -> StageOutput:
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
-    from edgetl.data import load_labelled, tokenize
+    from edgetl.distillation import distil, distillation_data
     from edgetl.modeling import load_classifier, model_stats
     from edgetl.pruning import apply_plan
-    from edgetl.distillation import distil
-    from edgetl.training import fp32_accuracy, labelled_data, training_metrics, write_eval_history
+    from edgetl.tasks import task_for
+    from edgetl.training import task_metrics, training_metrics, write_eval_history
 
+    task = task_for(ctx.recipe.task)
     source = ctx.latest("pytorch-model")
     model = load_classifier(source.path)
     tokenizer = AutoTokenizer.from_pretrained(source.path)
-    train_tok, dev_tok = labelled_data(ctx, tokenizer)
+    # Importance and recovery read the rows the task distils on (vectors: unlabelled texts, held-out ones select).
+    train_tok, dev_tok = distillation_data(ctx, tokenizer)
     collator = DataCollatorWithPadding(tokenizer)
     metrics = {"before": {k: v for k, v in model_stats(model, dev_tok).items() if k != "layers"}}
     if cfg.structured:
         teacher = copy.deepcopy(model) if cfg.recovery_teacher == "unpruned" else load_classifier(ctx.earliest("pytorch-model").path)
-        plan, trials = structured_plan(cfg, ctx, model, train_tok, collator)
+        plan, trials = structured_plan(cfg, ctx, model, train_tok, collator, task.distillation)
         apply_plan(model, plan)
         metrics["kept_heads"], metrics["dropped_layers"] = plan.heads, plan.drop_layers
         if trials:
             metrics["latency_budget_trials"] = trials
-        metrics["accuracy_before_recovery"] = round(fp32_accuracy(model, dev_tok, collator, cfg.eval_batch_size), 5)
+        before = task_metrics(model, tokenizer, dev_tok, collator, cfg.eval_batch_size, ctx)[task.metric]
+        metrics[f"{task.metric}_before_recovery"] = round(before, 5)
         if cfg.recovery:
             # Recovery: the pruned model learns from the teacher (the model holds the best weights after).
             trainer = distil(cfg, ctx, model, teacher, tokenizer, train_tok, dev_tok, collator, "prune")
@@ -114,18 +118,26 @@ def run(cfg: PruneStage, ctx, out_dir: Path) -> StageOutput:
     if cfg.vocabulary:
         from edgetl.vocab import prune_vocabulary, used_token_ids
 
-        train, dev = load_labelled(ctx.recipe.data)
-        keep = used_token_ids(tokenizer, train["text"], cfg.vocab_min_count)
+        keep = used_token_ids(tokenizer, training_texts(ctx), cfg.vocab_min_count)
         metrics["vocabulary"] = prune_vocabulary(model, tokenizer, keep, out_dir)
         tokenizer = AutoTokenizer.from_pretrained(out_dir)
-        dev_tok = tokenize(dev, tokenizer, ctx.recipe.data)
+        dev_tok = distillation_data(ctx, tokenizer)[1]
         collator = DataCollatorWithPadding(tokenizer)
     else:
         tokenizer.save_pretrained(str(out_dir))
-    accuracy = fp32_accuracy(model, dev_tok, collator, cfg.eval_batch_size)
+    dev_metrics = task_metrics(model, tokenizer, dev_tok, collator, cfg.eval_batch_size, ctx)
     if ctx.rank == 0:
         model.save_pretrained(str(out_dir))
-    metrics = {"accuracy": round(accuracy, 5), **model_stats(model, dev_tok), **metrics}
+    metrics = {**{name: round(value, 5) for name, value in dev_metrics.items()}, **model_stats(model, dev_tok), **metrics}
     log.info("prune: %d -> %d parameters", metrics["before"]["parameters"], metrics["parameters"])
     return StageOutput(kind="pytorch-model", precision="fp32", models={"pytorch": {"path": ".", "precision": "fp32"}},
                        metrics=metrics)
+
+
+def training_texts(ctx) -> list[str]:
+    """Every text of the training split's rows (both texts of a pair), which the pruned vocabulary must cover."""
+    from edgetl.data import load_labelled
+    from edgetl.tasks import task_for
+
+    train = load_labelled(ctx.recipe.data, task_for(ctx.recipe.task))[0]
+    return [text for column in ("text", "text_pair") if column in train.column_names for text in train[column]]

@@ -28,6 +28,14 @@ OPTIONS = {
     "rdrop_alpha": ("finetune", "rdrop_alpha"),
     "qat": ("quantize", "method"),
     "max_accuracy_drop": ("quantize", "max_accuracy_drop"),
+    "student": ("distill", "student"),
+}
+# Task.distillation values -> what the student learns from the teacher (edgetl.distillation reads them).
+DISTILLATION = {
+    "soft_targets": "the teacher's softened class distribution and the labels (KL + cross-entropy), on the labelled "
+                    "training rows; checkpoints kept by the dev metric",
+    "vectors": "the teacher's output vector (MSE), on unlabelled texts (the training split's texts, deduplicated); "
+               "checkpoints kept by that MSE on held-out training texts",
 }
 # DataConfig fields that name a column; each task reads some of them, under a fixed name of its own.
 COLUMN_FIELDS = ("text_field", "text_pair_field", "label_field", "tokens_field", "tags_field", "score_field")
@@ -56,7 +64,9 @@ class Task:
         row_problem: one row (read names -> values) and the label names -> (read name, problem) or None.
         to_ids: the checked columns and the label names -> the columns the model trains on.
         encode: a batch of rows, a transformers tokenizer, the DataConfig and max_length -> model features.
-        compute_metrics: label names -> a function from Trainer's (predictions, label_ids) to named metrics.
+        compute_metrics: label names -> a function from Trainer's (predictions, label_ids) to named metrics; None
+            where the metric needs whole evaluation rows that are not one model input each (a pair's two vectors):
+            a trained model is then scored as the evaluate stage scores it, by ``score`` on its outputs.
         check_data: a DataConfig -> problems with the recipe's data section for this task.
         pretokenized: whether ``examples`` gives pre-split words (``tokenizers``' ``is_pretokenized``).
         examples: the columns of loaded rows -> one tokenizer input per row (a text, a (text, text_pair) pair, or
@@ -70,6 +80,7 @@ class Task:
         reads_pairs: whether the model reads a (text, text_pair) pair as one input when the data names a
             ``text_pair_field``; False where the pairs only score the model and each text is an input of its own
             (a bundle's ``text_pair`` is then false).
+        distillation: what a student (distill, prune's recovery) learns from its teacher: a key of ``DISTILLATION``.
     """
 
     name: str
@@ -88,7 +99,7 @@ class Task:
     row_problem: Callable[[dict, list[str] | None], tuple[str, str] | None]
     to_ids: Callable[[dict, list[str] | None], dict]
     encode: Callable[[dict, Any, Any, int], dict]
-    compute_metrics: Callable[[list[str] | None], Callable]
+    compute_metrics: Callable[[list[str] | None], Callable] | None
     check_data: Callable[[Any], list[str]]
     pretokenized: bool
     examples: Callable[[dict], list]
@@ -96,6 +107,7 @@ class Task:
     runtime: str
     fidelity: Callable[[list, list, list], dict] | None = None
     reads_pairs: bool = True
+    distillation: str = "soft_targets"
 
     def __post_init__(self):
         unknown = set(self.options) - set(OPTIONS)
@@ -104,6 +116,8 @@ class Task:
         stray = set(self.reasons) & (set(self.stages) | set(self.options))
         if stray:
             raise ValueError(f"task {self.name}: reasons given for supported {sorted(stray)}")
+        if self.distillation not in DISTILLATION:
+            raise ValueError(f"task {self.name}: unknown distillation '{self.distillation}'; known: {', '.join(DISTILLATION)}")
         if set(self.columns) - set(COLUMN_FIELDS):
             raise ValueError(f"task {self.name}: columns {sorted(set(self.columns) - set(COLUMN_FIELDS))} are no DataConfig field")
 

@@ -6,6 +6,10 @@ call). It is evaluated on pairs of texts with a similarity score (STS-B): Spearm
 the cosine of the two texts' vectors and the gold score, Pearson's beside it. ``fidelity`` measures how close a
 compressed model's vectors stay to the FP32 model's: mean and 1st-percentile cosine between the two models' vectors
 of the same texts, and recall@10 agreement of nearest neighbours over the evaluation texts.
+
+A smaller model learns the teacher's vectors (``distillation`` vectors: the MSE between student and teacher vectors
+on unlabelled sentences, Reimers and Gurevych 2020), in the distill stage and in prune's recovery; the pair scores
+are never trained on, and the dev pairs are only scored.
 """
 
 from __future__ import annotations
@@ -76,10 +80,6 @@ def _nearest(vectors, k: int):
     return np.argpartition(-similarity, k, axis=1)[:, :k].tolist()
 
 
-def compute_metrics(labels: None):
-    raise NotImplementedError("sentence-embedding is evaluated by the evaluate stage on pairs, not during training")
-
-
 def check_data(cfg) -> list[str]:
     # Each text of a pair is embedded alone, so any truncation side applies (text-regression's rule cuts a pair).
     problems = [p.replace("text-regression predicts a score", "sentence-embedding is evaluated on scored pairs")
@@ -99,7 +99,7 @@ TASK = Task(
     metric_scale=1,
     columns={"text_field": "text", "text_pair_field": "text_pair", "score_field": "label"},
     pooling="mean",
-    stages=frozenset({"pretrained", "export", "quantize", "evaluate", "benchmark", "bundle"}),
+    stages=frozenset({"pretrained", "distill", "prune", "export", "quantize", "evaluate", "benchmark", "bundle"}),
     options=frozenset(),
     reasons={
         "adapt": "adapt trains a masked-LM head; the pretrained stage takes an embedding checkpoint as it is",
@@ -107,8 +107,6 @@ TASK = Task(
         "finetune": "training embeddings from pairs is not written yet: the pretrained stage takes an embedding "
                     "checkpoint as it was trained",
         "self_train": "self_train pseudo-labels the surest predicted class; an embedding model predicts none",
-        "distill": f"distill {_NEEDS_LABELS} (embedding distillation is not written yet)",
-        "prune": f"prune's recovery distillation {_NEEDS_LABELS}",
         "pooling": "finetune's pooling belongs to the finetune stage; the pretrained stage's pooling says how the "
                    "checkpoint pools",
         "lora": "LoRA belongs to the finetune stage",
@@ -116,6 +114,9 @@ TASK = Task(
         "domain_adversarial": "domain-adversarial training belongs to the finetune stage",
         "rdrop_alpha": "R-Drop belongs to the finetune stage",
         "qat": f"quantization-aware training {_NEEDS_LABELS}",
+        "student": "the student learns the teacher's vectors, so it is a shallower copy of the teacher "
+                              "(distill.layers), of its width and pooling; a student of another width would need a "
+                              "learned projection of its vectors, which is not written",
         "max_accuracy_drop": "accuracy control measures a drop in accuracy; an embedding model's INT8 is kept only "
                              "if its vectors stay close to FP32 (quantize.min_cosine)",
     },
@@ -124,12 +125,13 @@ TASK = Task(
     row_problem=row_problem,
     to_ids=to_ids,
     encode=encode,
-    compute_metrics=compute_metrics,
+    compute_metrics=None,  # a pair's score needs both texts' vectors: scored by `score`, as evaluate does
     check_data=check_data,
     pretokenized=False,
     examples=examples,
     score=score,
     runtime="Embedder",
     fidelity=fidelity,
+    distillation="vectors",
     reads_pairs=False,  # the STS-B pairs score the vectors; the model embeds one text at a time
 )

@@ -109,6 +109,7 @@ TASK = Task(
         "domain_adversarial": "domain-adversarial training is tested on text-classification only",
         "rdrop_alpha": "R-Drop's consistency loss compares label distributions; a score has none",
         "qat": "quantization-aware training distils one distribution over labels per text",
+        "student": "belongs to the distill stage, which this task does not support",
         "max_accuracy_drop": "accuracy control measures the INT8 drop in accuracy, not in Spearman",
     },
     head_config=head_config,

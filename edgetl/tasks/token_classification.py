@@ -144,6 +144,7 @@ TASK = Task(
         "domain_adversarial": "its domain classifier reads one pooled vector per text",
         "rdrop_alpha": "R-Drop's consistency loss compares one label distribution per text",
         "qat": "quantization-aware training distils one distribution over labels per text",
+        "student": "belongs to the distill stage, which this task does not support",
         "max_accuracy_drop": "accuracy control measures the INT8 drop in accuracy per text, not in entity F1",
     },
     head_config=head_config,
