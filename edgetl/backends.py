@@ -24,8 +24,9 @@ class TorchEngine:
     backend = "pytorch"
     _default_threads: int | None = None
 
-    def __init__(self, folder: str | Path, threads: int | None = None, device: str = "cpu",
-                 task: Task = TASKS[DEFAULT_TASK]):
+    def __init__(self, folder: str | Path | None, threads: int | None = None, device: str = "cpu",
+                 task: Task = TASKS[DEFAULT_TASK], model=None):
+        """``model``: a model already in memory (on ``device``, as it is) instead of the one saved in ``folder``."""
         import torch
 
         from edgetl.architectures import adapter_for
@@ -34,11 +35,12 @@ class TorchEngine:
         self._torch, self.threads, self.device = torch, threads, device
         TorchEngine._default_threads = TorchEngine._default_threads or torch.get_num_threads()
         self.activate()
-        self.model = load_classifier(folder, task)
+        if model is None:
+            model = load_classifier(folder, task)
+            model = model.half().cuda() if device == "cuda" else model
+        self.model = model
         # The runtime's feeds always hold token_type_ids; DistilBERT, RoBERTa-family and MPNet models take none.
         self.inputs = set(adapter_for(self.model.config.model_type).input_names)
-        if device == "cuda":
-            self.model = self.model.half().cuda()
 
     def activate(self) -> None:
         """Apply this engine's thread count (torch's is process-wide): call before timing it."""

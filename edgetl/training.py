@@ -342,27 +342,12 @@ def task_metrics(model, tokenizer, dev_tok, collator, batch_size: int, ctx) -> d
     return fp32_metrics(model, dev_tok, collator, batch_size, task.compute_metrics(labels))
 
 
-class _ModelEngine:
-    """A PyTorch model in memory behind the runtime's engine interface (numpy feeds in, FP32 outputs out)."""
-
-    def __init__(self, model):
-        from edgetl.architectures import adapter_for
-
-        self.model = without_autocast(model).eval()
-        self.inputs = set(adapter_for(model.config.model_type).input_names)
-        self.device = next(model.parameters()).device
-
-    def run(self, feeds: dict) -> np.ndarray:
-        with torch.inference_mode():
-            inputs = {k: torch.from_numpy(v).to(self.device) for k, v in feeds.items() if k in self.inputs}
-            return self.model(**inputs).logits.float().cpu().numpy()
-
-
 def output_metrics(model, tokenizer, ctx, batch_size: int) -> dict:
     """The task's ``score`` of a PyTorch model's outputs on the evaluation split, the inputs cut and batched by the
     runtime's tokenizer exactly as the evaluate stage cuts and batches them."""
     import tempfile
 
+    from edgetl.backends import TorchEngine
     from edgetl.data import label_names, load_evaluation
     from edgetl.runtime.text import load_tokenizer, predict_outputs
 
@@ -371,8 +356,8 @@ def output_metrics(model, tokenizer, ctx, batch_size: int) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)
         fast = load_tokenizer(folder, data.max_length, data.truncation, data.head_tokens)
-    outputs, encodings = predict_outputs(_ModelEngine(model), fast, task.examples(columns), batch_size,
-                                         task.pretokenized)
+    engine = TorchEngine(None, device=str(next(model.parameters()).device), model=without_autocast(model).eval())
+    outputs, encodings = predict_outputs(engine, fast, task.examples(columns), batch_size, task.pretokenized)
     return task.score(outputs, encodings, columns, label_names(data, task))
 
 

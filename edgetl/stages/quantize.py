@@ -71,6 +71,9 @@ def run(cfg: QuantizeStage, ctx, out_dir: Path) -> StageOutput:
     # Accuracy control measures the INT8 drop on the evaluation split: it is model selection, which dev may
     # serve (the held-out test set never does).
     validation = evaluation_feeds(ctx, tokenizer_dir) if cfg.max_accuracy_drop is not None else None
+    # A task judged by closeness to FP32 measures it on training text that calibration did not see.
+    fidelity = task_for(ctx.recipe.task).fidelity is not None
+    held_out = held_out_inputs(ctx, cfg.calibration_samples, cfg.fidelity_samples) if fidelity else None
     models = {}
     for backend in cfg.backends:
         folder = out_dir / backend
@@ -83,16 +86,16 @@ def run(cfg: QuantizeStage, ctx, out_dir: Path) -> StageOutput:
         else:
             models[backend] = _openvino_int8(source, folder, feeds)
         copy_tokenizer(source.model_path(backend).parent, folder)
-        if task_for(ctx.recipe.task).fidelity is not None:
-            models[backend] = _fidelity_controlled(cfg, ctx, source, backend, folder, feeds, models[backend])
+        if held_out:
+            models[backend] = _fidelity_controlled(cfg, ctx, source, backend, folder, feeds, held_out, models[backend])
     metrics = {f"{b}_bytes": model_file_bytes(out_dir / m["path"]) for b, m in models.items()}
     return StageOutput(kind="quantized", precision="int8", models=models, metrics=metrics)
 
 
 def _fidelity_controlled(cfg: QuantizeStage, ctx, source, backend: str, folder: Path, feeds: list[dict],
-                         model: dict) -> dict:
+                         inputs: list, model: dict) -> dict:
     """Fidelity control, the accuracy control of a task judged by closeness to FP32 (``Task.fidelity``): keep the INT8
-    model if its outputs stay close to the FP32 model's on held-out training text; else leave in FP32, one role at a
+    model if its outputs stay close to the FP32 model's on ``inputs`` (held-out training text); else leave in FP32, one role at a
     time (every layer's FFN output projection, ...), the MatMul roles that cost most, until they do; else ship the
     FP32 model. The manifest entry records the fidelity and the nodes left in FP32."""
     from edgetl.quantization import matmul_roles
@@ -100,7 +103,6 @@ def _fidelity_controlled(cfg: QuantizeStage, ctx, source, backend: str, folder: 
     from edgetl.runtime.text import predict_outputs
 
     task, data = task_for(ctx.recipe.task), ctx.recipe.data
-    inputs = held_out_inputs(ctx, cfg.calibration_samples, cfg.fidelity_samples)
     tokenizer = load_tokenizer(folder, data.max_length, data.truncation, data.head_tokens)
     reference = predict_outputs(open_engine(backend, source.model_path(backend)), tokenizer, inputs, 1)[0]
 
