@@ -32,6 +32,43 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _floats(text: str | None, flag: str) -> tuple | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"{flag}: give comma-separated numbers, e.g. 0.5,0.75,1 (got {text!r})") from None
+
+
+def _cmd_search(args) -> int:
+    from edgetl.artifact import Artifact
+    from edgetl.recipe import load_recipe
+    from edgetl.search import Goal, Options, Searcher
+
+    if args.budget_ms is None and args.budget_ratio is None and args.min_accuracy is None and args.max_drop is None:
+        raise UsageError("search: give a budget (--budget-ms or --budget-ratio, optionally --max-size-mb) for the most "
+                         "accurate model within it, or only a floor (--min-accuracy or --max-drop) for the fastest "
+                         "model at or above it")
+    recipe = load_recipe(args.recipe, args.overrides)
+    rungs = _floats(args.rungs, "--rungs")
+    if rungs is not None and (sorted(rungs) != list(rungs) or rungs[-1] != 1 or rungs[0] <= 0):
+        raise UsageError(f"--rungs: increasing fractions of the training ending at 1, e.g. 0.125,0.5,1 (got {args.rungs})")
+    goal = Goal(budget_ms=args.budget_ms, budget_ratio=args.budget_ratio, max_size_mb=args.max_size_mb,
+                min_accuracy=args.min_accuracy, max_drop=args.max_drop, max_int8_drop=args.max_int8_drop)
+    options = Options(trials=args.trials, hours=args.hours, latency_texts=args.latency_texts,
+                      latency_rounds=args.latency_rounds, **({"rungs": rungs} if rungs else {}))
+    layers = _floats(args.layers, "--layers")
+    space = {"layers": [int(n) for n in layers] if layers else None, "heads_keep": _floats(args.heads, "--heads"),
+             "ffn_keep": _floats(args.ffn, "--ffn"),
+             "vocabulary": None if args.vocabulary is None else (args.vocabulary == "yes",)}
+    reference = Artifact.load(args.reference) if args.reference else None
+    folder = Path(args.search_dir) if args.search_dir else Path("runs") / f"{recipe.name}-search"
+    summary = Searcher(recipe, folder, goal, options, space, reference).run()
+    print((folder / "front.md").read_text(), flush=True)
+    return 0 if summary["met"] else 3
+
+
 def _cmd_report(args) -> int:
     from edgetl.report import write_report
 
@@ -368,6 +405,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--from", dest="from_stage", help="rerun from this stage on, even if finished")
     run.add_argument("--run-dir", help="artifact folder (default: runs/<recipe name>)")
     run.set_defaults(func=_cmd_run)
+
+    search = sub.add_parser("search", help="the most accurate shape of a recipe's chain (layers, heads, FFN, vocabulary, "
+                            "INT8 per backend) within a latency/size budget on this machine, or the fastest at or above "
+                            "an accuracy floor; writes the front, chosen.yaml and its bundle (resumes when rerun)")
+    search.add_argument("recipe", help="a recipe with finetune, distill, prune, export, evaluate stages (sst-tiny)")
+    search.add_argument("overrides", nargs="*", help="key.path=value, as for run")
+    search.add_argument("--budget-ms", type=float, help="batch-1 p50 budget in ms, over the evaluation texts")
+    search.add_argument("--budget-ratio", type=float, help="budget as a fraction of the reference model's p50, timed in "
+                        "the same rounds (robust to the machine's speed drifting)")
+    search.add_argument("--reference", help="artifact or bundle folder the ratio refers to (default: the recipe's "
+                        "first bench.compare entry)")
+    search.add_argument("--max-size-mb", type=float, help="model file size budget")
+    search.add_argument("--min-accuracy", type=float, help="floor on the task metric, in points (89.9)")
+    search.add_argument("--max-drop", type=float, help="floor as points below the teacher")
+    search.add_argument("--max-int8-drop", type=float, default=0.5, help="INT8 ships on a backend only within this many "
+                        "points of its FP32 model (and only where faster)")
+    search.add_argument("--hours", type=float, help="start no trial after this many hours; the best so far is reported")
+    search.add_argument("--trials", type=int, default=12, help="shapes trained at the first rung (default 12)")
+    search.add_argument("--rungs", help="fractions of distill and prune epochs per rung, ending at 1 (default 0.125,0.5,1)")
+    search.add_argument("--layers", help="teacher layers kept, e.g. 2,3,4 (default: 1 to all)")
+    search.add_argument("--heads", help="head keep ratios (default 0.25,0.5,0.75,1)")
+    search.add_argument("--ffn", help="FFN keep ratios (default 0.25,0.5,0.75,1)")
+    search.add_argument("--vocabulary", choices=["yes", "no"], help="cut the vocabulary or not (default: as the recipe)")
+    search.add_argument("--latency-texts", type=int, default=300, help="evaluation texts timed per shape")
+    search.add_argument("--latency-rounds", type=int, default=3, help="timing rounds per shape, each a fresh process")
+    search.add_argument("--search-dir", help="folder of the search (default: runs/<recipe>-search)")
+    search.set_defaults(func=_cmd_search)
 
     report = sub.add_parser("report", help="one self-contained HTML page on a finished run: stages, wall times, "
                                            "benchmark table and plot, machine")

@@ -199,8 +199,13 @@ def _publish(tmp: Path, final: Path) -> None:
         os.replace(tmp, final)
 
 
-def run_recipe(recipe: Recipe, run_dir: Path | None = None, from_stage: str | None = None) -> list[Artifact]:
-    """Run every stage of ``recipe``; returns the artifacts in stage order."""
+def run_recipe(recipe: Recipe, run_dir: Path | None = None, from_stage: str | None = None,
+               seed: list[Artifact] = ()) -> list[Artifact]:
+    """Run every stage of ``recipe``; returns the artifacts in stage order.
+
+    ``seed``: finished artifacts the first stages read as if earlier stages had made them (the search's
+    untrained shapes); they come first in the returned list.
+    """
     run_dir = Path(run_dir or Path("runs") / recipe.name)
     names = [s.stage for s in recipe.stages]
     if from_stage is not None and from_stage not in names:
@@ -217,7 +222,7 @@ def run_recipe(recipe: Recipe, run_dir: Path | None = None, from_stage: str | No
     forced = False
     data_reads = _data_reads(recipe)
     compared = resolve_compare(recipe, run_dir)
-    done: list[Artifact] = []
+    done: list[Artifact] = list(seed)
     for index, stage_cfg in enumerate(recipe.stages):
         name = f"{index + 1:02d}-{stage_cfg.stage}"
         forced = forced or stage_cfg.stage == from_stage

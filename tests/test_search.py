@@ -1,0 +1,129 @@
+"""`edgetl search` on the tiny model: end to end within the budget, nothing within the budget, the fastest-at-a-floor
+mode, and resuming after kill -9."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import copy_run
+
+from edgetl.recipe import load_recipe
+
+# One backend and two shapes keep a whole search within a minute or two on two cores.
+SMALL = ["stages.export.formats=[onnx]", "stages.quantize.backends=[onnx]", "stages.quantize.onnx_method=dynamic",
+         "stages.bundle.backends=[onnx]"]
+
+
+def _searcher(recipe, folder: Path, **goal):
+    from edgetl.search import Goal, Options, Searcher
+
+    options = Options(trials=2, rungs=(0.5, 1.0), promote=0.5, latency_texts=20, latency_rounds=1)
+    space = {"layers": [1], "heads_keep": (0.5, 1.0), "ffn_keep": (0.5,), "vocabulary": (False,)}
+    return Searcher(recipe, folder, Goal(**goal), options, space)
+
+
+@pytest.fixture(scope="module")
+def search_root(tmp_path_factory, tiny_runs):
+    root = tmp_path_factory.mktemp("search")
+    copy_run(tiny_runs("sst-int8"), root / "sst-int8")  # the compared run, as `runs/sst-int8` beside the search
+    return root
+
+
+@pytest.fixture(autouse=True)
+def latency_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("EDGETL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "edgetl-cache"))
+
+
+@pytest.fixture(scope="module")
+def within_budget(search_root, shrink, tmp_path_factory):
+    recipe = load_recipe("sst-tiny", [*shrink("sst-tiny"), *SMALL])
+    folder = search_root / "sst-tiny-search"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EDGETL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "edgetl-cache"))
+        return folder, _searcher(recipe, folder, budget_ratio=100.0).run()
+
+
+def test_the_search_chooses_a_shape_within_the_budget_and_ships_its_bundle(within_budget, shrink):
+    folder, summary = within_budget
+    assert summary["met"] and summary["shapes_within_budget"] == 2
+    assert set(summary["rungs"]["0.5"]) == {"L1-h0.5-f0.5", "L1-h1-f0.5"}
+    assert len(summary["rungs"]["1"]) == 1  # the better half went on to the whole recipe
+    chosen = summary["chosen"]
+    assert chosen["fits"] and chosen["ships"] and chosen["candidate"] in summary["rungs"]["1"]
+    full = summary["rungs"]["1"][chosen["candidate"]]["options"]
+    assert chosen["points"] == max(o["points"] for o in full if o["ships"] and o["fits"])
+    # Every option has its prediction from the untrained shape and its measurement in the trial's benchmark.
+    assert all(o["predicted_ratio"] > 0 and o["measured_ratio"] > 0 for o in full)
+    recipe = load_recipe(str(folder / "chosen.yaml"))
+    prune = next(s for s in recipe.stages if s.stage == "prune")
+    assert (prune.heads_keep, prune.ffn_keep) == (float(chosen["candidate"].split("-")[1][1:]), 0.5)
+    bundle = json.loads((Path(summary["bundle"]) / "edgetl.json").read_text())
+    assert list(bundle["models"]) == ["onnx"] and bundle["models"]["onnx"]["precision"] == chosen["target"].split("-")[1]
+    assert chosen["candidate"] in (folder / "front.md").read_text() and (folder / "front.png").stat().st_size > 0
+    cache = list((Path(os.environ["EDGETL_CACHE_DIR"]) / "latency").glob("*.json"))
+    assert len(cache) == 1 and len(json.loads(cache[0].read_text())) == 2
+
+
+def test_nothing_within_the_budget_still_ships_the_nearest_and_says_how_far(within_budget, shrink):
+    folder, _ = within_budget
+    recipe = load_recipe("sst-tiny", [*shrink("sst-tiny"), *SMALL])
+    summary = _searcher(recipe, folder, budget_ms=1e-6).run()  # same folder: the table and trials are reused
+    assert not summary["met"] and summary["shapes_within_budget"] == 0
+    chosen = summary["chosen"]
+    assert not chosen["fits"] and chosen["budget_excess"] > 1000
+    assert f"{chosen['budget_excess']:.2f}x the budget" in summary["note"]
+    assert Path(summary["bundle"], "edgetl.json").is_file() and (folder / "chosen.yaml").is_file()
+
+
+def test_the_fastest_mode_returns_the_fastest_option_at_or_above_the_floor(within_budget, shrink):
+    folder, _ = within_budget
+    recipe = load_recipe("sst-tiny", [*shrink("sst-tiny"), *SMALL])
+    summary = _searcher(recipe, folder, min_accuracy=0.0).run()
+    assert summary["mode"] == "fastest" and summary["met"]
+    shipped = [o for r in summary["rungs"]["1"].values() for o in r["options"] if o["ships"]]
+    assert summary["chosen"]["predicted_p50_ms"] == min(o["predicted_p50_ms"] for o in shipped)
+
+
+def test_a_search_killed_mid_trial_resumes_without_redoing_finished_stages(search_root, shrink, tmp_path_factory):
+    folder = search_root / "killed-search"
+    args = [sys.executable, "-m", "edgetl", "search", "sst-tiny", *shrink("sst-tiny"), *SMALL, "--budget-ratio", "100",
+            "--layers", "1", "--heads", "0.5,1", "--ffn", "0.5", "--vocabulary", "no", "--trials", "2", "--rungs", "0.5,1",
+            "--latency-texts", "20", "--latency-rounds", "1", "--search-dir", str(folder)]
+    env = {**os.environ, "EDGETL_CACHE_DIR": str(tmp_path_factory.mktemp("cold-cache"))}
+    process = subprocess.Popen(args, cwd=search_root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not list(folder.glob("trials/*/02-distill/manifest.json")):
+        assert process.poll() is None, process.stderr.read().decode()[-3000:]
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    distilled = next(folder.glob("trials/*/02-distill/manifest.json"))
+    before = json.loads(distilled.read_text())["timings"]
+    done = subprocess.run(args, cwd=search_root, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(distilled.read_text())["timings"] == before  # finished before the kill: not trained again
+    summary = json.loads((folder / "search.json").read_text())
+    assert summary["met"] and len(summary["rungs"]["0.5"]) == 2
+    import optuna
+
+    storage = f"sqlite:///{folder / 'optuna.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    states = [t.state.name for t in optuna.load_study(study_name=name, storage=storage).trials]
+    assert "RUNNING" not in states and states.count("COMPLETE") == 2
+
+
+def test_a_recipe_without_distill_and_prune_is_refused_before_anything_runs(tmp_path, shrink):
+    from edgetl.errors import RecipeError
+
+    recipe = load_recipe("sst-int8", shrink("sst-int8"))
+    with pytest.raises(RecipeError, match="add a distill stage"):
+        _searcher(recipe, tmp_path / "s", budget_ms=1.0)
+    assert not (tmp_path / "s").exists()
