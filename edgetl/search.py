@@ -37,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from edgetl.artifact import Artifact, StageOutput, write_json_atomic, write_manifest
+from edgetl.artifact import Artifact, StageOutput, source_commit, write_json_atomic, write_manifest
 from edgetl.errors import RecipeError
 from edgetl.pipeline import run_recipe
 from edgetl.recipe import Recipe, resolved_dict
@@ -224,7 +224,7 @@ def latency_table(base: dict, candidates: list[Candidate], teacher: Path, refere
 
     recipe = _load(base)
     task = task_for(recipe.task)
-    train, dev = load_labelled(recipe.data, task)
+    dev = load_labelled(recipe.data, task)[1]
     texts = task.examples(dev[:])[:options.latency_texts]
     probe_raw = {**base, "name": "probe", "bench": {**base.get("bench", {}), "compare": []},
                  "stages": [_probe_stage(s) for s in base["stages"] if s["stage"] in PROBE_STAGES]}
@@ -245,10 +245,10 @@ def latency_table(base: dict, candidates: list[Candidate], teacher: Path, refere
     if any(c.vocabulary for c in todo):
         from transformers import AutoTokenizer
 
+        from edgetl.stages.prune import training_texts
         from edgetl.vocab import used_token_ids
 
-        columns = [c for c in ("text", "text_pair") if c in train.column_names]
-        vocabulary_ids = used_token_ids(AutoTokenizer.from_pretrained(teacher), [t for c in columns for t in train[c]],
+        vocabulary_ids = used_token_ids(AutoTokenizer.from_pretrained(teacher), training_texts(recipe),
                                         next(s for s in recipe.stages if s.stage == "prune").vocab_min_count)
     for start in range(0, len(todo), options.chunk):
         chunk = todo[start:start + options.chunk]
@@ -511,7 +511,7 @@ class Searcher:
         summary = {
             "recipe": self.recipe.name, "mode": self.goal.mode, "goal": asdict(self.goal), "floor": floor,
             "options": {**asdict(self.options), "rungs": list(self.options.rungs)}, "space": self.space,
-            "machine": machine_fingerprint(), "teacher_points": round(self.teacher_points, 3), "metric": self.task.metric,
+            "machine": machine_fingerprint(), "edgetl_commit": source_commit(), "teacher_points": round(self.teacher_points, 3), "metric": self.task.metric,
             "reference": None if self.reference is None else str(self.reference.path),
             "shapes": len(candidates), "shapes_within_budget": len(fitting),
             "rungs": {f"{fraction:g}": {k: {**{x: y for x, y in r.items() if x != "candidate"}} for k, r in rows.items()}

@@ -91,13 +91,12 @@ def test_the_fastest_mode_returns_the_fastest_option_at_or_above_the_floor(withi
     assert summary["chosen"]["predicted_p50_ms"] == min(o["predicted_p50_ms"] for o in shipped)
 
 
-def test_a_search_killed_mid_trial_resumes_without_redoing_finished_stages(search_root, shrink, tmp_path_factory):
+def test_a_search_killed_mid_trial_resumes_without_redoing_finished_stages(search_root, shrink):
     folder = search_root / "killed-search"
     args = [sys.executable, "-m", "edgetl", "search", "sst-tiny", *shrink("sst-tiny"), *SMALL, "--budget-ratio", "100",
             "--layers", "1", "--heads", "0.5,1", "--ffn", "0.5", "--vocabulary", "no", "--trials", "2", "--rungs", "0.5,1",
             "--latency-texts", "20", "--latency-rounds", "1", "--search-dir", str(folder)]
-    env = {**os.environ, "EDGETL_CACHE_DIR": str(tmp_path_factory.mktemp("cold-cache"))}
-    process = subprocess.Popen(args, cwd=search_root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    process = subprocess.Popen(args, cwd=search_root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                start_new_session=True)
     deadline = time.time() + 600
     while time.time() < deadline and not list(folder.glob("trials/*/02-distill/manifest.json")):
@@ -107,7 +106,7 @@ def test_a_search_killed_mid_trial_resumes_without_redoing_finished_stages(searc
     process.wait()
     distilled = next(folder.glob("trials/*/02-distill/manifest.json"))
     before = json.loads(distilled.read_text())["timings"]
-    done = subprocess.run(args, cwd=search_root, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(args, cwd=search_root, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads(distilled.read_text())["timings"] == before  # finished before the kill: not trained again
     summary = json.loads((folder / "search.json").read_text())

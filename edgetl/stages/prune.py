@@ -118,7 +118,7 @@ def run(cfg: PruneStage, ctx, out_dir: Path) -> StageOutput:
     if cfg.vocabulary:
         from edgetl.vocab import prune_vocabulary, used_token_ids
 
-        keep = used_token_ids(tokenizer, training_texts(ctx), cfg.vocab_min_count)
+        keep = used_token_ids(tokenizer, training_texts(ctx.recipe), cfg.vocab_min_count)
         metrics["vocabulary"] = prune_vocabulary(model, tokenizer, keep, out_dir)
         tokenizer = AutoTokenizer.from_pretrained(out_dir)
         dev_tok = distillation_data(ctx, tokenizer)[1]
@@ -134,10 +134,10 @@ def run(cfg: PruneStage, ctx, out_dir: Path) -> StageOutput:
                        metrics=metrics)
 
 
-def training_texts(ctx) -> list[str]:
+def training_texts(recipe) -> list[str]:
     """Every text of the training split's rows (both texts of a pair), which the pruned vocabulary must cover."""
     from edgetl.data import load_labelled
     from edgetl.tasks import task_for
 
-    train = load_labelled(ctx.recipe.data, task_for(ctx.recipe.task))[0]
+    train = load_labelled(recipe.data, task_for(recipe.task))[0]
     return [text for column in ("text", "text_pair") if column in train.column_names for text in train[column]]

@@ -1,0 +1,88 @@
+"""A finished `edgetl search` folder into benchmarks/results/, with the latency predictions checked against trained
+models (nothing is measured here: every figure comes from the search's and the runs' own files).
+
+    python benchmarks/search_results.py runs/sst-tiny-search [--trained runs/sst-tiny ...] --out benchmarks/results/sst-tiny-search/COMMIT
+
+- every fully trained option of the search: the p50 predicted from its untrained shape against the p50 its trial's
+  benchmark measured, each as a multiple of the reference model timed in the same rounds (the machine's speed
+  drifts between the two measurements; the ratio does not);
+- ``--trained``: finished runs of the same recipe outside the search (e.g. the hand-built `sst-tiny`) whose shape is
+  in the search's latency table, checked the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+COPIED = ("search.json", "latency.json", "front.md", "front.png", "chosen.yaml")
+
+
+def shape_of(run: Path) -> str:
+    """The search's key of a run's shape (``L3-h0.5-f0.5-vocab``), from its resolved recipe."""
+    stages = {s["stage"]: s for s in yaml.safe_load((run / "recipe.resolved.yaml").read_text())["stages"]}
+    distill, prune = stages["distill"], stages["prune"]
+    return (f"L{len(distill['layers'])}-h{prune['heads_keep']:g}-f{prune['ffn_keep']:g}"
+            + ("-vocab" if prune["vocabulary"] else ""))
+
+
+def measured_ratios(run: Path, reference: str) -> dict[str, float]:
+    """``{"onnx-int8": p50 / reference p50, ...}`` from the run's benchmark."""
+    rows = {r["target"]: r for r in json.loads(next(run.glob("[0-9][0-9]-benchmark/results.json")).read_text())["rows"]}
+    ref = next(r for key, r in rows.items() if key.startswith(reference) and "/" in key)
+    names = {"exported": next(run.glob("[0-9][0-9]-export")).name, "quantized": next(run.glob("[0-9][0-9]-quantize")).name}
+    found = {}
+    for backend in ("onnx", "openvino"):
+        for precision, kind in (("fp32", "exported"), ("int8", "quantized")):
+            row = rows.get(f"{backend}-{precision} ({names[kind]})")
+            if row:
+                found[f"{backend}-{precision}"] = round(row["p50_ms"] / ref["p50_ms"], 4)
+    return found
+
+
+def check(search: dict, table: dict, trained: list[Path]) -> list[dict]:
+    rows = []
+    for shape, result in search["rungs"].get("1", {}).items():
+        for option in result["options"]:
+            rows.append({"model": f"search trial {shape}", "shape": shape, "target": option["target"],
+                         "predicted_ratio": option["predicted_ratio"], "measured_ratio": option["measured_ratio"]})
+    for run in trained:
+        shape = shape_of(run)
+        if shape not in table:
+            continue
+        for target, ratio in measured_ratios(run, "onnx-int8 (").items():
+            rows.append({"model": f"{run.name} (trained outside the search)", "shape": shape, "target": target,
+                         "predicted_ratio": table[shape][target]["ratio"], "measured_ratio": ratio})
+    for row in rows:
+        if row["predicted_ratio"] and row["measured_ratio"]:
+            row["error"] = round(row["predicted_ratio"] / row["measured_ratio"] - 1, 4)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("search_dir", type=Path)
+    parser.add_argument("--trained", type=Path, nargs="*", default=[])
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        if (args.search_dir / name).is_file():
+            shutil.copy2(args.search_dir / name, args.out / name)
+    search = json.loads((args.search_dir / "search.json").read_text())
+    table = json.loads((args.search_dir / "latency.json").read_text())["shapes"]
+    rows = check(search, table, args.trained)
+    (args.out / "predictions.json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = ["| model | shape | target | predicted x reference | measured x reference | error |", "|---|---|---|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['shape']} | {r['target']} | {r['predicted_ratio']} | {r['measured_ratio']} | "
+              f"{'' if 'error' not in r else format(r['error'] * 100, '+.1f') + ' %'} |" for r in rows]
+    (args.out / "predictions.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
