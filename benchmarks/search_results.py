@@ -5,7 +5,8 @@ models (nothing is measured here: every figure comes from the search's and the r
 
 - every fully trained option of the search: the p50 predicted from its untrained shape against the p50 its trial's
   benchmark measured, each as a multiple of the reference model timed in the same rounds (the machine's speed
-  drifts between the two measurements; the ratio does not);
+  drifts between the two measurements; the ratio does not); a benchmark whose per-round p50s of the model or the
+  reference spread by more than 10 % is marked noisy (the machine was busy);
 - ``--trained``: finished runs of the same recipe outside the search (e.g. the hand-built `sst-tiny`) whose shape is
   in the search's latency table, checked the same way.
 """
@@ -30,8 +31,16 @@ def shape_of(run: Path) -> str:
             + ("-vocab" if prune["vocabulary"] else ""))
 
 
-def measured_ratios(run: Path, reference: str) -> dict[str, float]:
-    """``{"onnx-int8": p50 / reference p50, ...}`` from the run's benchmark."""
+NOISE = 0.10  # the benchmark's default noise threshold: per-round p50s spread by more than this of their median
+
+
+def noisy(*rows: dict) -> bool:
+    return any((max(r["round_p50_ms"]) - min(r["round_p50_ms"])) / sorted(r["round_p50_ms"])[len(r["round_p50_ms"]) // 2]
+               > NOISE for r in rows)
+
+
+def measured_ratios(run: Path, reference: str) -> dict[str, tuple[float, bool]]:
+    """``{"onnx-int8": (p50 / reference p50, noisy), ...}`` from the run's benchmark."""
     rows = {r["target"]: r for r in json.loads(next(run.glob("[0-9][0-9]-benchmark/results.json")).read_text())["rows"]}
     ref = next(r for key, r in rows.items() if key.startswith(reference) and "/" in key)
     names = {"exported": next(run.glob("[0-9][0-9]-export")).name, "quantized": next(run.glob("[0-9][0-9]-quantize")).name}
@@ -40,23 +49,23 @@ def measured_ratios(run: Path, reference: str) -> dict[str, float]:
         for precision, kind in (("fp32", "exported"), ("int8", "quantized")):
             row = rows.get(f"{backend}-{precision} ({names[kind]})")
             if row:
-                found[f"{backend}-{precision}"] = round(row["p50_ms"] / ref["p50_ms"], 4)
+                found[f"{backend}-{precision}"] = round(row["p50_ms"] / ref["p50_ms"], 4), noisy(row, ref)
     return found
 
 
 def check(search: dict, table: dict, trained: list[Path]) -> list[dict]:
     rows = []
     for shape, result in search["rungs"].get("1", {}).items():
-        for option in result["options"]:
-            rows.append({"model": f"search trial {shape}", "shape": shape, "target": option["target"],
-                         "predicted_ratio": option["predicted_ratio"], "measured_ratio": option["measured_ratio"]})
+        for target, (ratio, flagged) in measured_ratios(Path(result["run_dir"]), "onnx-int8 (").items():
+            rows.append({"model": f"search trial {shape}", "shape": shape, "target": target,
+                         "predicted_ratio": table[shape][target]["ratio"], "measured_ratio": ratio, "noisy": flagged})
     for run in trained:
         shape = shape_of(run)
         if shape not in table:
             continue
-        for target, ratio in measured_ratios(run, "onnx-int8 (").items():
+        for target, (ratio, flagged) in measured_ratios(run, "onnx-int8 (").items():
             rows.append({"model": f"{run.name} (trained outside the search)", "shape": shape, "target": target,
-                         "predicted_ratio": table[shape][target]["ratio"], "measured_ratio": ratio})
+                         "predicted_ratio": table[shape][target]["ratio"], "measured_ratio": ratio, "noisy": flagged})
     for row in rows:
         if row["predicted_ratio"] and row["measured_ratio"]:
             row["error"] = round(row["predicted_ratio"] / row["measured_ratio"] - 1, 4)
@@ -77,9 +86,11 @@ def main() -> None:
     table = json.loads((args.search_dir / "latency.json").read_text())["shapes"]
     rows = check(search, table, args.trained)
     (args.out / "predictions.json").write_text(json.dumps(rows, indent=1) + "\n")
-    lines = ["| model | shape | target | predicted x reference | measured x reference | error |", "|---|---|---|---:|---:|---:|"]
+    lines = ["| model | shape | target | predicted x reference | measured x reference | error | benchmark |",
+             "|---|---|---|---:|---:|---:|---|"]
     lines += [f"| {r['model']} | {r['shape']} | {r['target']} | {r['predicted_ratio']} | {r['measured_ratio']} | "
-              f"{'' if 'error' not in r else format(r['error'] * 100, '+.1f') + ' %'} |" for r in rows]
+              f"{format(r['error'] * 100, '+.1f') + ' %' if 'error' in r else ''} | {'noisy' if r['noisy'] else ''} |"
+              for r in rows]
     (args.out / "predictions.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
