@@ -517,7 +517,8 @@ class Searcher:
             "rungs": {f"{fraction:g}": {k: {**{x: y for x, y in r.items() if x != "candidate"}} for k, r in rows.items()}
                       for fraction, rows in results.items()},
             "front": pareto(options), "met": bool(ordered), "chosen": chosen,
-            "seconds": round(time.time() - started, 1),
+            "seconds": round(time.time() - started, 1),  # this invocation; a resumed search reuses earlier work
+            "trial_seconds": round(sum(r["seconds"] for rows in results.values() for r in rows.values()), 1),
         }
         if chosen is None:
             best = max((r for rows in results.values() for r in rows.values()), key=lambda r: r["points"], default=None)
@@ -581,7 +582,8 @@ def write_front(summary: dict, folder: Path) -> None:
     lines = [f"# edgetl search: {summary['recipe']} ({summary['mode']})", "",
              f"Teacher {metric}: {summary['teacher_points']}; floor: {summary['floor']}; "
              f"shapes within the budget: {summary['shapes_within_budget']} of {summary['shapes']}; "
-             f"{summary['seconds'] / 3600:.2f} h.", ""]
+             f"training the trials {summary['trial_seconds'] / 3600:.2f} h (their stages' recorded times); "
+             f"this invocation {summary['seconds'] / 3600:.2f} h.", ""]
     if summary.get("note"):
         lines += [f"**{summary['note']}**", ""]
     chosen = summary.get("chosen")
