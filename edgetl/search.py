@@ -446,9 +446,10 @@ class Searcher:
         _seed_teacher(self.folder, run_dir, self.teacher_stages)
         log.info("search: %s at %g of the training", candidate.key, fraction)
         artifacts = run_recipe(_load(raw), run_dir)
-        seconds = sum(a.manifest["timings"]["seconds"] for a in artifacts[self.teacher_stages:])
+        stage_seconds = {a.fingerprint: a.manifest["timings"]["seconds"] for a in artifacts[self.teacher_stages:]}
+        seconds = sum(stage_seconds.values())
         pruned = next(a for a in artifacts if a.manifest["stage"] == "prune")
-        result = {"candidate": candidate, "run_dir": str(run_dir), "seconds": round(seconds, 1),
+        result = {"candidate": candidate, "run_dir": str(run_dir), "seconds": round(seconds, 1), "stage_seconds": stage_seconds,
                   "points": round(pruned.metrics[self.task.metric] * self.task.metric_scale, 3)}
         if fraction == 1:
             result["options"] = self.options_of(candidate, artifacts)
@@ -518,7 +519,9 @@ class Searcher:
                       for fraction, rows in results.items()},
             "front": pareto(options), "met": bool(ordered), "chosen": chosen,
             "seconds": round(time.time() - started, 1),  # this invocation; a resumed search reuses earlier work
-            "trial_seconds": round(sum(r["seconds"] for rows in results.values() for r in rows.values()), 1),
+            # Trials share stages (same layers and fraction: one distill run): each stage counted once.
+            "trial_seconds": round(sum({k: v for rows in results.values() for r in rows.values()
+                                        for k, v in r["stage_seconds"].items()}.values()), 1),
         }
         if chosen is None:
             best = max((r for rows in results.values() for r in rows.values()), key=lambda r: r["points"], default=None)
