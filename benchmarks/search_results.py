@@ -53,10 +53,10 @@ def measured_ratios(run: Path, reference: str) -> dict[str, tuple[float, bool]]:
     return found
 
 
-def check(search: dict, table: dict, trained: list[Path]) -> list[dict]:
+def check(search_dir: Path, search: dict, table: dict, trained: list[Path]) -> list[dict]:
     rows = []
     for shape, result in search["rungs"].get("1", {}).items():
-        for target, (ratio, flagged) in measured_ratios(Path(result["run_dir"]), "onnx-int8 (").items():
+        for target, (ratio, flagged) in measured_ratios(search_dir / "trials" / Path(result["run_dir"]).name, "onnx-int8 (").items():
             rows.append({"model": f"search trial {shape}", "shape": shape, "target": target,
                          "predicted_ratio": table[shape][target]["ratio"], "measured_ratio": ratio, "noisy": flagged})
     for run in trained:
@@ -84,7 +84,7 @@ def main() -> None:
             shutil.copy2(args.search_dir / name, args.out / name)
     search = json.loads((args.search_dir / "search.json").read_text())
     table = json.loads((args.search_dir / "latency.json").read_text())["shapes"]
-    rows = check(search, table, args.trained)
+    rows = check(args.search_dir, search, table, args.trained)
     (args.out / "predictions.json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = ["| model | shape | target | predicted x reference | measured x reference | error | benchmark |",
              "|---|---|---|---:|---:|---:|---|"]
