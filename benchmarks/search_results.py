@@ -7,6 +7,8 @@ models (nothing is measured here: every figure comes from the search's and the r
   benchmark measured, each as a multiple of the reference model timed in the same rounds (the machine's speed
   drifts between the two measurements; the ratio does not); a benchmark whose per-round p50s of the model or the
   reference spread by more than 10 % is marked noisy (the machine was busy);
+- ``latency.md``: the untrained shapes' table as the search measured it (each target's p50 as a multiple of the
+  reference's);
 - ``--trained``: finished runs of the same recipe outside the search (e.g. the hand-built `sst-tiny`) whose shape is
   in the search's latency table, checked the same way.
 """
@@ -72,6 +74,16 @@ def check(search_dir: Path, search: dict, table: dict, trained: list[Path]) -> l
     return rows
 
 
+def latency_table(table: dict) -> str:
+    targets = sorted({t for entry in table.values() for t in entry})
+    lines = ["| shape | " + " | ".join(f"{t} x reference" for t in targets) + " | INT8 MB (ONNX) |",
+             "|---|" + "---:|" * (len(targets) + 1)]
+    for shape, entry in sorted(table.items(), key=lambda kv: kv[1]["onnx-int8"]["ratio"]):
+        lines.append(f"| {shape} | " + " | ".join(f"{entry[t]['ratio']}" + (" (noisy)" if entry[t]["noisy"] else "")
+                                                   for t in targets) + f" | {entry['onnx-int8']['model_mb']} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("search_dir", type=Path)
@@ -92,6 +104,7 @@ def main() -> None:
               f"{format(r['error'] * 100, '+.1f') + ' %' if 'error' in r else ''} | {'noisy' if r['noisy'] else ''} |"
               for r in rows]
     (args.out / "predictions.md").write_text("\n".join(lines) + "\n")
+    (args.out / "latency.md").write_text(latency_table(table) + "\n")
     print("\n".join(lines))
 
 
