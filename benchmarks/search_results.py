@@ -58,9 +58,12 @@ def measured_ratios(run: Path, reference: str) -> dict[str, tuple[float, bool]]:
 def check(search_dir: Path, search: dict, table: dict, trained: list[Path]) -> list[dict]:
     rows = []
     for shape, result in search["rungs"].get("1", {}).items():
-        for target, (ratio, flagged) in measured_ratios(search_dir / "trials" / Path(result["run_dir"]).name, "onnx-int8 (").items():
-            rows.append({"model": f"search trial {shape}", "shape": shape, "target": target,
-                         "predicted_ratio": table[shape][target]["ratio"], "measured_ratio": ratio, "noisy": flagged})
+        for option in result["options"]:  # each measured in its own run: the INT8 settings after the first in a sibling
+            run = search_dir / "trials" / Path(option.get("run_dir") or result["run_dir"]).name
+            ratio, flagged = measured_ratios(run, "onnx-int8 (")[option["target"].split(" ")[0]]
+            rows.append({"model": f"search trial {shape}", "shape": shape, "target": option["target"],
+                         "predicted_ratio": table[shape][option["target"]]["ratio"], "measured_ratio": ratio,
+                         "noisy": flagged})
     for run in trained:
         shape = shape_of(run)
         if shape not in table:

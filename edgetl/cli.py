@@ -41,6 +41,17 @@ def _floats(text: str | None, flag: str) -> tuple | None:
         raise UsageError(f"{flag}: give comma-separated numbers, e.g. 0.5,0.75,1 (got {text!r})") from None
 
 
+def _settings(text: str, flag: str) -> dict:
+    """``onnx_method=static,smooth_alpha=0.5`` -> ``{"onnx_method": "static", "smooth_alpha": 0.5}``."""
+    import yaml
+
+    pairs = [part.partition("=") for part in text.split(",")]
+    if not text or any(not key or not sep for key, sep, _ in pairs):
+        raise UsageError(f"{flag}: give key=value pairs of the quantize stage, comma-separated, e.g. "
+                         f"onnx_method=static,smooth_alpha=0.5 (got {text!r})")
+    return {key.strip(): yaml.safe_load(value) for key, _, value in pairs}
+
+
 def _cmd_search(args) -> int:
     from edgetl.artifact import Artifact
     from edgetl.recipe import load_recipe
@@ -61,7 +72,8 @@ def _cmd_search(args) -> int:
     layers = _floats(args.layers, "--layers")
     space = {"layers": [int(n) for n in layers] if layers else None, "heads_keep": _floats(args.heads, "--heads"),
              "ffn_keep": _floats(args.ffn, "--ffn"),
-             "vocabulary": None if args.vocabulary is None else (args.vocabulary == "yes",)}
+             "vocabulary": None if args.vocabulary is None else (args.vocabulary == "yes",),
+             "int8": [_settings(text, "--int8") for text in args.int8]}
     reference = Artifact.load(args.reference) if args.reference else None
     folder = Path(args.search_dir) if args.search_dir else Path("runs") / f"{recipe.name}-search"
     summary = Searcher(recipe, folder, goal, options, space, reference).run()
@@ -428,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--heads", help="head keep ratios (default 0.25,0.5,0.75,1)")
     search.add_argument("--ffn", help="FFN keep ratios (default 0.25,0.5,0.75,1)")
     search.add_argument("--vocabulary", choices=["yes", "no"], help="cut the vocabulary or not (default: as the recipe)")
+    search.add_argument("--int8", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="INT8 settings to try beside the recipe's own quantize stage (repeatable), e.g. "
+                             "onnx_method=static or onnx_method=static,smooth_alpha=0.5")
     search.add_argument("--latency-texts", type=int, default=300, help="evaluation texts timed per shape")
     search.add_argument("--latency-rounds", type=int, default=3, help="timing rounds per shape, each a fresh process")
     search.add_argument("--search-dir", help="folder of the search (default: runs/<recipe>-search)")

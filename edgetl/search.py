@@ -3,17 +3,20 @@ machine, or the fastest one at or above an accuracy floor.
 
 The recipe names the chain (a teacher, then ``distill`` and ``prune``, then export, INT8, evaluation, benchmark
 and bundle); the search chooses its shape: teacher layers kept, head and FFN keep ratios, vocabulary cut, and
-for each backend whether INT8 ships.
+for each backend whether INT8 ships and with which of the INT8 settings given (``space["int8"]``: overrides of
+the recipe's ``quantize`` stage, e.g. ``{"onnx_method": "static"}``, tried beside the recipe's own).
 
 1. Teacher: the recipe's stages before ``distill`` run once into the search folder (copied from a finished run
    beside it, as ``edgetl run`` does).
 2. Latency table: every shape is built untrained from the teacher (its layers spread over the teacher's, units
    ranked by weight magnitude), run through the recipe's own export and quantize stages, and timed at batch 1
-   on evaluation texts by the one timing engine, with the reference model in every round. Latency depends on
-   shapes, not weights, so only shapes within the budget are trained. The table is cached per machine.
+   on evaluation texts by the one timing engine, with the reference model in every round; each INT8 setting is
+   a target of its own. Latency depends on shapes, not weights, so only shapes within the budget are trained.
+   The table is cached per machine.
 3. Accuracy, multi-fidelity: Optuna's TPE sampler proposes shapes that fit; each runs ``distill`` and ``prune``
    with the first rung's fraction of their epochs; the best third go on to the next rung (synchronous
-   successive halving); the last rung (fraction 1) is the whole recipe.
+   successive halving); the last rung (fraction 1) is the whole recipe, and each further INT8 setting quantizes,
+   evaluates and benchmarks the same trained export in a sibling run folder.
 4. Choice: per backend, INT8 is kept only where the table says it is faster than FP32 and the evaluation says
    it is within ``max_int8_drop`` of FP32. The chosen model's recipe (``chosen.yaml``, which ``edgetl run``
    reproduces), its bundle, the front (``front.md``, ``front.png``) and ``search.json`` land in the folder.
@@ -118,6 +121,27 @@ def check_searchable(recipe: Recipe) -> None:
         raise RecipeError(recipe.name, problems)
 
 
+def int8_label(settings: dict) -> str:
+    """``""`` for the recipe's own INT8 settings, else ``onnx_method=static,smooth_alpha=0.5`` (as ``--int8`` reads it)."""
+    def text(value) -> str:
+        if isinstance(value, list):
+            return "[" + " ".join(text(v) for v in value) + "]"
+        return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+    return ",".join(f"{k}={text(v)}" for k, v in settings.items())
+
+
+def target_name(backend: str, precision: str, settings: dict) -> str:
+    return f"{backend}-{precision}" + (f" {int8_label(settings)}" if settings else "")
+
+
+def with_int8(raw: dict, settings: dict) -> dict:
+    """The recipe with its quantize stage's settings overridden (one INT8 setting the search tries)."""
+    raw = copy.deepcopy(raw)
+    raw["stages"][_stage_index(raw, "quantize")].update(settings)
+    return raw
+
+
 def teacher_recipe(base: dict) -> dict:
     return {**base, "stages": base["stages"][:_stage_index(base, "distill")]}
 
@@ -155,12 +179,23 @@ def _load(raw: dict) -> Recipe:
 
 
 def _seed_teacher(teacher_run: Path, run_dir: Path, stages: int) -> None:
-    """Hard links of the teacher's finished stage folders into a trial's run (artifacts are never edited in place)."""
+    """Hard links of a run's first finished stage folders into another run (artifacts are never edited in place);
+    a folder there from other inputs (an earlier choice's) is replaced."""
     for index in range(stages):
         source = next(teacher_run.glob(f"{index + 1:02d}-*"), None)
-        if source is not None and not (run_dir / source.name).exists():
+        if source is None:
+            continue
+        target = run_dir / source.name
+        if target.exists() and _fingerprint(target) != _fingerprint(source):
+            shutil.rmtree(target)
+        if not target.exists():
             run_dir.mkdir(parents=True, exist_ok=True)
-            shutil.copytree(source, run_dir / source.name, copy_function=os.link)
+            shutil.copytree(source, target, copy_function=os.link)
+
+
+def _fingerprint(folder: Path) -> str | None:
+    manifest = folder / "manifest.json"
+    return json.loads(manifest.read_text()).get("fingerprint") if manifest.is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------- latency table
@@ -211,8 +246,9 @@ def build_probe(teacher: Path, candidate: Candidate, folder: Path, vocabulary_id
 
 
 def latency_table(base: dict, candidates: list[Candidate], teacher: Path, reference: Artifact | None,
-                  out_dir: Path, options: Options) -> dict[str, dict]:
-    """``{candidate key: {"<backend>-<precision>": {"p50_ms", "ratio", "model_mb"}}}`` for every shape.
+                  out_dir: Path, options: Options, int8: list[dict] = ({},)) -> dict[str, dict]:
+    """``{candidate key: {target name: {"p50_ms", "ratio", "model_mb"}}}`` for every shape, target names as
+    ``onnx-int8``, and ``onnx-int8 onnx_method=static`` for the INT8 settings after the recipe's own (``int8[0]``).
 
     Each chunk of shapes is timed with the reference in the same rounds (fresh processes, order alternating),
     so ``ratio`` (p50 over the reference's) holds even when the machine's speed drifts between chunks.
@@ -228,19 +264,25 @@ def latency_table(base: dict, candidates: list[Candidate], teacher: Path, refere
     texts = task.examples(dev[:])[:options.latency_texts]
     probe_raw = {**base, "name": "probe", "bench": {**base.get("bench", {}), "compare": []},
                  "stages": [_probe_stage(s) for s in base["stages"] if s["stage"] in PROBE_STAGES]}
-    probe_recipe = _load(probe_raw)
+    probe_recipes = [_load({**probe_raw, "stages": [_probe_stage(s) for s in with_int8(probe_raw, settings)["stages"]]})
+                     for settings in int8]
     ref_target = Target(reference, next(iter(reference.models))) if reference is not None else None
     setting = {"teacher": json.loads((teacher / "config.json").read_text()), "stages": probe_raw["stages"],
                "data": recipe.data.model_dump(mode="json"), "texts": len(texts), "threads": recipe.bench.threads,
                "reference": reference.fingerprint if reference is not None else None}
     cache_path = _cache_file()
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    keys = {c.key: hashlib.sha256(json.dumps([setting, c.key], sort_keys=True, default=str).encode()).hexdigest()
-            for c in candidates}
-    table = {c.key: cache[keys[c.key]] for c in candidates if keys[c.key] in cache}
-    todo = [c for c in candidates if c.key not in table]
-    if table:
-        log.info("search: %d shapes timed earlier on this machine (%s)", len(table), cache_path)
+    # The recipe's own INT8 settings keep the key they had before other settings could be searched.
+    keys = {(c.key, i): hashlib.sha256(json.dumps([setting, c.key, *([int8_label(s)] if i else [])], sort_keys=True,
+                                                  default=str).encode()).hexdigest()
+            for c in candidates for i, s in enumerate(int8)}
+    table: dict[str, dict] = {}
+    for (key, _), hashed in keys.items():
+        table.setdefault(key, {}).update(cache.get(hashed, {}))
+    missing = {c.key: [i for i in range(len(int8)) if keys[(c.key, i)] not in cache] for c in candidates}
+    todo = [c for c in candidates if missing[c.key]]
+    if len(todo) < len(candidates):
+        log.info("search: %d shapes timed earlier on this machine (%s)", len(candidates) - len(todo), cache_path)
     vocabulary_ids = None
     if any(c.vocabulary for c in todo):
         from transformers import AutoTokenizer
@@ -259,11 +301,13 @@ def latency_table(base: dict, candidates: list[Candidate], teacher: Path, refere
             probe_dir = out_dir / candidate.key
             probe = Artifact.load(probe_dir / "model") if (probe_dir / "model" / "manifest.json").is_file() \
                 else build_probe(teacher, candidate, probe_dir / "model", vocabulary_ids)
-            for artifact in run_recipe(probe_recipe, probe_dir / "run", seed=[probe])[1:]:
-                artifact.label = f"{candidate.key}/{artifact.path.name}"  # probes share stage names
-                for target in targets_of([artifact], include_pytorch=False):
-                    targets.append(target)
-                    owner[target.key] = (candidate.key, f"{target.backend}-{target.precision}")
+            for i in missing[candidate.key]:
+                for artifact in run_recipe(probe_recipes[i], probe_dir / f"run-{i}", seed=[probe])[1:]:
+                    artifact.label = f"{candidate.key}/{i}/{artifact.path.name}"  # probes share stage names
+                    for target in targets_of([artifact], include_pytorch=False):
+                        if i == 0 or target.precision == "int8":  # FP32 does not depend on the INT8 settings
+                            targets.append(target)
+                            owner[target.key] = (candidate.key, i, target_name(target.backend, target.precision, int8[i]))
         timed = targets + ([ref_target] if ref_target is not None else [])
         rows = measure(timed, texts, [Shape(1, None)], [recipe.bench.threads], max_length=recipe.data.max_length,
                        rounds=options.latency_rounds, warmup=recipe.bench.warmup, max_calls=options.latency_texts,
@@ -273,15 +317,15 @@ def latency_table(base: dict, candidates: list[Candidate], teacher: Path, refere
         ref_rounds = by_key[ref_target.key]["round_p50_ms"] if ref_target is not None else None
         for target in targets:
             row = by_key[target.key]
-            candidate_key, name = owner[target.key]
+            candidate_key, i, name = owner[target.key]
             # The ratio of each round's medians, then their median: both models met the same machine state.
             ratio = None if ref_rounds is None else round(float(sorted(
                 a / b for a, b in zip(row["round_p50_ms"], ref_rounds, strict=True))[len(ref_rounds) // 2]), 4)
             entry = {"p50_ms": row["p50_ms"], "ratio": ratio, "reference_p50_ms": ref_p50, "noisy": row["noisy"],
                      "model_mb": round(target.model_bytes / 1e6, 3)}
             table.setdefault(candidate_key, {})[name] = entry
+            cache.setdefault(keys[(candidate_key, i)], {})[name] = entry
         for candidate in chunk:
-            cache[keys[candidate.key]] = table[candidate.key]
             shutil.rmtree(out_dir / candidate.key, ignore_errors=True)  # the table is what is kept
         cache_path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(cache_path, cache)
@@ -302,7 +346,7 @@ class Searcher:
     folder: Path
     goal: Goal
     options: Options
-    space: dict  # layers, heads_keep, ffn_keep, vocabulary -> the values tried
+    space: dict  # layers, heads_keep, ffn_keep, vocabulary -> the values tried; int8 -> quantize settings
     reference: Artifact | None = None
 
     def __post_init__(self) -> None:
@@ -312,6 +356,14 @@ class Searcher:
         check_searchable(self.recipe)
         self.task = task_for(self.recipe.task)
         self.base = resolved_dict(self.recipe)
+        self.int8 = [{}]  # the recipe's own INT8 settings, then each other one asked for
+        for settings in self.space.get("int8") or []:
+            if _stage_index(self.base, "quantize") is None:
+                raise RecipeError(self.recipe.name, ["stages: INT8 settings to search need a quantize stage"])
+            own = self.base["stages"][_stage_index(self.base, "quantize")]
+            resolved = resolved_dict(_load(with_int8(self.base, settings)))  # names a bad field before anything runs
+            if resolved["stages"][_stage_index(self.base, "quantize")] != own and settings not in self.int8:
+                self.int8.append(settings)
         # Trials run inside the search folder: the compared runs beside it are named by their folders there.
         self.compared = resolve_compare(self.recipe, self.folder)
         if self.reference is None and self.compared:
@@ -342,7 +394,8 @@ class Searcher:
         candidates = [Candidate(n, h, f, v) for n in layers for h in self.space.get("heads_keep") or SPACE_DEFAULTS["heads_keep"]
                       for f in self.space.get("ffn_keep") or SPACE_DEFAULTS["ffn_keep"]
                       for v in self.space.get("vocabulary") or (prune["vocabulary"],)]
-        self.table = latency_table(self.base, candidates, teacher.path, self.reference, self.folder / "latency", self.options)
+        self.table = latency_table(self.base, candidates, teacher.path, self.reference, self.folder / "latency",
+                                   self.options, self.int8)
         write_json_atomic(self.folder / "latency.json", {"machine": machine_fingerprint(), "shapes": self.table})
         fitting = [c for c in candidates if self.excess(c) <= 1]
         pool = fitting or sorted(candidates, key=self.excess)[:1]
@@ -452,14 +505,22 @@ class Searcher:
         result = {"candidate": candidate, "run_dir": str(run_dir), "seconds": round(seconds, 1), "stage_seconds": stage_seconds,
                   "points": round(pruned.metrics[self.task.metric] * self.task.metric_scale, 3)}
         if fraction == 1:
-            result["options"] = self.options_of(candidate, artifacts)
+            result["options"] = self.options_of(candidate, artifacts, run_dir, {})
+            for settings in self.int8[1:]:  # the same trained export, quantized otherwise, in a sibling folder
+                variant_dir = run_dir.with_name(f"{run_dir.name}+{int8_label(settings)}")
+                variant = with_int8(raw, settings)
+                _seed_teacher(run_dir, variant_dir, _stage_index(variant, "quantize"))
+                log.info("search: %s with INT8 %s", candidate.key, int8_label(settings))
+                result["options"] += self.options_of(candidate, run_recipe(_load(variant), variant_dir), variant_dir,
+                                                     settings)
+            self.gate(result["options"])
             result["points"] = max([o["points"] for o in result["options"] if o["ships"]], default=result["points"])
         log.info("search: %s at %g: %s %.2f (%.0f s)", candidate.key, fraction, self.task.metric, result["points"], seconds)
         return result
 
-    def options_of(self, candidate: Candidate, artifacts: list[Artifact]) -> list[dict]:
-        """Every (backend, precision) of a fully trained shape: its accuracy, predicted and measured p50, and
-        whether it may ship (INT8 only where faster than FP32 and within max_int8_drop of it)."""
+    def options_of(self, candidate: Candidate, artifacts: list[Artifact], run_dir: Path, settings: dict) -> list[dict]:
+        """Every target of a fully trained shape that one run measured (FP32 and INT8 for the recipe's own INT8
+        settings, INT8 for the others): its accuracy and its predicted and measured p50."""
         evaluation = next(a for a in artifacts if a.kind == "evaluation")
         bench = next((a for a in artifacts if a.kind == "benchmark"), None)
         rows = {r["target"]: r for r in json.loads((bench.path / "results.json").read_text())["rows"]} if bench else {}
@@ -472,7 +533,9 @@ class Searcher:
         table = self.table[candidate.key]
         options = []
         for name, predicted in sorted(table.items()):
-            backend, precision = name.split("-")
+            backend, precision = name.split(" ")[0].split("-")
+            if name != target_name(backend, precision, settings) or (settings and precision != "int8"):
+                continue
             key = f"{backend}-{precision} ({names['quantized' if precision == 'int8' else 'exported']})"
             score = evaluation.metrics.get(key)
             row = rows.get(key, {})
@@ -482,19 +545,23 @@ class Searcher:
                 "predicted_p50_ms": predicted["p50_ms"], "predicted_ratio": predicted["ratio"],
                 "measured_p50_ms": row.get("p50_ms"), "measured_ratio": None if measured_ratio is None else round(measured_ratio, 4),
                 "model_mb": predicted["model_mb"], "fits": self.option_fits(predicted) <= 1,
-                "budget_excess": round(self.option_fits(predicted), 3),
+                "budget_excess": round(self.option_fits(predicted), 3), "int8": settings, "run_dir": str(run_dir),
             })
+        return options
+
+    def gate(self, options: list[dict]) -> None:
+        """Whether each option may ship: INT8 only where faster than FP32 and within max_int8_drop of it."""
         for option in options:
             option["ships"], option["why"] = option["points"] is not None, ""
-            if option["target"].endswith("-int8"):
-                fp32 = next((o for o in options if o["target"] == option["target"].replace("int8", "fp32")), None)
+            if "-int8" in option["target"]:
+                fp32_name = option["target"].split(" ")[0].replace("int8", "fp32")
+                fp32 = next((o for o in options if o["target"] == fp32_name), None)
                 if fp32 is not None and option["predicted_p50_ms"] >= fp32["predicted_p50_ms"]:
                     option["ships"], option["why"] = False, "INT8 is not faster than FP32 on this machine"
                 elif fp32 is not None and option["points"] is not None and fp32["points"] is not None \
                         and option["points"] < fp32["points"] - self.goal.max_int8_drop:
                     option["ships"] = False
                     option["why"] = f"INT8 loses {fp32['points'] - option['points']:.2f} points (max {self.goal.max_int8_drop})"
-        return options
 
     def choose(self, results: dict[float, dict[str, dict]], fitting: list[Candidate], candidates: list[Candidate],
                started: float) -> dict:
@@ -540,8 +607,10 @@ class Searcher:
     def deploy(self, chosen: dict) -> str | None:
         """``chosen.yaml`` (the recipe ``edgetl run`` reproduces) and its bundle, reusing the trial's training."""
         candidate = Candidate(**_parse_key(chosen["candidate"]))
-        backend, precision = chosen["target"].split("-")
+        backend, precision = chosen["target"].split(" ")[0].split("-")
         raw = candidate_recipe(self.base, candidate, self.teacher_layers, 1.0)
+        if chosen.get("int8"):
+            raw = with_int8(raw, chosen["int8"])
         raw["name"] = f"{self.recipe.name}-chosen"
         raw["description"] = (f"Found by `edgetl search {self.recipe.name}`: {candidate.key}, {chosen['target']} "
                               f"({self.task.metric} {chosen['points']:.2f}, predicted p50 {chosen['predicted_p50_ms']} ms)")
@@ -554,7 +623,7 @@ class Searcher:
         if not any(s["stage"] == "bundle" for s in raw["stages"]):
             return None
         run_dir = self.folder / "chosen"
-        trial_dir = self.folder / "trials" / f"1-{candidate.key}"
+        trial_dir = Path(chosen.get("run_dir") or self.folder / "trials" / f"1-{candidate.key}")
         keep = _stage_index(raw, "quantize") if precision == "int8" else _stage_index(raw, "export") + 1
         _seed_teacher(trial_dir, run_dir, keep)
         artifacts = run_recipe(_load({**raw, "bench": {**raw["bench"], "compare": self.trial_compare}}), run_dir)

@@ -1,5 +1,5 @@
-"""`edgetl search` on the tiny model: end to end within the budget, nothing within the budget, the fastest-at-a-floor
-mode, and resuming after kill -9."""
+"""`edgetl search` on the tiny model: end to end within the budget (with a second INT8 setting beside the recipe's),
+nothing within the budget, the fastest-at-a-floor mode, and resuming after kill -9."""
 
 from __future__ import annotations
 
@@ -21,11 +21,14 @@ SMALL = ["stages.export.formats=[onnx]", "stages.quantize.backends=[onnx]", "sta
          "stages.bundle.backends=[onnx]"]
 
 
-def _searcher(recipe, folder: Path, **goal):
+STATIC = {"onnx_method": "static"}  # the recipe's own (SMALL) is dynamic
+
+
+def _searcher(recipe, folder: Path, int8=(STATIC,), **goal):
     from edgetl.search import Goal, Options, Searcher
 
     options = Options(trials=2, rungs=(0.5, 1.0), promote=0.5, latency_texts=20, latency_rounds=1)
-    space = {"layers": [1], "heads_keep": (0.5, 1.0), "ffn_keep": (0.5,), "vocabulary": (False,)}
+    space = {"layers": [1], "heads_keep": (0.5, 1.0), "ffn_keep": (0.5,), "vocabulary": (False,), "int8": list(int8)}
     return Searcher(recipe, folder, Goal(**goal), options, space)
 
 
@@ -59,16 +62,26 @@ def test_the_search_chooses_a_shape_within_the_budget_and_ships_its_bundle(withi
     assert chosen["fits"] and chosen["ships"] and chosen["candidate"] in summary["rungs"]["1"]
     full = summary["rungs"]["1"][chosen["candidate"]]["options"]
     assert chosen["points"] == max(o["points"] for o in full if o["ships"] and o["fits"])
-    # Every option has its prediction from the untrained shape and its measurement in the trial's benchmark.
+    # Every option has its prediction from the untrained shape and its measurement in the trial's benchmark; the
+    # second INT8 setting quantized the same trained export in a sibling run.
     assert all(o["predicted_ratio"] > 0 and o["measured_ratio"] > 0 for o in full)
+    assert sorted(o["target"] for o in full) == ["onnx-fp32", "onnx-int8", "onnx-int8 onnx_method=static"]
+    static = next(o for o in full if o["int8"] == STATIC)
+    assert static["run_dir"].endswith("+onnx_method=static")
+    assert json.loads(next(Path(static["run_dir"]).glob("*-quantize/manifest.json")).read_text())[
+        "config"]["onnx_method"] == "static"
     recipe = load_recipe(str(folder / "chosen.yaml"))
     prune = next(s for s in recipe.stages if s.stage == "prune")
     assert (prune.heads_keep, prune.ffn_keep) == (float(chosen["candidate"].split("-")[1][1:]), 0.5)
+    if chosen["target"].startswith("onnx-int8"):  # the chosen INT8 settings are the reproduced recipe's
+        quantize = next(s for s in recipe.stages if s.stage == "quantize")
+        assert quantize.onnx_method == chosen["int8"].get("onnx_method", "dynamic")
     bundle = json.loads((Path(summary["bundle"]) / "edgetl.json").read_text())
-    assert list(bundle["models"]) == ["onnx"] and bundle["models"]["onnx"]["precision"] == chosen["target"].split("-")[1]
+    precision = chosen["target"].split(" ")[0].split("-")[1]
+    assert list(bundle["models"]) == ["onnx"] and bundle["models"]["onnx"]["precision"] == precision
     assert chosen["candidate"] in (folder / "front.md").read_text() and (folder / "front.png").stat().st_size > 0
     cache = list((Path(os.environ["EDGETL_CACHE_DIR"]) / "latency").glob("*.json"))
-    assert len(cache) == 1 and len(json.loads(cache[0].read_text())) == 2
+    assert len(cache) == 1 and len(json.loads(cache[0].read_text())) == 4  # 2 shapes x 2 INT8 settings
 
 
 def test_nothing_within_the_budget_still_ships_the_nearest_and_says_how_far(within_budget, shrink):
@@ -119,10 +132,13 @@ def test_a_search_killed_mid_trial_resumes_without_redoing_finished_stages(searc
     assert "RUNNING" not in states and states.count("COMPLETE") == 2
 
 
-def test_a_recipe_without_distill_and_prune_is_refused_before_anything_runs(tmp_path, shrink):
+def test_a_recipe_without_distill_and_prune_or_a_bad_int8_setting_is_refused_before_anything_runs(tmp_path, shrink):
     from edgetl.errors import RecipeError
 
     recipe = load_recipe("sst-int8", shrink("sst-int8"))
     with pytest.raises(RecipeError, match="add a distill stage"):
         _searcher(recipe, tmp_path / "s", budget_ms=1.0)
+    recipe = load_recipe("sst-tiny", shrink("sst-tiny"))
+    with pytest.raises(RecipeError, match="onnx_method"):
+        _searcher(recipe, tmp_path / "s", int8=[{"onnx_method": "fast"}], budget_ms=1.0)
     assert not (tmp_path / "s").exists()
