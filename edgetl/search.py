@@ -41,7 +41,7 @@ from pathlib import Path
 import yaml
 
 from edgetl.artifact import Artifact, StageOutput, source_commit, write_json_atomic, write_manifest
-from edgetl.errors import RecipeError
+from edgetl.errors import RecipeError, StageError
 from edgetl.pipeline import run_recipe
 from edgetl.recipe import Recipe, resolved_dict
 
@@ -513,8 +513,14 @@ class Searcher:
                 variant = with_int8(raw, settings)
                 _seed_teacher(run_dir, variant_dir, _stage_index(variant, "quantize"))
                 log.info("search: %s with INT8 %s", candidate.key, int8_label(settings))
-                result["options"] += self.options_of(candidate, run_recipe(_load(variant), variant_dir), variant_dir,
-                                                     settings)
+                try:
+                    artifacts = run_recipe(_load(variant), variant_dir)
+                except StageError as exc:  # e.g. accuracy control that cannot hold its drop: this setting is out
+                    log.warning("search: %s with INT8 %s failed: %s", candidate.key, int8_label(settings), exc)
+                    why = "quantize failed: " + str(exc).splitlines()[0].replace("|", "/")
+                    result["options"] += self.failed_options(candidate, variant_dir, settings, why)
+                    continue
+                result["options"] += self.options_of(candidate, artifacts, variant_dir, settings)
             self.gate(result["options"])
             result["points"] = max([o["points"] for o in result["options"] if o["ships"]], default=result["points"])
         log.info("search: %s at %g: %s %.2f (%.0f s)", candidate.key, fraction, self.task.metric, result["points"], seconds)
@@ -551,11 +557,20 @@ class Searcher:
             })
         return options
 
+    def failed_options(self, candidate: Candidate, run_dir: Path, settings: dict, error: str) -> list[dict]:
+        return [{"target": name, "points": None, "predicted_p50_ms": predicted["p50_ms"],
+                 "predicted_ratio": predicted["ratio"], "measured_p50_ms": None, "measured_ratio": None,
+                 "model_mb": predicted["model_mb"], "fits": self.option_fits(predicted) <= 1,
+                 "budget_excess": round(self.option_fits(predicted), 3), "int8": settings, "run_dir": str(run_dir),
+                 "error": error}
+                for name, predicted in sorted(self.table[candidate.key].items())
+                if name.split(" ")[0].endswith("-int8") and name == target_name(*name.split(" ")[0].split("-"), settings)]
+
     def gate(self, options: list[dict]) -> None:
         """Whether each option may ship: INT8 only where faster than FP32 and within max_int8_drop of it."""
         for option in options:
-            option["ships"], option["why"] = option["points"] is not None, ""
-            if "-int8" in option["target"]:
+            option["ships"], option["why"] = option["points"] is not None, option.get("error", "")
+            if "-int8" in option["target"] and not option.get("error"):
                 fp32_name = option["target"].split(" ")[0].replace("int8", "fp32")
                 fp32 = next((o for o in options if o["target"] == fp32_name), None)
                 if fp32 is not None and option["predicted_p50_ms"] >= fp32["predicted_p50_ms"]:
@@ -675,11 +690,11 @@ def write_front(summary: dict, folder: Path) -> None:
                          f"{'yes' if o['ships'] else 'no'} | {o['points']} | {o['predicted_p50_ms']} | {o['predicted_ratio']} "
                          f"| {o['measured_p50_ms']} | {o['measured_ratio']} | {error or ''} | {o['model_mb']} | "
                          f"{'yes' if o['fits'] else 'no'} | {o['why']} |")
-    lines += ["", "Shorter trials (distill and prune with a fraction of their epochs; FP32 PyTorch on the "
-              "evaluation split):", "", f"| fraction | shape | {metric} | seconds |", "|---|---|---|---|"]
-    for fraction, rows in summary["rungs"].items():
-        if fraction != "1":
-            lines += [f"| {fraction} | {k} | {r['points']} | {r['seconds']} |" for k, r in rows.items()]
+    shorter = [(fraction, k, r) for fraction, rows in summary["rungs"].items() if fraction != "1" for k, r in rows.items()]
+    if shorter:
+        lines += ["", "Shorter trials (distill and prune with a fraction of their epochs; FP32 PyTorch on the "
+                  "evaluation split):", "", f"| fraction | shape | {metric} | seconds |", "|---|---|---|---|"]
+        lines += [f"| {fraction} | {k} | {r['points']} | {r['seconds']} |" for fraction, k, r in shorter]
     (folder / "front.md").write_text("\n".join(lines) + "\n")
     options = [{"candidate": k, **o} for k, r in summary["rungs"].get("1", {}).items() for o in r.get("options", [])
                if o["points"] is not None]

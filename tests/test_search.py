@@ -21,10 +21,13 @@ SMALL = ["stages.export.formats=[onnx]", "stages.quantize.backends=[onnx]", "sta
          "stages.bundle.backends=[onnx]"]
 
 
-STATIC = {"onnx_method": "static"}  # the recipe's own (SMALL) is dynamic
+# INT8 settings beside the recipe's own (SMALL: dynamic): ONNX Runtime's static INT8, and static INT8 under the
+# recipe's accuracy control (NNCF's quantizer).
+STATIC = {"onnx_method": "static", "max_accuracy_drop": None}
+CONTROLLED = {"onnx_method": "static"}
 
 
-def _searcher(recipe, folder: Path, int8=(STATIC,), **goal):
+def _searcher(recipe, folder: Path, int8=(STATIC, CONTROLLED), **goal):
     from edgetl.search import Goal, Options, Searcher
 
     options = Options(trials=2, rungs=(0.5, 1.0), promote=0.5, latency_texts=20, latency_rounds=1)
@@ -62,12 +65,13 @@ def test_the_search_chooses_a_shape_within_the_budget_and_ships_its_bundle(withi
     assert chosen["fits"] and chosen["ships"] and chosen["candidate"] in summary["rungs"]["1"]
     full = summary["rungs"]["1"][chosen["candidate"]]["options"]
     assert chosen["points"] == max(o["points"] for o in full if o["ships"] and o["fits"])
-    # Every option has its prediction from the untrained shape and its measurement in the trial's benchmark; the
-    # second INT8 setting quantized the same trained export in a sibling run.
+    # Every option has its prediction from the untrained shape and its measurement in its run's benchmark; the
+    # other INT8 settings quantized the same trained export in sibling runs.
     assert all(o["predicted_ratio"] > 0 and o["measured_ratio"] > 0 for o in full)
-    assert sorted(o["target"] for o in full) == ["onnx-fp32", "onnx-int8", "onnx-int8 onnx_method=static"]
+    assert sorted(o["target"] for o in full) == ["onnx-fp32", "onnx-int8", "onnx-int8 onnx_method=static",
+                                                  "onnx-int8 onnx_method=static,max_accuracy_drop=null"]
     static = next(o for o in full if o["int8"] == STATIC)
-    assert static["run_dir"].endswith("+onnx_method=static")
+    assert static["run_dir"].endswith("+onnx_method=static,max_accuracy_drop=null")
     assert json.loads(next(Path(static["run_dir"]).glob("*-quantize/manifest.json")).read_text())[
         "config"]["onnx_method"] == "static"
     recipe = load_recipe(str(folder / "chosen.yaml"))
@@ -81,7 +85,31 @@ def test_the_search_chooses_a_shape_within_the_budget_and_ships_its_bundle(withi
     assert list(bundle["models"]) == ["onnx"] and bundle["models"]["onnx"]["precision"] == precision
     assert chosen["candidate"] in (folder / "front.md").read_text() and (folder / "front.png").stat().st_size > 0
     cache = list((Path(os.environ["EDGETL_CACHE_DIR"]) / "latency").glob("*.json"))
-    assert len(cache) == 1 and len(json.loads(cache[0].read_text())) == 4  # 2 shapes x 2 INT8 settings
+    assert len(cache) == 1 and len(json.loads(cache[0].read_text())) == 6  # 2 shapes x 3 INT8 settings
+
+
+def test_an_int8_setting_whose_quantize_stage_fails_is_reported_and_the_search_goes_on(within_budget, shrink,
+                                                                                       monkeypatch):
+    import edgetl.search
+    from edgetl.errors import StageError
+
+    folder, before = within_budget
+    real = edgetl.search.run_recipe
+
+    def accuracy_control_fails(recipe, run_dir, **kwargs):
+        if run_dir.name.endswith("+onnx_method=static"):  # the CONTROLLED setting's sibling run
+            raise StageError("accuracy control (onnx): every operation went back to FP32 |\nmore")
+        return real(recipe, run_dir, **kwargs)
+
+    monkeypatch.setattr(edgetl.search, "run_recipe", accuracy_control_fails)
+    recipe = load_recipe("sst-tiny", [*shrink("sst-tiny"), *SMALL])
+    summary = _searcher(recipe, folder, budget_ratio=100.0).run()  # same folder: the rest is reused
+    full = summary["rungs"]["1"][before["chosen"]["candidate"]]["options"]
+    failed = next(o for o in full if o["int8"] == CONTROLLED)
+    assert not failed["ships"] and failed["points"] is None
+    assert failed["why"] == "quantize failed: accuracy control (onnx): every operation went back to FP32 /"
+    assert summary["met"] and summary["chosen"]["int8"] != CONTROLLED
+    assert failed["why"] in (folder / "front.md").read_text()
 
 
 def test_nothing_within_the_budget_still_ships_the_nearest_and_says_how_far(within_budget, shrink):
