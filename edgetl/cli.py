@@ -363,6 +363,21 @@ def _predict_file(runtime, source: Path, target: Path | None, chunk: int = 256) 
     return 0
 
 
+def _cmd_generate(args) -> int:
+    from edgetl.runtime import GenerationSettings, Generator, load
+
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))  # bad values fail first
+    runtime = load(args.bundle, backend=args.backend, threads=args.threads, public_key=args.public_key)
+    if not isinstance(runtime, Generator):
+        raise UsageError(f"generate: {args.bundle} is a {runtime.task} bundle (served by {type(runtime).__name__}), "
+                         "not a text-generation one: use edgetl predict")
+    for piece in runtime.stream(args.prompt, settings):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
 def _cmd_embed(args) -> int:
     import io
 
@@ -518,6 +533,22 @@ def build_parser() -> argparse.ArgumentParser:
                             "vectors depend on their batch-mates)")
     embed.add_argument("--public-key", help=PUBLIC_KEY_HELP)
     embed.set_defaults(func=_cmd_embed)
+
+    generate = sub.add_parser("generate", help="continue a prompt with a text-generation bundle, torch-free, "
+                                               "printing the text as it comes")
+    generate.add_argument("bundle")
+    generate.add_argument("prompt")
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 (the default): greedy; else sampling")
+    generate.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0: all)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="sample among the likeliest tokens whose "
+                                                                   "probabilities add up to p")
+    generate.add_argument("--seed", type=int, help="the sampler's seed (same seed, same text)")
+    generate.add_argument("--stop", action="append", default=[], help="a string that ends the text (repeatable)")
+    generate.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino"])
+    generate.add_argument("--threads", type=int)
+    generate.add_argument("--public-key", help=PUBLIC_KEY_HELP)
+    generate.set_defaults(func=_cmd_generate)
 
     serve = sub.add_parser("serve", help="serve a bundle over HTTP: POST /predict (POST /embed for a "
                                          "sentence-embedding bundle), GET /health, GET /metadata")

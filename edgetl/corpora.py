@@ -36,6 +36,9 @@ KNOWN_DATASETS = {
                            {"text_field": "text", "label_field": "label"}, ("negative", "positive")),
     "conll2003": KnownDataset("conll2003", "train.jsonl", "dev.jsonl", ("token-classification",),
                               {"tokens_field": "tokens", "tags_field": "tags"}),
+    # A domain's reviews as text a language model learns and is scored on (labels not read).
+    **{f"amazon-{domain}": KnownDataset(f"amazon-reviews/{domain}", "train.jsonl", "dev.jsonl", ("text-generation",),
+                                        {"text_field": "text"}) for domain in AMAZON_DOMAINS},
     # Scored pairs: a cross-encoder's score, or the cosine of two sentence embeddings.
     "stsb": KnownDataset("stsb", "train.jsonl", "dev.jsonl", ("text-regression", "sentence-embedding"),
                          {"text_field": "sentence1", "text_pair_field": "sentence2", "score_field": "score"}),

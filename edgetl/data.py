@@ -118,7 +118,10 @@ def _read(cfg: DataConfig, task: Task):
 
 
 def label_names(cfg: DataConfig, task: Task = CLASSIFICATION) -> list[str] | None:
-    """``data.labels``, or the labels the training rows hold (sorted) when it is not set; None for a score."""
+    """``data.labels``, or the labels the training rows hold (sorted) when it is not set; None for a score, and for a
+    task that reads no labels (a language model's texts)."""
+    if not {"label_field", "tags_field"} & set(task.columns):
+        return None
     if cfg.labels is not None:  # no need to read the data (a known dataset sets its labels)
         return cfg.labels
     return _read(cfg, task)[2]

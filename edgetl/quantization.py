@@ -1,6 +1,7 @@
 """INT8 of an exported graph, one function per backend: ``quantize_onnx`` for ONNX Runtime (static QDQ with
 calibration, or dynamic; SmoothQuant optional) and ``quantize_openvino`` through ``nncf.quantize`` (the quantize
-stage's transformer preset, or nncf's defaults for the benchmark's OpenVINO-default peer).
+stage's transformer preset, or nncf's defaults for the benchmark's OpenVINO-default peer); and a decoder's
+weight-only INT8/INT4, ``compress_weights_onnx`` and ``compress_weights_openvino``.
 """
 
 from __future__ import annotations
@@ -191,3 +192,44 @@ def _quantize(source: Path, target: Path, method: str, feeds: list[dict], per_ch
             quantize_dynamic(static_out, target, nodes_to_quantize=excluded, op_types_to_quantize=["MatMul"],
                              weight_type=QuantType.QInt8, per_channel=per_channel)
     return excluded
+
+
+# MatMulNBits' accuracy level 4: activations are quantized to INT8 inside the kernel, which then runs INT8 dot
+# products (AVX512-VNNI/AMX); the default level dequantizes the weights to FP32 first, which left 8-bit weights
+# slower than the FP32 model on the SmolLM2 decoder here.
+MATMUL_NBITS_ACCURACY_LEVEL = 4
+
+
+def compress_weights_onnx(source: Path, target: Path, bits: int, group_size: int) -> dict:
+    """Weight-only INT8/INT4 of every MatMul with a constant weight (the LM head included), symmetric, one scale per
+    ``group_size`` weights along the input dimension: ONNX Runtime's MatMulNBits quantizer, round to nearest."""
+    import logging
+
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=bits, block_size=group_size, is_symmetric=True,
+                                     accuracy_level=MATMUL_NBITS_ACCURACY_LEVEL)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
+    return {"bits": bits, "group_size": group_size, "symmetric": True,
+            "accuracy_level": MATMUL_NBITS_ACCURACY_LEVEL, "library": "onnxruntime MatMulNBitsQuantizer (RTN)"}
+
+
+def compress_weights_openvino(source: Path, target: Path, bits: int, group_size: int) -> dict:
+    """Weight-only INT8 (asymmetric, per output channel) or INT4 (symmetric, one scale per ``group_size``) of every
+    MatMul and the embedding through ``nncf.compress_weights``; INT4 keeps NNCF's INT8 backup for the embedding and
+    the last MatMul (its default)."""
+    import nncf
+    import openvino as ov
+
+    model = ov.Core().read_model(str(source))
+    if bits == 8:
+        compressed, settings = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM), {}
+    else:
+        compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=group_size,
+                                           ratio=1.0)
+        settings = {"group_size": group_size, "symmetric": True, "backup": "int8_asym"}
+    ov.save_model(compressed, str(target), compress_to_fp16=False)
+    return {"bits": bits, **settings, "library": "nncf.compress_weights (data-free)"}

@@ -21,10 +21,10 @@ from transformers import AutoModel, BertTokenizerFast
 
 from conftest import SPECIAL_TOKENS, manifests
 from test_architectures import tiny_config
-from edgetl.architectures import ADAPTERS, adapter_for
+from edgetl.architectures import ADAPTERS, ENCODERS, adapter_for
 from edgetl.tasks import TASKS
 
-TYPES = sorted(ADAPTERS)
+TYPES = ENCODERS  # decoders: tests/test_generation.py
 TASK_DATA = {"text-classification": "sst2", "token-classification": "conll2003", "text-regression": "stsb",
              "sentence-embedding": "stsb"}
 TASK_SLICE = {"text-classification": "sst2_slice", "token-classification": "conll_slice",

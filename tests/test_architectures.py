@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
 
-from edgetl.architectures import ADAPTERS, Adapter, adapter_for, model_type_of
+from edgetl.architectures import ADAPTERS, ENCODERS, Adapter, adapter_for, model_type_of
 from edgetl.architectures.flops import encoder_flops, layer_shapes
 from edgetl.architectures.torch_ops import get, head_projections, layers, prune_heads
 from edgetl.distillation import StudentWithProjections, shallow_copy
@@ -26,7 +26,7 @@ from edgetl.modeling import (SoftPromptClassifier, flops_per_text, is_mean_poole
 from edgetl.pruning import PrunePlan, apply_plan, make_plan, taylor_importance
 
 HIDDEN, HEADS, FFN, LAYERS, VOCAB = 32, 4, 64, 3, 120
-TYPES = sorted(ADAPTERS)
+TYPES = ENCODERS  # decoders: tests/test_generation.py
 # Per model type, the extra config that makes the tiny model use the architecture's harder paths.
 EXTRA_CONFIG = {
     # Disentangled attention with its own position projections (pos_key_proj, pos_query_proj) per layer.

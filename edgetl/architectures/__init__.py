@@ -13,7 +13,7 @@ from pathlib import Path
 from edgetl.architectures.adapter import OPERATIONS, Adapter, ConfigKeys
 from edgetl.errors import ArchitectureError
 
-__all__ = ["ADAPTERS", "OPERATIONS", "Adapter", "ConfigKeys", "adapter_for", "model_type_of"]
+__all__ = ["ADAPTERS", "DECODERS", "ENCODERS", "OPERATIONS", "Adapter", "ConfigKeys", "adapter_for", "model_type_of"]
 
 _BERT_LAYOUT = dict(
     layers="encoder.layer", attention="attention.self", query="attention.self.query", key="attention.self.key",
@@ -30,6 +30,13 @@ _MPNET_HEADS = ("its relative-attention bias (encoder.relative_attention_bias) h
 # attention, as DeBERTa-v3 has: openvino.compile_model refuses the converted graph.
 _DEBERTA_OPENVINO = ("the ONNX export of its relative attention holds an If operation of dynamic rank, which "
                      "OpenVINO's CPU plugin does not compile (OpenVINO 2026.4): export and quantize for onnx only")
+
+# Decoders are compressed by weight-only INT8/INT4 (edgetl.weights), which keeps every head, neuron and layer.
+_DECODER_STRUCTURE = ("edgetl compresses decoders by weight-only INT8/INT4 and does not prune or cut their structure "
+                      "(grouped-query attention shares K/V heads, and a gated FFN has two input projections)")
+_DECODER = dict(family="decoder", takes_token_type_ids=False, ort_fusion=None, head_pruning=False, ffn_pruning=False,
+                layer_selection=False, reasons=dict.fromkeys(("head_pruning", "ffn_pruning", "layer_selection"),
+                                                             _DECODER_STRUCTURE))
 
 ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (
     Adapter("bert", base="bert", **_BERT_LAYOUT),
@@ -65,7 +72,21 @@ ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (
         takes_token_type_ids=False,  # type_vocab_size is 0 in the released checkpoints
         openvino=False, reasons={"openvino": _DEBERTA_OPENVINO},
     ),
+    # Llama family (SmolLM2, TinyLlama, Llama 2/3): grouped-query attention, gated SiLU FFN, no pad token of its own.
+    Adapter(
+        "llama", base="model", layers="layers", attention="self_attn", query="self_attn.q_proj",
+        key="self_attn.k_proj", value="self_attn.v_proj", output="self_attn.o_proj", ffn_in="mlp.up_proj",
+        ffn_out="mlp.down_proj", word_embeddings="embed_tokens", **_DECODER,
+    ),
+    # GPT-2: one fused Conv1D projects Q, K and V together.
+    Adapter(
+        "gpt2", base="transformer", layers="h", attention="attn", query="attn.c_attn", key="attn.c_attn",
+        value="attn.c_attn", output="attn.c_proj", ffn_in="mlp.c_fc", ffn_out="mlp.c_proj", word_embeddings="wte",
+        config_keys=ConfigKeys(hidden="n_embd", heads="n_head", intermediate="n_inner", layers="n_layer"), **_DECODER,
+    ),
 )}
+ENCODERS = sorted(t for t, a in ADAPTERS.items() if a.family == "encoder")
+DECODERS = sorted(t for t, a in ADAPTERS.items() if a.family == "decoder")
 
 
 def adapter_for(model_type: str) -> Adapter:

@@ -60,12 +60,16 @@ class Adapter:
     ffn_pruning: bool = True
     layer_selection: bool = True
     openvino: bool = True  # the ONNX export converts to an OpenVINO model the CPU plugin compiles
+    # "decoder": a causal language model (GPT-style), compressed by weight-only INT8/INT4, exported with its KV cache.
+    family: str = "encoder"
     reasons: dict[str, str] = field(default_factory=dict)  # why, for each operation declared False
 
     def __post_init__(self):
         for operation in OPERATIONS:
             if not getattr(self, operation) and not self.reasons.get(operation):
                 raise ValueError(f"adapter {self.model_type}: {operation} is False but no reason is given")
+        if self.family not in ("encoder", "decoder"):
+            raise ValueError(f"adapter {self.model_type}: family must be encoder or decoder, not {self.family!r}")
         stray = set(self.reasons) - {op for op in OPERATIONS if not getattr(self, op)}
         if stray:
             raise ValueError(f"adapter {self.model_type}: reasons given for supported operations {sorted(stray)}")

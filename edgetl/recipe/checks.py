@@ -60,7 +60,7 @@ def check_task(recipe: Recipe) -> list[str]:
 def _options(stage) -> list[str]:
     """The stage settings (``edgetl.tasks.OPTIONS``) a stage uses."""
     if isinstance(stage, QuantizeStage):
-        used = ["qat"] if stage.method == "qat" else []
+        used = [stage.method]
         return used + (["max_accuracy_drop"] if stage.max_accuracy_drop is not None else [])
     if isinstance(stage, DistillStage):
         return ["student"] if stage.student is not None else []

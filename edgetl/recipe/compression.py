@@ -117,8 +117,13 @@ class QuantizeStage(_Strict, Declared):
     reads: ClassVar[frozenset[str]] = frozenset({"data"})
 
     stage: Literal["quantize"]
-    method: Literal["ptq", "qat"] = Field("ptq", description="ptq: quantize exported models; qat: NNCF fake-quantizers "
-                                          "on the PyTorch model, trained with distillation, then exported to INT8.")
+    method: Literal["ptq", "qat", "weights"] = Field(
+        "ptq", description="ptq: quantize exported models; qat: NNCF fake-quantizers on the PyTorch model, trained "
+        "with distillation, then exported to INT8; weights: weight-only INT8 or INT4 of an exported decoder's MatMuls "
+        "(ONNX Runtime's MatMulNBits quantizer, NNCF compress_weights for OpenVINO), activations stay float.")
+    bits: Literal[4, 8] = Field(4, description="method weights: 8 (INT8) or 4 (INT4) bits per weight.")
+    group_size: int = Field(32, ge=16, description="method weights: weights sharing one scale along the input "
+                            "dimension (a power of two; OpenVINO's INT8 is per output channel instead).")
     backends: list[Backend] = Field(default_factory=lambda: ["onnx", "openvino"], min_length=1,
                                     description="Exported models to quantize: onnx, openvino or both.")
     max_accuracy_drop: float | None = Field(

@@ -38,6 +38,8 @@ class BundleStage(_Strict, Declared):
     stage: Literal["bundle"]
     backends: list[Backend] = Field(default_factory=lambda: ["onnx", "openvino"], min_length=1,
                                     description="Runtimes whose models go into the bundle (one keeps the download small).")
+    max_new_tokens: int = Field(256, ge=1, description="text-generation: the most new tokens one call may ask for "
+                                "(Generator and edgetl serve refuse more).")
 
 
 class BenchConfig(_Strict):

@@ -1,8 +1,8 @@
 """What an app embeds: numpy + tokenizers + ONNX Runtime or OpenVINO. Never imports torch.
 
 ``load(folder)`` returns the runtime of the bundle's task: ``TextClassifier`` (a label per text or pair),
-``TokenClassifier`` (entities, or a tag per word), ``TextRegressor`` (a score per text or pair) or ``Embedder`` (a
-vector per text).
+``TokenClassifier`` (entities, or a tag per word), ``TextRegressor`` (a score per text or pair), ``Embedder`` (a
+vector per text) or ``Generator`` (a decoder's continuation of a prompt).
 """
 
 from __future__ import annotations
@@ -14,11 +14,12 @@ from edgetl.runtime.bundle import BundleRuntime, read_manifest, runtime_name
 from edgetl.runtime.classifier import Prediction, TextClassifier
 from edgetl.runtime.embedder import Embedder
 from edgetl.runtime.entities import Entity
+from edgetl.runtime.generator import Generation, GenerationSettings, Generator
 from edgetl.runtime.regressor import TextRegressor
 from edgetl.runtime.signing import PublicKey
 from edgetl.runtime.tokens import TokenClassifier
 
-__all__ = ["BundleRuntime", "Embedder", "Entity", "Prediction", "TextClassifier", "TextRegressor", "TokenClassifier", "load"]
+__all__ = ["BundleRuntime", "Embedder", "Entity", "Generation", "GenerationSettings", "Generator", "Prediction", "TextClassifier", "TextRegressor", "TokenClassifier", "load"]
 
 
 def load(folder: str | Path, backend: str = "auto", threads: int | None = None, verify: bool = True,

@@ -38,9 +38,17 @@ class OnnxRuntimeEngine:
         if self.session.get_providers()[0] != providers[0]:  # ORT falls back silently; a benchmark must not
             raise RuntimeError(f"ONNX Runtime did not start {providers[0]} (got {self.session.get_providers()})")
         self.input_names = [i.name for i in self.session.get_inputs()]
+        # Each input's shape, None where it is dynamic: a decoder's KV-cache inputs fix heads and head size.
+        self.input_shapes = {i.name: tuple(d if isinstance(d, int) else None for d in i.shape)
+                             for i in self.session.get_inputs()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         return self.session.run(["logits"], {k: feeds[k] for k in self.input_names})[0]
+
+    def run_all(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every output by name (a decoder's logits and its KV cache)."""
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, {k: feeds[k] for k in self.input_names}), strict=True))
 
 
 class OpenVinoEngine:
@@ -63,11 +71,18 @@ class OpenVinoEngine:
             config["INFERENCE_NUM_THREADS"] = threads
         self.compiled = core.compile_model(str(model_path), device, config)
         self.input_names = [i.get_any_name() for i in self.compiled.inputs]
+        self.input_shapes = {i.get_any_name(): tuple(d.get_length() if d.is_static else None for d in i.get_partial_shape())
+                             for i in self.compiled.inputs}
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         request = self.compiled.create_infer_request()
         result = request.infer({k: feeds[k] for k in self.input_names})
         return np.asarray(result[self.compiled.output(0)])
+
+    def run_all(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every output by name (a decoder's logits and its KV cache)."""
+        result = self.compiled.create_infer_request().infer({k: feeds[k] for k in self.input_names})
+        return {output.get_any_name(): np.asarray(result[output]) for output in self.compiled.outputs}
 
 
 ENGINES = {"onnx": OnnxRuntimeEngine, "openvino": OpenVinoEngine}

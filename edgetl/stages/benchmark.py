@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from edgetl.artifact import MODEL_KINDS, StageOutput
@@ -18,7 +19,12 @@ def run(cfg: BenchmarkStage, ctx, out_dir: Path) -> StageOutput:
     evaluation = ctx.latest("evaluation")
     scores = evaluation.metrics if evaluation else {}
     models = [a for a in ctx.inputs if a.kind in (*MODEL_KINDS, "bundle")]  # bundles: bench.compare
-    result = benchmark(models, inputs, scores, ctx.recipe.bench, ctx.recipe.data.max_length, out_dir,
+    if task.bench is not None:  # the task's own measures (a decoder's time to first token and tokens/s)
+        module, _, function = task.bench.partition(":")
+        run_benchmark = getattr(importlib.import_module(module), function)
+    else:
+        run_benchmark = benchmark
+    result = run_benchmark(models, inputs, scores, ctx.recipe.bench, ctx.recipe.data.max_length, out_dir,
                        title=ctx.recipe.name, task=task)
     metrics = {f"{r['target']} p50_ms": r["p50_ms"] for r in result["rows"]}
     return StageOutput(kind="benchmark", metrics=metrics)

@@ -73,6 +73,9 @@ def run(cfg: BundleStage, ctx, out_dir: Path) -> StageOutput:
                        "source_artifact": source.name},
         "files": file_table(out_dir),
     }
+    if task.runtime == "Generator":  # what ends a generation, and the limits a server enforces
+        manifest["generation"] = {"eos_token_ids": _eos_ids(out_dir / cfg.backends[0]),
+                                  "max_new_tokens": cfg.max_new_tokens, "context": config.get("max_position_embeddings")}
     if "sentence_pooling" in config:  # a sentence-embedding model: what its one output is
         # The width under the architecture's own key: DistilBERT's config.json says dim, not hidden_size.
         width = config[adapter_for(config["model_type"]).config_keys.hidden]
@@ -82,3 +85,12 @@ def run(cfg: BundleStage, ctx, out_dir: Path) -> StageOutput:
     summary = {f"{b} {task.metric}": m[task.metric] for b, m in metrics.items() if m[task.metric] is not None}
     summary["bundle_bytes"] = sum(p.stat().st_size for p in out_dir.rglob("*") if p.is_file())
     return StageOutput(kind="bundle", precision=source.manifest.get("precision"), models=models, metrics=summary)
+
+
+def _eos_ids(folder: Path) -> list[int]:
+    """The end-of-sequence ids a decoder's generation_config.json (else config.json) names."""
+    for name in ("generation_config.json", "config.json"):
+        path = folder / name
+        if path.is_file() and (eos := json.loads(path.read_text()).get("eos_token_id")) is not None:
+            return eos if isinstance(eos, list) else [eos]
+    return []

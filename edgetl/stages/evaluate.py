@@ -2,9 +2,10 @@
 
 ``evaluation.json`` holds one row per artifact and backend; its metric is under the task's metric name:
 ``accuracy`` for text classification, ``f1`` (entity-level, with ``entity_precision`` and ``entity_recall``) for
-token classification, ``spearman`` (x100, with ``pearson``) for text regression and sentence embeddings. A reader
+token classification, ``spearman`` (x100, with ``pearson``) for text regression and sentence embeddings,
+``perplexity`` (lower is better) for text generation. A reader
 takes the key named by the task's ``metric``, which is also what the manifest's metrics give per target. A task with
-a ``fidelity`` measure (sentence-embedding) also gets each artifact's closeness to the first FP32 one's outputs
+a ``fidelity`` measure (sentence-embedding, text-generation's greedy agreement) also gets each artifact's closeness to the first FP32 one's outputs
 (``fidelity_to`` names it).
 """
 
@@ -36,8 +37,8 @@ def run(cfg: EvaluateStage, ctx, out_dir: Path) -> StageOutput:
         tokenizer = load_tokenizer(target.folder, data.max_length, data.truncation, data.head_tokens)
         # A batch-dependent model is evaluated one text per call, as the runtime then predicts by default.
         batch_size = batch_size_for(target.batch_invariant, cfg.batch_size)
-        outputs, encodings = predict_outputs(target.open(task=task), tokenizer, inputs, batch_size,
-                                             task.pretokenized, desc=target.key)
+        outputs, encodings = (task.predict or predict_outputs)(target.open(task=task), tokenizer, inputs, batch_size,
+                                                               task.pretokenized, desc=target.key)
         metrics = task.score(outputs, encodings, columns, labels)
         if task.fidelity is not None:
             if reference is None and target.precision == "fp32":

@@ -27,7 +27,8 @@ def export_onnx(model, out_dir: Path, opset: int, atol: float = 1e-4, task: str 
     constructor = TasksManager.get_exporter_config_constructor(
         exporter="onnx", model_type=model.config.model_type, task=task, library_name="transformers"
     )
-    onnx_config = constructor(model.config)
+    # A "-with-past" task takes the KV cache as inputs too (optimum exports the first step without it otherwise).
+    onnx_config = constructor(model.config, **({"use_past_in_inputs": True} if task.endswith("-with-past") else {}))
     target = out_dir / "model.onnx"
     _, outputs = export(model, onnx_config, target, opset=opset)
     validate_model_outputs(onnx_config, model, target, outputs, atol=atol, use_subprocess=False)
@@ -99,7 +100,7 @@ def run(cfg: ExportStage, ctx, out_dir: Path) -> StageOutput:
     raw_dir = out_dir / "raw"
     raw_dir.mkdir()
     # The unfused graph is kept: static INT8 (QDQ) and OpenVINO start from it, not from ORT's fused ops.
-    raw = export_onnx(model, raw_dir, cfg.opset, task=task.optimum_task)
+    raw = export_onnx(model, raw_dir, cfg.opset, atol=task.export_atol, task=task.optimum_task)
     if "onnx" in cfg.formats:
         folder = out_dir / "onnx"
         folder.mkdir()

@@ -66,6 +66,8 @@ def run(cfg: QuantizeStage, ctx, out_dir: Path) -> StageOutput:
     source = ctx.latest("exported")
     if source is None:
         raise StageError("quantize: no exported model; add an export stage before quantize")
+    if cfg.method == "weights":
+        return run_weights(cfg, source, out_dir)
     tokenizer_dir = next(source.model_path(b).parent for b in cfg.backends)
     feeds = calibration_feeds(ctx, tokenizer_dir, cfg.calibration_samples)
     # Accuracy control measures the INT8 drop on the evaluation split: it is model selection, which dev may
@@ -170,6 +172,25 @@ def _accuracy_controlled(cfg: QuantizeStage, source, backend: str, folder: Path,
     report = quantize_with_accuracy_control(backend, model_file, target, feeds, *validation, cfg.max_accuracy_drop)
     return {"path": f"{backend}/{target.name}", "precision": "int8", "method": "nncf.quantize_with_accuracy_control",
             **report}
+
+
+def run_weights(cfg: QuantizeStage, source, out_dir: Path) -> StageOutput:
+    """Weight-only INT8/INT4 of every exported backend in ``cfg.backends`` (``edgetl.quantization``)."""
+    from edgetl.quantization import compress_weights_onnx, compress_weights_openvino
+
+    models = {}
+    for backend in cfg.backends:
+        if backend not in source.models:
+            raise StageError(f"quantize: {source.name} has no {backend} model; backends there: {list(source.models)}")
+        folder = out_dir / backend
+        folder.mkdir()
+        compress = compress_weights_onnx if backend == "onnx" else compress_weights_openvino
+        name = source.model_path(backend).name
+        settings = compress(source.model_path(backend), folder / name, cfg.bits, cfg.group_size)
+        copy_tokenizer(source.model_path(backend).parent, folder)
+        models[backend] = {"path": f"{backend}/{name}", "precision": f"int{cfg.bits}", "method": "weights", **settings}
+    metrics = {f"{b}_bytes": model_file_bytes(out_dir / m["path"]) for b, m in models.items()}
+    return StageOutput(kind="quantized", precision=f"int{cfg.bits}", models=models, metrics=metrics)
 
 
 def run_qat(cfg: QuantizeStage, ctx, out_dir: Path) -> StageOutput:

@@ -8,7 +8,6 @@ the task object and never branches on a task's name; optimum's ``TasksManager`` 
 Importing this package never imports torch, transformers or datasets (the recipe loader reads the
 declarations): the library classes are named as strings (``auto_model``, ``collator``) and resolved by the
 code that builds models and batches, and the metrics import numpy, seqeval and scipy only when they are made.
-``text-generation`` is the next task (one module, registered below).
 """
 
 from __future__ import annotations
@@ -26,10 +25,14 @@ OPTIONS = {
     "prompt-tuning": ("finetune", "method"),
     "domain_adversarial": ("finetune", "domain_adversarial"),
     "rdrop_alpha": ("finetune", "rdrop_alpha"),
+    "ptq": ("quantize", "method"),
     "qat": ("quantize", "method"),
+    "weights": ("quantize", "method"),
     "max_accuracy_drop": ("quantize", "max_accuracy_drop"),
     "student": ("distill", "student"),
 }
+WEIGHTS_ONLY_FOR_DECODERS = ("weight-only INT8/INT4 is wired and measured for decoders (text-generation), whose "
+                             "batch-1 decoding is bound by reading weights; an encoder gets static or dynamic INT8")
 # Task.distillation values -> what the student learns from the teacher (edgetl.distillation reads them).
 DISTILLATION = {
     "soft_targets": "the teacher's softened class distribution and the labels (KL + cross-entropy), on the labelled "
@@ -81,6 +84,12 @@ class Task:
             ``text_pair_field``; False where the pairs only score the model and each text is an input of its own
             (a bundle's ``text_pair`` is then false).
         distillation: what a student (distill, prune's recovery) learns from its teacher: a key of ``DISTILLATION``.
+        greater_is_better: whether a higher ``metric`` is a better model (False for perplexity).
+        predict: (a task whose model is not one forward per input: a decoder's generation) replaces
+            ``edgetl.runtime.text.predict_outputs`` (same arguments and return) where models are evaluated.
+        export_atol: the largest output difference between the PyTorch model and its ONNX export that passes.
+        bench: ``module:function`` of a benchmark of the task's own (a decoder's time to first token and tokens/s),
+            called as ``edgetl.bench.run.benchmark`` is; None: that one.
     """
 
     name: str
@@ -108,6 +117,10 @@ class Task:
     fidelity: Callable[[list, list, list], dict] | None = None
     reads_pairs: bool = True
     distillation: str = "soft_targets"
+    greater_is_better: bool = True
+    predict: Callable | None = None
+    export_atol: float = 1e-4
+    bench: str | None = None
 
     def __post_init__(self):
         unknown = set(self.options) - set(OPTIONS)
@@ -133,9 +146,10 @@ class Task:
 
 
 def _registry() -> dict[str, Task]:
-    from edgetl.tasks import sentence_embedding, text_classification, text_regression, token_classification
+    from edgetl.tasks import (sentence_embedding, text_classification, text_generation, text_regression,
+                              token_classification)
 
-    modules = (text_classification, token_classification, text_regression, sentence_embedding)
+    modules = (text_classification, token_classification, text_regression, sentence_embedding, text_generation)
     return {t.TASK.name: t.TASK for t in modules}
 
 

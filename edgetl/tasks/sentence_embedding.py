@@ -14,7 +14,7 @@ are never trained on, and the dev pairs are only scored.
 
 from __future__ import annotations
 
-from edgetl.tasks import Task
+from edgetl.tasks import WEIGHTS_ONLY_FOR_DECODERS, Task
 from edgetl.tasks.text_classification import encode
 from edgetl.tasks.text_regression import check_data as check_pair_data
 from edgetl.tasks.text_regression import labels_of, row_problem, to_ids
@@ -100,8 +100,9 @@ TASK = Task(
     columns={"text_field": "text", "text_pair_field": "text_pair", "score_field": "label"},
     pooling="mean",
     stages=frozenset({"pretrained", "distill", "prune", "export", "quantize", "evaluate", "benchmark", "bundle"}),
-    options=frozenset(),
+    options=frozenset({"ptq"}),
     reasons={
+        "weights": WEIGHTS_ONLY_FOR_DECODERS,
         "adapt": "adapt trains a masked-LM head; the pretrained stage takes an embedding checkpoint as it is",
         "augment": "augment balances labels; an embedding model has none",
         "finetune": "training embeddings from pairs is not written yet: the pretrained stage takes an embedding "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from edgetl.tasks import Task
+from edgetl.tasks import WEIGHTS_ONLY_FOR_DECODERS, Task
 from edgetl.tasks.text_classification import check_data as check_text_data
 from edgetl.tasks.text_classification import encode, examples, text_problem
 
@@ -96,8 +96,9 @@ TASK = Task(
     columns={"text_field": "text", "text_pair_field": "text_pair", "score_field": "label"},
     pooling="mean",
     stages=frozenset({"finetune", "export", "quantize", "evaluate", "benchmark", "bundle"}),
-    options=frozenset({"pooling"}),
+    options=frozenset({"pooling", "ptq"}),
     reasons={
+        "weights": WEIGHTS_ONLY_FOR_DECODERS,
         "pretrained": "a pretrained checkpoint has no trained head for this task: finetune it",
         "adapt": f"adapt {_CLASSIFICATION_ONLY}",
         "augment": f"augment {_CLASSIFICATION_ONLY}: it balances labels",

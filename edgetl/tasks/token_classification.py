@@ -9,7 +9,7 @@ the model saw selects checkpoints.
 from __future__ import annotations
 
 from edgetl.errors import MissingDependencyError
-from edgetl.tasks import Task
+from edgetl.tasks import WEIGHTS_ONLY_FOR_DECODERS, Task
 from edgetl.tasks.text_classification import distinct_labels, head_config, is_label_value, label_id
 
 IGNORED = -100  # the label the loss and the metric skip: special tokens and a word's later sub-tokens
@@ -129,8 +129,9 @@ TASK = Task(
     columns={"tokens_field": "tokens", "tags_field": "tags"},
     pooling=None,
     stages=frozenset({"finetune", "export", "quantize", "evaluate", "benchmark", "bundle"}),
-    options=frozenset(),
+    options=frozenset({"ptq"}),
     reasons={
+        "weights": WEIGHTS_ONLY_FOR_DECODERS,
         "pretrained": "a pretrained checkpoint has no trained head for this task: finetune it",
         "adapt": f"adapt {_CLASSIFICATION_ONLY}: it reads the labelled texts, not pre-split words",
         "augment": f"augment {_CLASSIFICATION_ONLY}: its word edits would move the words the tags belong to",
