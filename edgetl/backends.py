@@ -7,11 +7,13 @@ evaluation and benchmarks treat the backends alike.
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from edgetl.architectures import ADAPTERS
 from edgetl.artifact import Artifact, model_file_bytes
 from edgetl.runtime.engines import open_engine
 from edgetl.tasks import DEFAULT_TASK, TASKS, Task
@@ -123,8 +125,13 @@ class Target:
 
     @property
     def batch_invariant(self) -> bool:
-        """False when a text's logits depend on its batch-mates (see ``per_call_activation_scales``)."""
-        return not (self.backend == "onnx" and per_call_activation_scales(self.artifact.model_path("onnx")))
+        """False when a text's logits depend on its batch-mates: dynamic INT8 (see ``per_call_activation_scales``), or
+        a decoder's classifier, which reads the last token that is not its pad id (the runtime pads with 0s)."""
+        if self.backend == "onnx" and per_call_activation_scales(self.artifact.model_path("onnx")):
+            return False
+        config = self.folder / "config.json"
+        model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+        return not (model_type in ADAPTERS and ADAPTERS[model_type].family == "decoder")
 
     def open(self, threads: int | None = None, task: Task = TASKS[DEFAULT_TASK]):
         """An engine of this model file; ``task`` names the head a PyTorch model is loaded with."""

@@ -16,8 +16,8 @@ from edgetl.architectures import adapter_for
 from edgetl.architectures.flops import PRUNED_LAYERS, encoder_flops
 from edgetl.architectures.torch_ops import adapter_of, layer_sizes, resize
 from edgetl.architectures.torch_ops import layers as layers_of
-from edgetl.errors import ArchitectureError
-from edgetl.models import resolve_model_source
+from edgetl.errors import ArchitectureError, ModelNotFoundError
+from edgetl.models import CATALOG, catalog_file, resolve_model_source
 from edgetl.tasks import DEFAULT_TASK, TASKS, Task
 
 # The name BERT's mean-pool head has always been saved under; every type's head is MeanPool<Type>For...
@@ -161,6 +161,40 @@ def is_mean_pooled(model) -> bool:
 MeanPoolBertForSequenceClassification = mean_pool_class("bert")
 
 
+def model_folder(name: str) -> str:
+    """``resolve_model_source``, with a catalog GGUF checkpoint first dequantised into its cache folder (transformers
+    with the ``gguf`` package; written to a temporary folder and renamed, so an interrupted conversion leaves no
+    half-written folder)."""
+    source = Path(resolve_model_source(name))
+    if name not in CATALOG or (source / "config.json").is_file() or catalog_file(name).suffix != ".gguf":
+        return str(source)
+    import importlib.util
+    import shutil
+    import tempfile
+
+    import transformers
+
+    gguf_file = catalog_file(name)
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelNotFoundError(f"catalog model '{name}' is a GGUF file ({gguf_file.name}); reading it needs the "
+                                 "package 'gguf' (pip install gguf)")
+    source.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{source.name}-", dir=source.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        model = transformers.AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
+                                                                  dtype="float32")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(str(tmp))
+        tmp.rename(source)
+    except OSError:
+        if not (source / "config.json").is_file():  # not another process that got there first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(source)
+
+
 def new_classifier(name: str, labels: list[str] | None, pooling: str | None, task: Task = TASKS[DEFAULT_TASK]):
     """A pretrained encoder with a fresh head of the task (mean-pooled when ``pooling`` is mean), plus its tokenizer.
 
@@ -168,10 +202,19 @@ def new_classifier(name: str, labels: list[str] | None, pooling: str | None, tas
     """
     import transformers
 
-    source = resolve_model_source(name)
+    source = model_folder(name)
     config = AutoConfig.from_pretrained(source, **task.head_config(labels))
     head = mean_pool_class(config.model_type) if pooling == "mean" else getattr(transformers, task.auto_model)
-    return head.from_pretrained(source, config=config), AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    # A decoder's classifier reads the last token that is not config.pad_token_id: training batches must be padded
+    # with that id. GPT-style checkpoints may name none; they are then padded (and masked) with EOS.
+    if config.pad_token_id is not None and tokenizer.pad_token_id != config.pad_token_id:
+        tokenizer.pad_token = tokenizer.convert_ids_to_tokens(config.pad_token_id)
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if config.pad_token_id is None:
+        config.pad_token_id = tokenizer.pad_token_id
+    return head.from_pretrained(source, config=config), tokenizer
 
 
 EMBEDDING_POOLINGS = ("mean", "cls")  # what _EmbeddingHead computes
@@ -182,7 +225,7 @@ def new_embedder(name: str, pooling: str | None = None, normalize: bool | None =
     else as the checkpoint's sentence-transformers files say (``sentence_transformers_setup``), else mean and none."""
     from edgetl.models import sentence_transformers_setup
 
-    source = resolve_model_source(name)
+    source = model_folder(name)
     found = sentence_transformers_setup(source)
     pooling = pooling or found.get("pooling", "mean")
     if pooling not in EMBEDDING_POOLINGS:  # mean-pooling a max-pooled checkpoint would give vectors it never made
@@ -286,7 +329,10 @@ def flops_per_text(model, lengths: list[int]) -> int:
 
 def model_stats(model, dev_tok) -> dict:
     """Parameters, FLOPs at the dev texts' own lengths and per-layer sizes, for a stage's manifest."""
+    parameters = sum(p.numel() for p in model.parameters())
+    if adapter_for(model.config.model_type).family == "decoder":  # encoder_flops counts an encoder's blocks only
+        return {"parameters": parameters}
     lengths = [len(ids) for ids in dev_tok["input_ids"]]
-    return {"parameters": sum(p.numel() for p in model.parameters()),
+    return {"parameters": parameters,
             "gflops_per_text": round(flops_per_text(model, lengths) / 1e9, 4),
             "layers": layer_sizes(model)}

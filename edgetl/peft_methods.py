@@ -12,18 +12,19 @@ from pathlib import Path
 from edgetl.recipe import FinetuneStage
 
 
-def wrap(model, cfg: FinetuneStage):
-    """The model with LoRA adapters or a soft prompt; only those and the classification head train."""
+def wrap(model, cfg: FinetuneStage, task_type: str = "SEQ_CLS"):
+    """The model with LoRA adapters or a soft prompt; only those and the classification head train. ``task_type``:
+    peft's ``TaskType`` name of the model's head (CAUSAL_LM for a language model)."""
     from peft import LoraConfig, PromptTuningConfig, TaskType, get_peft_model
 
     if cfg.method == "lora":
         missing = [m for m in cfg.lora_modules if not any(name.split(".")[-1] == m for name, _ in model.named_modules())]
         if missing:
             raise ValueError(f"finetune.lora_modules: {missing} name no layer of {type(model).__name__}")
-        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+        config = LoraConfig(task_type=TaskType[task_type], r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                             lora_dropout=cfg.lora_dropout, target_modules=list(cfg.lora_modules))
     else:
-        config = PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=cfg.prompt_tokens)
+        config = PromptTuningConfig(task_type=TaskType[task_type], num_virtual_tokens=cfg.prompt_tokens)
     return get_peft_model(model, config)
 
 

@@ -138,7 +138,7 @@ def use_bf16(cfg: TrainingConfig) -> bool:
 
 def data_collator(task: Task, tokenizer):
     """The task's collator: pads each batch to its longest row, labels included."""
-    return getattr(transformers, task.collator)(tokenizer)
+    return getattr(transformers, task.collator)(tokenizer, **task.collator_options)
 
 
 def labelled_data(ctx, tokenizer):
@@ -357,7 +357,8 @@ def output_metrics(model, tokenizer, ctx, batch_size: int) -> dict:
         tokenizer.save_pretrained(folder)
         fast = load_tokenizer(folder, data.max_length, data.truncation, data.head_tokens)
     engine = TorchEngine(None, device=str(next(model.parameters()).device), model=without_autocast(model).eval())
-    outputs, encodings = predict_outputs(engine, fast, task.examples(columns), batch_size, task.pretokenized)
+    outputs, encodings = (task.predict or predict_outputs)(engine, fast, task.examples(columns), batch_size,
+                                                           task.pretokenized)
     return task.score(outputs, encodings, columns, label_names(data, task))
 
 

@@ -300,14 +300,52 @@ def electronics_slice(tmp_path_factory) -> Path:
     return _jsonl_slice(SHARED_ELECTRONICS, tmp_path_factory.mktemp("electronics"), {"train.jsonl": 80, "dev.jsonl": 40})
 
 
+def tiny_decoder(folder: Path, model_type: str, texts: list[str], seed: int = 0) -> Path:
+    """A 2-layer, 32-wide decoder of ``model_type`` (llama or gpt2) saved in ``folder``, with a byte-level BPE
+    tokenizer (400 tokens) learnt on the texts; positions for 512 tokens (the benchmark's 256-token prompts + 128)."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                        model_input_names=["input_ids", "attention_mask"])
+    tokenizer.save_pretrained(str(folder))
+    sizes = {"llama": {"hidden_size": 32, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+                       "num_hidden_layers": 2, "max_position_embeddings": 512, "tie_word_embeddings": True},
+             "gpt2": {"n_embd": 32, "n_head": 4, "n_layer": 2, "n_positions": 512}}[model_type]
+    config = AutoConfig.for_model(model_type, vocab_size=len(tokenizer), bos_token_id=1, eos_token_id=2, **sizes)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(folder))
+    return folder
+
+
+def electronics_texts(folder: Path) -> list[str]:
+    return [json.loads(line)["text"] for name in ("train.jsonl", "dev.jsonl")
+            for line in (folder / name).read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, electronics_slice) -> Path:
+    """A tiny Llama decoder with a BPE vocab of the electronics slice."""
+    return tiny_decoder(tmp_path_factory.mktemp("tiny-llama"), "llama", electronics_texts(electronics_slice))
+
+
 @pytest.fixture(scope="session")
 def shrink(request, tiny_model, sst2_slice, electronics_slice):
     """``shrink(recipe="sst-int8", **changes)``: tiny_overrides bound to this session's model and slices (a recipe on
-    CoNLL-2003 or STS-B gets that corpus's slice and the tiny model with their words)."""
+    CoNLL-2003 or STS-B gets that corpus's slice and the tiny model with their words; a text-generation recipe the
+    electronics slice and a tiny decoder)."""
     task_slices = {"conll2003": "conll_slice", "stsb": "stsb_slice"}
 
     def make(recipe: str | Path = "sst-int8", **changes) -> list[str]:
         dataset = (_recipe_yaml(recipe).get("data") or {}).get("dataset")
+        if _recipe_yaml(recipe).get("task") == "text-generation":
+            return tiny_overrides(request.getfixturevalue("tiny_llama"), electronics_slice, recipe, **changes)
         if dataset in task_slices:
             model, data = request.getfixturevalue("tiny_task_model"), request.getfixturevalue(task_slices[dataset])
             return tiny_overrides(model, data, recipe, electronics_slice, **changes)

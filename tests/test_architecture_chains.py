@@ -21,7 +21,7 @@ from transformers import AutoModel, BertTokenizerFast
 
 from conftest import SPECIAL_TOKENS, manifests
 from test_architectures import tiny_config
-from edgetl.architectures import ADAPTERS, ENCODERS, adapter_for
+from edgetl.architectures import ENCODERS, adapter_for
 from edgetl.tasks import TASKS
 
 TYPES = ENCODERS  # decoders: tests/test_generation.py

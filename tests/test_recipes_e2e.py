@@ -35,7 +35,7 @@ def test_recipe_runs_end_to_end_on_the_tiny_model(recipe, tiny_runs):
 
         import numpy as np
 
-        from edgetl.runtime import Entity, Prediction, load
+        from edgetl.runtime import Entity, Generation, Prediction, load
 
         runtime = load(folders[names.index("bundle")])  # the runtime of the recipe's task
         # What the bundle says its model reads is what the runtime asks for (an embedder: single texts).
@@ -48,6 +48,8 @@ def test_recipe_runs_end_to_end_on_the_tiny_model(recipe, tiny_runs):
                 assert result.label in runtime.labels
             elif isinstance(result, list):
                 assert all(isinstance(e, Entity) and e.type in {t[2:] for t in runtime.labels} for e in result)
+            elif isinstance(result, Generation):  # a prompt's continuation
+                assert result.token_ids and result.finish_reason in ("stop", "length")
             elif isinstance(result, np.ndarray):  # a sentence vector
                 assert result.shape == (runtime.dimension,) and np.isfinite(result).all()
             else:

@@ -167,6 +167,11 @@ def test_concurrent_embed_and_predict_requests_each_get_their_own_vectors(embedd
         np.testing.assert_allclose(got, embedder.embed(texts), atol=1e-6)
 
 
+def test_generate_on_a_classifier_is_404_naming_predict(server):
+    status, body = post(server, {"prompt": "a"}, "/generate")
+    assert status == 404 and "POST /predict" in body["error"]
+
+
 def test_embed_on_a_classifier_is_404_naming_predict(server):
     status, body = post(server, {"text": "a witty film"}, "/embed")
     assert status == 404 and "this service serves a text-classification bundle: POST /predict" in body["error"]

@@ -50,7 +50,7 @@ class _Decoding:
         if target.backend == "pytorch":  # transformers' own generate, as a PyTorch user runs it
             self._torch, self.model = engine._torch, engine.model
         else:
-            from edgetl.runtime.generator import GenerationSettings, KVCacheDecoder
+            from edgetl.runtime.decoding import GenerationSettings, KVCacheDecoder
 
             self.decoder, self.settings = KVCacheDecoder(engine), GenerationSettings(max_new_tokens=new_tokens)
             self.model = None

@@ -14,7 +14,8 @@ from edgetl.runtime.bundle import BundleRuntime, read_manifest, runtime_name
 from edgetl.runtime.classifier import Prediction, TextClassifier
 from edgetl.runtime.embedder import Embedder
 from edgetl.runtime.entities import Entity
-from edgetl.runtime.generator import Generation, GenerationSettings, Generator
+from edgetl.runtime.decoding import GenerationSettings
+from edgetl.runtime.generator import Generation, Generator
 from edgetl.runtime.regressor import TextRegressor
 from edgetl.runtime.signing import PublicKey
 from edgetl.runtime.tokens import TokenClassifier

@@ -1,4 +1,4 @@
-"""JSON inputs of a bundle runtime: ``edgetl serve``'s POST /predict and /embed bodies (the routes are in ``server``'s
+"""JSON inputs of a bundle runtime: ``edgetl serve``'s POST /predict, /embed and /generate bodies (the routes are in ``server``'s
 docstring) and the pair form that ``edgetl predict --input`` rows share. A body is checked whole before anything is
 queued, so one malformed request never fails the batch it would have joined."""
 
@@ -73,6 +73,47 @@ def _words_of(value, where: str) -> list[str]:
     return value
 
 
+# /generate's fields besides "prompt" and "stream": GenerationSettings' fields and the JSON types each takes.
+GENERATE_FIELDS = {"max_new_tokens": (int,), "temperature": (int, float), "top_k": (int,), "top_p": (int, float),
+                   "seed": (int,), "stop": (list,)}
+
+
+def _json_body(body: bytes):
+    try:
+        return json.loads(body.decode("utf-8"))  # decoded here: json.loads(bytes) would guess UTF-16/32 too
+    except UnicodeDecodeError:
+        raise RequestError(400, "request body is not UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise RequestError(400, f"request body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+
+
+def parse_generate_request(body: bytes) -> tuple[str, dict, bool]:
+    """A /generate body: the prompt, the GenerationSettings keywords it sets, and whether to stream.
+
+    ``{"prompt": string, "max_new_tokens": int, "temperature": number, "top_k": int, "top_p": number, "seed": int,
+    "stop": [string, ...], "stream": bool}``, every field but ``prompt`` optional; a field of the wrong type, or one
+    not listed, is 422 naming it.
+    """
+    payload = _json_body(body)
+    if not isinstance(payload, dict) or not isinstance(payload.get("prompt"), str):
+        raise RequestError(422, 'expected a JSON object with "prompt": string (and optionally '
+                                f'{", ".join(GENERATE_FIELDS)}, "stream")')
+    unknown = sorted(set(payload) - {"prompt", "stream", *GENERATE_FIELDS})
+    if unknown:
+        raise RequestError(422, f"unknown field(s) {unknown}; known: prompt, stream, {', '.join(GENERATE_FIELDS)}")
+    if not isinstance(payload.get("stream", False), bool):
+        raise RequestError(422, '"stream" must be true or false')
+    options = {}
+    for field, types in GENERATE_FIELDS.items():
+        if field in payload and payload[field] is not None:
+            value = payload[field]
+            if isinstance(value, bool) or not isinstance(value, types):
+                raise RequestError(422, f'"{field}" must be {" or ".join(t.__name__ for t in types)}, not '
+                                        f"{_json_kind(value)}")
+            options[field] = tuple(value) if field == "stop" else value
+    return payload["prompt"], options, payload.get("stream", False)
+
+
 def parse_predict_request(body: bytes, max_texts: int, text_pair: bool = False,
                           takes_words: bool = False) -> tuple[str, list, bool]:
     """The runtime method for a /predict body (``predict``, or ``predict_words`` for words), its inputs, and whether
@@ -80,12 +121,7 @@ def parse_predict_request(body: bytes, max_texts: int, text_pair: bool = False,
 
     ``text_pair``: inputs are (text, text_pair) pairs; ``takes_words``: pre-split words are accepted too.
     """
-    try:
-        payload = json.loads(body.decode("utf-8"))  # decoded here: json.loads(bytes) would guess UTF-16/32 too
-    except UnicodeDecodeError:
-        raise RequestError(400, "request body is not UTF-8") from None
-    except json.JSONDecodeError as exc:
-        raise RequestError(400, f"request body is not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
+    payload = _json_body(body)
     keys = ("text", "texts", "words", "sentences") if takes_words else ("text", "texts")
     given = [key for key in keys if isinstance(payload, dict) and key in payload]
     if len(given) != 1:

@@ -21,6 +21,13 @@ Routes:
                     vector ``dimension`` long (/metadata's ``embedding``), of unit length where ``normalize``. Bodies,
                     limits, batching and errors as /predict's (the two routes' inputs share batches). Another
                     task's bundle answers 404 naming /predict.
+    POST /generate  a text-generation bundle's continuation of a prompt: {"prompt": "...", "max_new_tokens": n,
+                    "temperature": t, "top_k": k, "top_p": p, "seed": s, "stop": ["..."]} -> {"text", "tokens",
+                    "finish_reason"}; with "stream": true, newline-delimited JSON as the tokens come: {"text": piece}
+                    per piece, then {"done": true, "tokens", "finish_reason"} (an error after the first piece is a
+                    last {"error": ...} line). A prompt over the bundle's max_length tokens, or max_new_tokens over
+                    its generation.max_new_tokens, is 422. Generations run one at a time, in arrival order. Another
+                    task's bundle answers 404 naming /predict.
     GET  /health    {"status": "ok"}
     GET  /metadata  task, text_pair, labels, max length, backend, precision, metrics and provenance of the bundle
                     (and ``embedding``: dimension, pooling, normalize, for a sentence-embedding bundle)
@@ -40,10 +47,11 @@ import signal
 import socket
 from concurrent.futures import ThreadPoolExecutor
 
-from edgetl.errors import MissingDependencyError
+from edgetl.errors import MissingDependencyError, UsageError
 from edgetl.runtime.bundle import BundleRuntime
 from edgetl.runtime.embedder import Embedder
-from edgetl.runtime.payloads import RequestError, parse_predict_request
+from edgetl.runtime.generator import Generator
+from edgetl.runtime.payloads import RequestError, parse_generate_request, parse_predict_request
 
 log = logging.getLogger("edgetl.serve")
 
@@ -135,7 +143,7 @@ def metadata(runtime: BundleRuntime) -> dict:
     manifest = runtime.manifest
     keys = ("format_version", "edgetl_version", "labels", "max_length", "truncation", "input_names", "metrics",
             "provenance")
-    extra = {"embedding": manifest["embedding"]} if "embedding" in manifest else {}
+    extra = {k: manifest[k] for k in ("embedding", "generation") if k in manifest}
     return {**{k: manifest.get(k) for k in keys}, **extra, "task": runtime.task, "text_pair": runtime.text_pair,
             "backend": runtime.backend, "precision": manifest["models"][runtime.backend].get("precision")}
 
@@ -146,7 +154,7 @@ def create_app(runtime: BundleRuntime, max_batch: int = 64, max_body_bytes: int 
     try:
         from starlette.applications import Starlette
         from starlette.exceptions import HTTPException
-        from starlette.responses import JSONResponse
+        from starlette.responses import JSONResponse, StreamingResponse
         from starlette.routing import Route
     except ImportError:
         raise MissingDependencyError("starlette", "serve", "edgetl serve") from None
@@ -200,6 +208,42 @@ def create_app(runtime: BundleRuntime, max_batch: int = 64, max_body_bytes: int 
         rows = [vector.tolist() for vector in answered[0]]
         return JSON({"embedding": rows[0]} if answered[1] else {"embeddings": rows})
 
+    generating = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgetl-generate")
+
+    async def generate(request):
+        if not isinstance(runtime, Generator):
+            return error(404, f"/generate serves text-generation bundles; this service serves a {runtime.task} "
+                              f"bundle: POST /predict")
+        try:
+            prompt, options, stream = parse_generate_request(await _read_body(request, max_body_bytes))
+            settings = runtime.settings_for(None, **options)
+            runtime.prompt_ids(prompt)  # refused here, before a 200 starts a stream
+        except RequestError as exc:
+            return error(exc.status, str(exc))
+        except UsageError as exc:
+            return error(422, str(exc))
+        loop = asyncio.get_running_loop()
+        if not stream:
+            result = await loop.run_in_executor(generating, runtime.generate, prompt, settings)
+            return JSON(runtime.to_json(result))
+        pieces = runtime.pieces(prompt, settings)
+
+        async def lines():
+            text, state = "", ([], "length")
+            try:
+                while (step := await loop.run_in_executor(generating, next, pieces, None)) is not None:
+                    piece, state = step
+                    if piece:
+                        text += piece
+                        yield json.dumps({"text": piece}) + "\n"
+            except Exception as exc:  # the status line is sent: the error goes in the stream
+                log.exception("generation failed")
+                yield json.dumps({"error": f"generation failed: {type(exc).__name__}: {exc}"}) + "\n"
+                return
+            yield json.dumps({"done": True, "tokens": len(state[0]), "finish_reason": state[1]}) + "\n"
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
     async def health(request):
         return JSON({"status": "ok"})
 
@@ -210,6 +254,7 @@ def create_app(runtime: BundleRuntime, max_batch: int = 64, max_body_bytes: int 
         return error(exc.status_code, exc.detail)
 
     routes = [Route("/predict", predict, methods=["POST"]), Route("/embed", embed, methods=["POST"]),
+              Route("/generate", generate, methods=["POST"]),
               Route("/health", health, methods=["GET"]), Route("/metadata", meta, methods=["GET"])]
 
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})

@@ -34,7 +34,7 @@ def run(cfg: FinetuneStage, ctx, out_dir: Path) -> StageOutput:
     collator = data_collator(task, tokenizer)
     extra = {}
     if cfg.method != "full":
-        model = peft_methods.wrap(model, cfg)
+        model = peft_methods.wrap(model, cfg, task.peft_task_type)
         extra["trainable_parameters"] = peft_methods.trainable_parameters(model)
     trainer_cls, dann_kwargs = Trainer, {}
     if cfg.domain_adversarial is not None:
@@ -49,11 +49,12 @@ def run(cfg: FinetuneStage, ctx, out_dir: Path) -> StageOutput:
         trainer_cls = averaging(trainer_cls, cfg.ema_decay)
     trainer = trainer_cls(
         model=model,
-        args=training_arguments(cfg, ctx, task.metric),
+        # A task scored outside Trainer (a language model's perplexity) keeps the checkpoint of lowest dev loss.
+        args=training_arguments(cfg, ctx, task.metric if task.compute_metrics is not None else "loss"),
         train_dataset=train_tok,
         eval_dataset=dev_tok,
         data_collator=collator,
-        compute_metrics=task.compute_metrics(labels),
+        compute_metrics=task.compute_metrics(labels) if task.compute_metrics is not None else None,
         processing_class=tokenizer,
         **dann_kwargs,
     )

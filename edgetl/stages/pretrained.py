@@ -35,10 +35,9 @@ def run(cfg: PretrainedStage, ctx, out_dir: Path) -> StageOutput:
 def _with_own_head(ctx, task, out_dir: Path) -> StageOutput:
     from transformers import AutoTokenizer
 
-    from edgetl.modeling import load_classifier
-    from edgetl.models import resolve_model_source
+    from edgetl.modeling import load_classifier, model_folder
 
-    source = resolve_model_source(ctx.recipe.model)
+    source = model_folder(ctx.recipe.model)
     model, tokenizer = load_classifier(source, task), AutoTokenizer.from_pretrained(source)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(str(out_dir))

@@ -13,7 +13,7 @@ code that builds models and batches, and the metrics import numpy, seqeval and s
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from edgetl.errors import RecipeError
@@ -88,6 +88,8 @@ class Task:
         predict: (a task whose model is not one forward per input: a decoder's generation) replaces
             ``edgetl.runtime.text.predict_outputs`` (same arguments and return) where models are evaluated.
         export_atol: the largest output difference between the PyTorch model and its ONNX export that passes.
+        collator_options: keywords of ``collator`` beyond the tokenizer (a causal LM's: no masking).
+        peft_task_type: peft's ``TaskType`` name of the head LoRA and prompt tuning wrap.
         bench: ``module:function`` of a benchmark of the task's own (a decoder's time to first token and tokens/s),
             called as ``edgetl.bench.run.benchmark`` is; None: that one.
     """
@@ -121,6 +123,8 @@ class Task:
     predict: Callable | None = None
     export_atol: float = 1e-4
     bench: str | None = None
+    collator_options: Mapping[str, Any] = field(default_factory=dict)
+    peft_task_type: str = "SEQ_CLS"
 
     def __post_init__(self):
         unknown = set(self.options) - set(OPTIONS)

@@ -1,6 +1,7 @@
 """text-generation: a GPT-style decoder (causal language model) that continues a prompt, token by token.
 
-The pretrained stage takes the checkpoint as it is; export keeps its KV cache (optimum's
+The pretrained stage takes the checkpoint as it is, or finetune goes on training it as a causal language model on the
+training texts (full or LoRA, the checkpoint of lowest dev loss kept); export keeps its KV cache (optimum's
 ``text-generation-with-past`` graph), quantize compresses its weights only (``method: weights``, INT8 or group-wise
 INT4), and the runtime is ``edgetl.runtime.Generator``. Every artifact is scored on the evaluation split's texts
 through the same numpy decoding loop (PyTorch included): perplexity (lower is better) over each text, and greedy
@@ -16,7 +17,7 @@ from edgetl.tasks.text_classification import text_problem
 
 AGREEMENT_PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 100, 32, 32
 _NOT_A_CLASSIFIER = "reads a distribution over labels; a language model predicts the next token"
-_FINETUNE = "causal-LM fine-tuning is not written yet: the pretrained stage takes the checkpoint as it is"
+_LM_ONLY = "belongs to classifier fine-tuning; a language model is fine-tuned in full or with LoRA"
 
 
 def head_config(labels: None) -> dict:
@@ -50,7 +51,7 @@ def predict(engine, tokenizer, inputs: list, batch_size: int, is_pretokenized: b
     (-1 where there is none)], through the decoding loop of the runtime."""
     import numpy as np
 
-    from edgetl.runtime.generator import GenerationSettings, KVCacheDecoder
+    from edgetl.runtime.decoding import GenerationSettings, KVCacheDecoder
 
     decoder = KVCacheDecoder(engine)
     encodings = tokenizer.encode_batch(inputs)
@@ -109,17 +110,17 @@ TASK = Task(
     greater_is_better=False,
     columns={"text_field": "text"},
     pooling=None,
-    stages=frozenset({"pretrained", "export", "quantize", "evaluate", "benchmark", "bundle"}),
-    options=frozenset({"weights"}),
+    stages=frozenset({"pretrained", "finetune", "export", "quantize", "evaluate", "benchmark", "bundle"}),
+    options=frozenset({"weights", "lora"}),
     reasons={
         "adapt": "adapt trains a masked-LM head; a decoder is a language model already",
         "augment": "augment balances labels; a language model has none",
-        "finetune": _FINETUNE,
         "self_train": f"self_train {_NOT_A_CLASSIFIER}",
         "distill": "decoder distillation is not written: decoders are compressed by weight-only INT8/INT4",
         "prune": "decoders are compressed by weight-only INT8/INT4, not pruned",
         "pooling": "a language model pools nothing",
-        "lora": _FINETUNE, "prompt-tuning": _FINETUNE, "domain_adversarial": _FINETUNE, "rdrop_alpha": _FINETUNE,
+        "prompt-tuning": f"prompt tuning {_LM_ONLY}", "domain_adversarial": f"domain-adversarial training {_LM_ONLY}",
+        "rdrop_alpha": f"R-Drop {_LM_ONLY}",
         "qat": f"quantization-aware training {_NOT_A_CLASSIFIER}",
         "ptq": "static and dynamic INT8 calibrate activations of a graph without a KV cache; a decoder gets "
                "weight-only INT8/INT4 (quantize.method: weights)",
@@ -143,4 +144,6 @@ TASK = Task(
     predict=predict,
     export_atol=1e-2,
     bench="edgetl.bench.generation:benchmark",
+    collator_options={"mlm": False},
+    peft_task_type="CAUSAL_LM",
 )
