@@ -23,6 +23,8 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from edgetl.bench.generation import is_generation_result
+from edgetl.bench.generation import markdown_table as generation_table
 from edgetl.bench.machine import describe
 from edgetl.bench.merge import peers_table
 from edgetl.bench.report import markdown_table, metric_of
@@ -153,6 +155,9 @@ def results_page(top: Path, plots: bool) -> str:
                   f"- commit `{origin.get('commit', '?')}`; command: `{origin.get('command', '?')}`",
                   f"- machine: {origin['machine']}",
                   f"- measured on: {describe(result['machine'])}", ""]
+        if is_generation_result(result):  # a decoder's: time to first token and tokens/s, no latency plot
+            lines += [generation_table(result), ""]
+            continue
         lines += [peers_table(result) if _is_sweep(result) else markdown_table(result["rows"], metric_of(result)), ""]
         if plots:
             _plot(result, DOCS / "results" / "plots" / f"{slug}.png")

@@ -37,6 +37,7 @@ SHARED_SST2 = REPO.parent / "shared" / "datasets" / "sst2"
 SHARED_ELECTRONICS = REPO.parent / "shared" / "datasets" / "amazon-reviews" / "electronics"
 SHARED_CONLL = REPO.parent / "shared" / "datasets" / "conll2003"
 SHARED_STSB = REPO.parent / "shared" / "datasets" / "stsb"
+DECODER_MODELS = {"smollm2-135m"}  # catalog decoders: a shipped recipe of one runs on the tiny Llama in tests
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 TRAIN_ROWS, DEV_ROWS, VOCAB_WORDS = 400, 120, 400
 
@@ -93,6 +94,10 @@ def tiny_overrides(tiny_model: Path, sst2_slice: Path, recipe: str | Path = "sst
         "bench.warmup": "2",
         "bench.max_sentences": "20",
     }
+    if any(s.get("max_accuracy_drop") for s in _recipe_yaml(recipe)["stages"] if s["stage"] == "quantize"):
+        # One text of the 120-row dev slice is 0.83 points: a recipe's half-point bar would ask a tiny random model's
+        # INT8 to flip none, which depends on rounding that varies between runs. Three texts keep the control at work.
+        wanted["stages.quantize.max_accuracy_drop"] = "2.5"
     if target is not None and "target" in (_recipe_yaml(recipe).get("data") or {}):
         wanted["data.target"] = str(target)
     if any(s.get("extra_text_file") for s in _recipe_yaml(recipe)["stages"] if s["stage"] == "distill"):
@@ -344,8 +349,9 @@ def shrink(request, tiny_model, sst2_slice, electronics_slice):
 
     def make(recipe: str | Path = "sst-int8", **changes) -> list[str]:
         dataset = (_recipe_yaml(recipe).get("data") or {}).get("dataset")
-        if _recipe_yaml(recipe).get("task") == "text-generation":
-            return tiny_overrides(request.getfixturevalue("tiny_llama"), electronics_slice, recipe, **changes)
+        if _recipe_yaml(recipe).get("model") in DECODER_MODELS:  # a decoder recipe runs on the tiny Llama
+            data = electronics_slice if str(dataset).startswith("amazon-") else sst2_slice
+            return tiny_overrides(request.getfixturevalue("tiny_llama"), data, recipe, **changes)
         if dataset in task_slices:
             model, data = request.getfixturevalue("tiny_task_model"), request.getfixturevalue(task_slices[dataset])
             return tiny_overrides(model, data, recipe, electronics_slice, **changes)

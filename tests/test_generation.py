@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import edgetl_cli, electronics_texts, tiny_decoder
+from conftest import SHARED_ELECTRONICS, edgetl_cli, electronics_texts, tiny_decoder
 from edgetl.errors import UsageError
 
 RECIPE = {
@@ -191,8 +191,7 @@ def test_smollm2_from_its_gguf_generates_as_transformers_does(tmp_path, quiet_cw
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     export_onnx(model, tmp_path, 17, atol=1e-2, task="text-generation-with-past")
     decoder = KVCacheDecoder(open_engine("onnx", tmp_path / "model.onnx"))
-    texts = [json.loads(line)["text"] for line in
-             (Path(__file__).parent.parent.parent / "shared/datasets/amazon-reviews/kitchen/dev.jsonl").read_text().splitlines()[:20]]
+    texts = [json.loads(line)["text"] for line in (SHARED_ELECTRONICS / "dev.jsonl").read_text().splitlines()[:20]]
     for text in texts:
         ids = tokenizer(text[:120])["input_ids"]
         with torch.no_grad():

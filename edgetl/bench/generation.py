@@ -44,9 +44,9 @@ def prompts_of(folder: Path, texts: list[str], length: int, count: int) -> list[
 class _Decoding:
     """``run(ids)``: the prompt's forward and its first token, or (``new_tokens`` > 1) the whole generation."""
 
-    def __init__(self, target: Target, task: Task, new_tokens: int):
+    def __init__(self, target: Target, task: Task, new_tokens: int, threads: int | None):
         self.new_tokens = new_tokens
-        engine = target.open(task=task)
+        engine = target.open(threads, task)
         if target.backend == "pytorch":  # transformers' own generate, as a PyTorch user runs it
             self._torch, self.model = engine._torch, engine.model
         else:
@@ -85,16 +85,17 @@ def _block(spec: dict) -> dict:
 
     task = task_for(spec["task"])
     target = Target(Artifact(Path(spec["path"]), spec["manifest"], label=spec["label"]), spec["backend"])
-    first, whole = _Decoding(target, task, 1), _Decoding(target, task, spec["new_tokens"])
+    first, whole = (_Decoding(target, task, n, spec["threads"]) for n in (1, spec["new_tokens"]))
     times = {}
     for length, prompts in spec["prompts"].items():
         times[length] = {"ttft": timed_calls(first, prompts, warmup=1), "generate": timed_calls(whole, prompts, warmup=1)}
     return {"times": times, "peak_rss_mb": round(_peak_rss_mb(), 1)}
 
 
-def _block_in_subprocess(target: Target, prompts: dict, task: Task, new_tokens: int) -> dict:
+def _block_in_subprocess(target: Target, prompts: dict, task: Task, new_tokens: int, threads: int | None) -> dict:
     spec = {"path": str(target.artifact.path), "manifest": target.artifact.manifest, "label": target.artifact.label,
-            "backend": target.backend, "task": task.name, "prompts": prompts, "new_tokens": new_tokens}
+            "backend": target.backend, "task": task.name, "prompts": prompts, "new_tokens": new_tokens,
+            "threads": threads}
     with tempfile.TemporaryDirectory(prefix="edgetl-generation-") as scratch:
         spec_path, out_path = Path(scratch) / "spec.json", Path(scratch) / "out.json"
         spec_path.write_text(json.dumps(spec))
@@ -118,7 +119,7 @@ def benchmark(artifacts: list[Artifact], texts: list, scores: dict[str, float], 
     for round_index in tqdm(range(bench.rounds), desc="benchmark rounds (a process per target)"):
         order = targets if round_index % 2 == 0 else targets[::-1]
         for target in order:
-            blocks[target.key].append(_block_in_subprocess(target, feeds, task, new_tokens))
+            blocks[target.key].append(_block_in_subprocess(target, feeds, task, new_tokens, bench.threads))
     rows = [_row(t, blocks[t.key], scores.get(t.key), task, new_tokens, bench.noise_threshold) for t in targets]
     reference = next((r for r in rows if r["backend"] == "pytorch"), None)
     for row in rows:
@@ -130,7 +131,8 @@ def benchmark(artifacts: list[Artifact], texts: list, scores: dict[str, float], 
         "label": f"{title} benchmark stage: {machine['cpu']}, {machine['usable_cores']} cores",
         "task": task.name, "metric": {"name": task.metric, "scale": task.metric_scale}, "machine": machine,
         "settings": {"prompt_lengths": list(prompt_lengths), "prompts": prompts, "new_tokens": new_tokens,
-                     "rounds": bench.rounds, "noise_threshold": bench.noise_threshold, "batch": 1},
+                     "rounds": bench.rounds, "noise_threshold": bench.noise_threshold, "batch": 1,
+                     "threads": bench.threads},
         "notes": [], "rows": rows,
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -140,21 +142,28 @@ def benchmark(artifacts: list[Artifact], texts: list, scores: dict[str, float], 
 
 
 def markdown(result: dict) -> str:
-    """report.md of a decoder benchmark: one row per target."""
-    from edgetl.backends import BACKEND_LABELS
+    """report.md of a decoder benchmark: the settings, then ``markdown_table``."""
     from edgetl.bench.machine import describe
 
-    settings, metric = result["settings"], result["metric"]["name"]
-    lengths = settings["prompt_lengths"]
+    settings, lengths = result["settings"], result["settings"]["prompt_lengths"]
+    return "\n".join([
+        f"# Benchmark: {result['title']}", "", f"Machine: {describe(result['machine'])}",
+        f"Batch 1; prompts of {' and '.join(map(str, lengths))} tokens ({settings['prompts']} each), "
+        f"{settings['new_tokens']} greedy new tokens; threads: {settings.get('threads') or 'default'}; "
+        f"{settings['rounds']} rounds, a fresh process per target, order alternating. Decode speed-up: this target's decode tokens/s over PyTorch FP32 eager's "
+        f"({lengths[0]}-token prompts), same run. noisy: per-round values spread by more than "
+        f"{settings['noise_threshold']:.0%}.", "", markdown_table(result), ""])
+
+
+def markdown_table(result: dict) -> str:
+    """One row per target: the task metric, time to first token and decode tokens/s per prompt length, size,
+    peak memory and decode speed-up."""
+    from edgetl.backends import BACKEND_LABELS
+
+    metric, lengths = result["metric"]["name"], result["settings"]["prompt_lengths"]
     headers = ["model", "backend", "precision", metric, *(f"TTFT ms ({n})" for n in lengths),
                *(f"decode tok/s ({n})" for n in lengths), "size MB", "peak RSS MB", "decode speed-up", "flag"]
-    lines = [f"# Benchmark: {result['title']}", "", f"Machine: {describe(result['machine'])}",
-             f"Batch 1; prompts of {' and '.join(map(str, lengths))} tokens ({settings['prompts']} each), "
-             f"{settings['new_tokens']} greedy new tokens; {settings['rounds']} rounds, a fresh process per target, "
-             "order alternating. Decode speed-up: this target's decode tokens/s over PyTorch FP32 eager's "
-             f"({lengths[0]}-token prompts), same run. noisy: per-round values spread by more than "
-             f"{settings['noise_threshold']:.0%}.", "",
-             "| " + " | ".join(headers) + " |", "|" + "---|" * 3 + "---:|" * (len(headers) - 4) + "---|"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * 3 + "---:|" * (len(headers) - 4) + "---|"]
     for r in result["rows"]:
         cells = [r["artifact"], BACKEND_LABELS.get(r["backend"], r["backend"]), r["precision"].upper(),
                  "–" if r.get(metric) is None else f"{r[metric]:.3f}",
@@ -162,7 +171,11 @@ def markdown(result: dict) -> str:
                  f"{r['model_mb']:.1f}", f"{r['peak_rss_mb']:.0f}",
                  "–" if r.get("decode_speedup") is None else f"{r['decode_speedup']:.2f}x", "noisy" if r["noisy"] else ""]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines)
+
+
+def is_generation_result(result: dict) -> bool:
+    return "prompt_lengths" in result.get("settings", {})
 
 
 def _row(target: Target, blocks: list[dict], score, task: Task, new_tokens: int, noise_threshold: float) -> dict:

@@ -3,10 +3,10 @@
 ``evaluation.json`` holds one row per artifact and backend; its metric is under the task's metric name:
 ``accuracy`` for text classification, ``f1`` (entity-level, with ``entity_precision`` and ``entity_recall``) for
 token classification, ``spearman`` (x100, with ``pearson``) for text regression and sentence embeddings,
-``perplexity`` (lower is better) for text generation. A reader
-takes the key named by the task's ``metric``, which is also what the manifest's metrics give per target. A task with
-a ``fidelity`` measure (sentence-embedding, text-generation's greedy agreement) also gets each artifact's closeness to the first FP32 one's outputs
-(``fidelity_to`` names it).
+``perplexity`` (lower is better) for text generation. A reader takes the key named by the task's ``metric``, which
+is also what the manifest's metrics give per target. A task with a ``fidelity`` measure (sentence-embedding's
+closeness of vectors, text-generation's greedy agreement) also gets each artifact's closeness to the first FP32
+one's outputs (``fidelity_to`` names it).
 """
 
 from __future__ import annotations

@@ -16,8 +16,9 @@ from edgetl.tasks import Task
 from edgetl.tasks.text_classification import text_problem
 
 AGREEMENT_PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 100, 32, 32
-_NOT_A_CLASSIFIER = "reads a distribution over labels; a language model predicts the next token"
-_LM_ONLY = "belongs to classifier fine-tuning; a language model is fine-tuned in full or with LoRA"
+_NOT_A_CLASSIFIER = "it reads a distribution over labels; a language model predicts the next token"
+_LM_ONLY = "classifier fine-tuning only; a language model is fine-tuned in full or with LoRA"
+_STRUCTURE = "decoders are compressed by weight-only INT8/INT4; their distillation and pruning are not written"
 
 
 def head_config(labels: None) -> dict:
@@ -115,18 +116,14 @@ TASK = Task(
     reasons={
         "adapt": "adapt trains a masked-LM head; a decoder is a language model already",
         "augment": "augment balances labels; a language model has none",
-        "self_train": f"self_train {_NOT_A_CLASSIFIER}",
-        "distill": "decoder distillation is not written: decoders are compressed by weight-only INT8/INT4",
-        "prune": "decoders are compressed by weight-only INT8/INT4, not pruned",
+        "self_train": _NOT_A_CLASSIFIER, "qat": _NOT_A_CLASSIFIER,
+        "distill": _STRUCTURE, "prune": _STRUCTURE, "student": _STRUCTURE,
         "pooling": "a language model pools nothing",
-        "prompt-tuning": f"prompt tuning {_LM_ONLY}", "domain_adversarial": f"domain-adversarial training {_LM_ONLY}",
-        "rdrop_alpha": f"R-Drop {_LM_ONLY}",
-        "qat": f"quantization-aware training {_NOT_A_CLASSIFIER}",
+        "prompt-tuning": _LM_ONLY, "domain_adversarial": _LM_ONLY, "rdrop_alpha": _LM_ONLY,
         "ptq": "static and dynamic INT8 calibrate activations of a graph without a KV cache; a decoder gets "
                "weight-only INT8/INT4 (quantize.method: weights)",
         "max_accuracy_drop": "accuracy control measures a drop in accuracy; a decoder's weight-only INT8/INT4 is "
                              "judged by perplexity and greedy agreement",
-        "student": "decoder distillation is not written",
     },
     head_config=head_config,
     labels_of=labels_of,
