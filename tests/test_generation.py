@@ -174,6 +174,20 @@ def test_a_decoder_task_refuses_what_it_cannot_do(tmp_path, tiny_llama):
         adapter_for("llama").require("head_pruning")
 
 
+def test_a_bundle_whose_prompts_and_new_tokens_overrun_the_positions_is_refused(tiny_llama, electronics_slice,
+                                                                               tmp_path, quiet_cwd):
+    from edgetl.errors import StageError
+    from edgetl.pipeline import run_recipe
+    from edgetl.recipe import Recipe
+
+    stages = [{"stage": "pretrained"}, {"stage": "export", "formats": ["onnx"]},
+              {"stage": "bundle", "backends": ["onnx"], "max_new_tokens": 500}]
+    recipe = Recipe.model_validate({**RECIPE, "stages": stages, "model": str(tiny_llama),
+                                    "data": {**RECIPE["data"], "path": str(electronics_slice)}})
+    with pytest.raises(StageError, match="overruns the model's 512 positions"):
+        run_recipe(recipe, tmp_path / "run")
+
+
 @pytest.mark.slow
 def test_smollm2_from_its_gguf_generates_as_transformers_does(tmp_path, quiet_cwd):
     """The catalog's SmolLM2-135M (dequantised from its Q4_1 GGUF file), exported with its KV cache: the runtime's

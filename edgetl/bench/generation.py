@@ -13,9 +13,7 @@ is flagged noisy.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +21,8 @@ import numpy as np
 from edgetl.artifact import Artifact
 from edgetl.backends import Target, targets_of
 from edgetl.bench.machine import machine_info
-from edgetl.bench.measure import RESULT_FORMAT, RESULT_VERSION, latency_summary, timed_calls
+from edgetl.bench.measure import (RESULT_FORMAT, RESULT_VERSION, target_spec, in_fresh_process,
+                                  latency_summary, timed_calls)
 from edgetl.recipe import BenchConfig
 from edgetl.tasks import Task
 
@@ -93,17 +92,8 @@ def _block(spec: dict) -> dict:
 
 
 def _block_in_subprocess(target: Target, prompts: dict, task: Task, new_tokens: int, threads: int | None) -> dict:
-    spec = {"path": str(target.artifact.path), "manifest": target.artifact.manifest, "label": target.artifact.label,
-            "backend": target.backend, "task": task.name, "prompts": prompts, "new_tokens": new_tokens,
-            "threads": threads}
-    with tempfile.TemporaryDirectory(prefix="edgetl-generation-") as scratch:
-        spec_path, out_path = Path(scratch) / "spec.json", Path(scratch) / "out.json"
-        spec_path.write_text(json.dumps(spec))
-        done = subprocess.run([sys.executable, "-m", "edgetl.bench.generation", str(spec_path), str(out_path)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"timing {target.key} failed:\n{done.stderr[-3000:]}")
-        return json.loads(out_path.read_text())
+    spec = {**target_spec(target), "task": task.name, "prompts": prompts, "new_tokens": new_tokens, "threads": threads}
+    return in_fresh_process("edgetl.bench.generation", spec, f"timing {target.key}")
 
 
 def benchmark(artifacts: list[Artifact], texts: list, scores: dict[str, float], bench: BenchConfig, max_length: int,

@@ -134,7 +134,8 @@ def time_round(targets: list[Target], texts: list, cells: list[Shape], threads: 
     return times
 
 
-def _target_spec(target: Target) -> dict:
+def target_spec(target: Target) -> dict:
+    """What a fresh process needs to open ``target`` again (its artifact folder, manifest, label and backend)."""
     artifact = target.artifact
     return {"path": str(artifact.path), "manifest": artifact.manifest, "label": artifact.label,
             "backend": target.backend, "device": target.device, "pt2e": hasattr(target, "calibration")}
@@ -144,17 +145,23 @@ def _round_in_subprocess(targets: list[Target], calibration_texts: list[str], re
                          **options) -> tuple:
     """``time_round`` in a fresh process, so that the spread between rounds includes what differs between
     processes (thread placement, memory layout, allocator state), not only what drifts within one."""
-    spec = {"targets": [_target_spec(t) for t in targets], "calibration_texts": calibration_texts,
+    spec = {"targets": [target_spec(t) for t in targets], "calibration_texts": calibration_texts,
             "reverse": reverse, "task": task.name, **options, "cells": [[c.batch, c.seq] for c in options["cells"]]}
-    with tempfile.TemporaryDirectory(prefix="edgetl-round-") as scratch:
-        spec_path, out_path = Path(scratch) / "spec.json", Path(scratch) / "times.json"
-        spec_path.write_text(json.dumps(spec))
-        done = subprocess.run([sys.executable, "-m", "edgetl.bench.measure", str(spec_path), str(out_path)],
-                              capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"a benchmark round failed:\n{done.stderr[-3000:]}")
-        result = json.loads(out_path.read_text())
+    result = in_fresh_process("edgetl.bench.measure", spec, "a benchmark round")
     return result["times"], result["notes"]
+
+
+def in_fresh_process(module: str, spec: dict, what: str) -> dict:
+    """``python -m MODULE SPEC.json OUT.json`` in a fresh process: ``spec`` in, the JSON the module writes out;
+    RuntimeError naming ``what``, with the end of its stderr, if it fails."""
+    with tempfile.TemporaryDirectory(prefix="edgetl-bench-") as scratch:
+        spec_path, out_path = Path(scratch) / "spec.json", Path(scratch) / "out.json"
+        spec_path.write_text(json.dumps(spec))
+        done = subprocess.run([sys.executable, "-m", module, str(spec_path), str(out_path)], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{what} failed:\n{done.stderr[-3000:]}")
+        return json.loads(out_path.read_text())
 
 
 def _round_main(spec_path: str, out_path: str) -> None:

@@ -78,8 +78,9 @@ class Generator(BundleRuntime):
         return Generation("".join(text), ids, reason)
 
     def pieces(self, prompt: str, settings: GenerationSettings) -> Iterator[tuple[str, tuple[list[int], str]]]:
-        """(new text, (the ids so far, finish reason)) per token (``stream`` without the ids; the server reads both). Text is held back while it could be the start of
-        a stop string or ends in half a character, so no stop string is ever streamed."""
+        """(new text, (the ids so far, finish reason)) per token: ``stream`` yields the text, the server reads both.
+        Text is held back while it could be the start of a stop string or ends in half a character, so no stop string
+        is ever streamed."""
         ids, sent, reason = [], 0, "stop"
         for token in self.decoder.tokens(self.prompt_ids(prompt), settings, self.eos_ids):
             ids.append(token)

@@ -74,8 +74,12 @@ def run(cfg: BundleStage, ctx, out_dir: Path) -> StageOutput:
         "files": file_table(out_dir),
     }
     if task.runtime == "Generator":  # what ends a generation, and the limits a server enforces
+        context = config.get("max_position_embeddings")
+        if context is not None and recipe.data.max_length + cfg.max_new_tokens > context:
+            raise StageError(f"bundle: a prompt of data.max_length {recipe.data.max_length} tokens plus max_new_tokens "
+                             f"{cfg.max_new_tokens} overruns the model's {context} positions; lower one of them")
         manifest["generation"] = {"eos_token_ids": _eos_ids(out_dir / cfg.backends[0]),
-                                  "max_new_tokens": cfg.max_new_tokens, "context": config.get("max_position_embeddings")}
+                                  "max_new_tokens": cfg.max_new_tokens, "context": context}
     if "sentence_pooling" in config:  # a sentence-embedding model: what its one output is
         # The width under the architecture's own key: DistilBERT's config.json says dim, not hidden_size.
         width = config[adapter_for(config["model_type"]).config_keys.hidden]
