@@ -129,7 +129,7 @@ _HEADS = {_MeanPoolHead: "ForSequenceClassification", _EmbeddingHead: "ForSenten
 
 @functools.cache
 def _head_class(head: type, model_type: str) -> type:
-    adapter_for(model_type)
+    adapter_for(model_type).require("mean_pooling")
     base_cls = _base_model_class(model_type)
     pretrained_cls = next(c for c in base_cls.__mro__[1:] if issubclass(c, PreTrainedModel))
     prefix = "MeanPool" if head is _MeanPoolHead else ""

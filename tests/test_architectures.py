@@ -186,8 +186,8 @@ def test_mpnet_refuses_head_pruning_because_its_position_bias_is_shared():
 
 
 def test_an_unknown_model_type_names_the_known_ones():
-    with pytest.raises(ArchitectureError, match=r"'gpt2' has no edgetl adapter; known types: bert, deberta-v2, "):
-        adapter_for("gpt2")
+    with pytest.raises(ArchitectureError, match=r"'t5' has no edgetl adapter; known types: bert, deberta-v2, "):
+        adapter_for("t5")
 
 
 def test_an_adapter_that_drops_an_operation_must_say_why():
@@ -384,8 +384,10 @@ def test_a_mean_pool_head_named_for_another_type_or_a_type_without_adapter_is_re
     (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["MeanPoolBertForSequenceClassification"]}))
     with pytest.raises(ArchitectureError, match="a distilbert one is MeanPoolDistilBertForSequenceClassification"):
         load_classifier(tmp_path)
-    with pytest.raises(ArchitectureError, match="'gpt2' has no edgetl adapter"):
-        mean_pool_class("gpt2")
+    with pytest.raises(ArchitectureError, match="'t5' has no edgetl adapter"):
+        mean_pool_class("t5")
+    with pytest.raises(ArchitectureError, match="llama: mean pooling is not supported: a decoder's classifier reads"):
+        mean_pool_class("llama")
 
 
 @pytest.mark.parametrize(("model_type", "stage", "message"), [
@@ -393,8 +395,10 @@ def test_a_mean_pool_head_named_for_another_type_or_a_type_without_adapter_is_re
      "stages[1] (prune): mpnet does not support head pruning: its relative-attention bias"),
     ("deberta-v2", {"stage": "export", "formats": ["onnx", "openvino"]},
      "stages[1] (export): deberta-v2 does not support OpenVINO: the ONNX export of its relative attention"),
-    ("gpt2", {"stage": "distill", "layers": [0]},
-     "stages[1] (distill): model type 'gpt2' has no edgetl adapter, so its layers, heads and FFN neurons cannot be "
+    ("llama", {"stage": "finetune", "pooling": "mean"},
+     "stages[1] (finetune): llama does not support mean pooling: a decoder's classifier reads its last token"),
+    ("t5", {"stage": "distill", "layers": [0]},
+     "stages[1] (distill): model type 't5' has no edgetl adapter, so its layers, heads and FFN neurons cannot be "
      "found; known types: bert,"),
 ])
 def test_a_stage_the_architecture_cannot_take_is_refused_at_load_without_torch(tmp_path, model_type, stage, message):

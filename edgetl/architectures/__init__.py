@@ -34,9 +34,12 @@ _DEBERTA_OPENVINO = ("the ONNX export of its relative attention holds an If oper
 # Decoders are compressed by weight-only INT8/INT4 (edgetl.weights), which keeps every head, neuron and layer.
 _DECODER_STRUCTURE = ("edgetl compresses decoders by weight-only INT8/INT4 and does not prune or cut their structure "
                       "(grouped-query attention shares K/V heads, and a gated FFN has two input projections)")
+_DECODER_POOLING = ("a decoder's classifier reads its last token (finetune.pooling: cls, transformers' head); a "
+                    "causal model's states are not trained to be averaged")
 _DECODER = dict(family="decoder", takes_token_type_ids=False, ort_fusion=None, head_pruning=False, ffn_pruning=False,
-                layer_selection=False, reasons=dict.fromkeys(("head_pruning", "ffn_pruning", "layer_selection"),
-                                                             _DECODER_STRUCTURE))
+                layer_selection=False, mean_pooling=False,
+                reasons={**dict.fromkeys(("head_pruning", "ffn_pruning", "layer_selection"), _DECODER_STRUCTURE),
+                         "mean_pooling": _DECODER_POOLING})
 
 ADAPTERS: dict[str, Adapter] = {a.model_type: a for a in (
     Adapter("bert", base="bert", **_BERT_LAYOUT),

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from edgetl.errors import ArchitectureError
 
 OPERATIONS = {"head_pruning": "head pruning", "ffn_pruning": "FFN pruning", "layer_selection": "layer selection",
-              "openvino": "OpenVINO"}
+              "mean_pooling": "mean pooling", "openvino": "OpenVINO"}
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class Adapter:
     head_pruning: bool = True
     ffn_pruning: bool = True
     layer_selection: bool = True
+    mean_pooling: bool = True  # edgetl's mean-pooled classifier and embedding heads over the base model
     openvino: bool = True  # the ONNX export converts to an OpenVINO model the CPU plugin compiles
     # "decoder": a causal language model (GPT-style), compressed by weight-only INT8/INT4, exported with its KV cache.
     family: str = "encoder"

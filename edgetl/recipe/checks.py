@@ -152,6 +152,8 @@ def _operations(stage) -> list[str]:
         return ["openvino"]
     if isinstance(stage, DistillStage) and stage.student is None:
         return ["layer_selection"]  # the student copies some of the teacher's layers
+    if isinstance(stage, FinetuneStage) and stage.pooling == "mean":
+        return ["mean_pooling"]
     if not isinstance(stage, PruneStage):
         return []
     budget = stage.latency_budget_ms is not None

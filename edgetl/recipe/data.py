@@ -15,10 +15,11 @@ class DataConfig(_Strict):
 
     dataset: str = Field("sst2", description="A known dataset (local files under $EDGETL_DATA_DIR: 'sst2' (GLUE "
                          "SST-2), 'conll2003' (named entities), 'stsb' (similarity scores of sentence pairs); "
-                         "'target': the target domain's own labelled reviews, for few-shot learning), 'files', or "
+                         "'target': the target domain's own labelled reviews, for few-shot learning; "
+                         "'amazon-books|dvd|electronics|kitchen': a domain's review texts for a language model), 'files', or "
                          "a hub dataset id. A known dataset sets the column fields and labels a recipe leaves out.")
-    path: str | None = Field(None, description="Folder holding a known dataset's two files (default: "
-                             "$EDGETL_DATA_DIR/<dataset>; 'target' reads data.target's folder).")
+    path: str | None = Field(None, description="Folder holding a known dataset's two files (default: its folder "
+                             "under $EDGETL_DATA_DIR; 'target' reads data.target's folder).")
     train_file: str | None = Field(None, description="dataset=files: csv, tsv, jsonl or parquet with the training rows.")
     eval_file: str | None = Field(None, description="dataset=files: csv, tsv, jsonl or parquet with the evaluation rows.")
     hub_config: str | None = Field(None, description="Hub dataset configuration name (e.g. 'sst2' for 'nyu-mll/glue').")
