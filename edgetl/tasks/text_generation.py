@@ -139,7 +139,9 @@ TASK = Task(
     fidelity=fidelity,
     reads_pairs=False,
     predict=predict,
-    export_atol=1e-2,
+    # Logits over a 49k-token vocabulary reach |30|; 30 layers in another operation order move them by up to about
+    # 2e-2 on optimum's random validation inputs (SmolLM2), about 1e-3 of their scale.
+    export_atol=1e-1,
     bench="edgetl.bench.generation:benchmark",
     collator_options={"mlm": False},
     peft_task_type="CAUSAL_LM",
