@@ -195,13 +195,13 @@ def test_smollm2_from_its_gguf_generates_as_transformers_does(tmp_path, quiet_cw
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgetl.models import resolve_model_source
+    from edgetl.modeling import model_folder
     from edgetl.runtime.engines import open_engine
     from edgetl.runtime.decoding import GenerationSettings, KVCacheDecoder
     from edgetl.stages.export import export_onnx
     from edgetl.tasks import TASKS
 
-    source = resolve_model_source("smollm2-135m")
+    source = model_folder("smollm2-135m")  # the GGUF file dequantised into the cache (once per installed file)
     model, tokenizer = AutoModelForCausalLM.from_pretrained(source).eval(), AutoTokenizer.from_pretrained(source)
     assert model.config.model_type == "llama" and model.config.num_hidden_layers == 30
     export_onnx(model, tmp_path, 17, atol=TASKS["text-generation"].export_atol, task="text-generation-with-past")
