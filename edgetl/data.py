@@ -182,12 +182,15 @@ def target_tokens(cfg: DataConfig, tokenizer, max_length: int | None = None):
     return tokenize(datasets.Dataset.from_dict({"text": target_texts(cfg)}), tokenizer, cfg, max_length)
 
 
-def tokenize(ds, tokenizer, cfg: DataConfig, max_length: int | None = None, task: Task = CLASSIFICATION):
-    """Tokenize as the task does, without padding (the collator pads each batch to its own longest row); the
-    task's input columns are replaced by the model's features, ``label`` is kept."""
+def tokenize(ds, tokenizer, cfg: DataConfig, max_length: int | None = None, task: Task = CLASSIFICATION,
+             encode=None):
+    """Tokenize as the task does (or as ``encode``, called as ``Task.encode`` is), without padding (the collator
+    pads each batch to its own longest row); the task's input columns are replaced by the model's features,
+    ``label`` is kept."""
     max_length = max_length or cfg.max_length
+    encode = encode or task.encode
     inputs = [c for c in ds.column_names if c in task.columns.values() and c != "label"]
-    return ds.map(lambda batch: task.encode(batch, tokenizer, cfg, max_length), batched=True, remove_columns=inputs,
+    return ds.map(lambda batch: encode(batch, tokenizer, cfg, max_length), batched=True, remove_columns=inputs,
                   desc="tokenize")
 
 

@@ -16,6 +16,7 @@ from edgetl.architectures import adapter_for
 from edgetl.architectures.flops import PRUNED_LAYERS, encoder_flops
 from edgetl.architectures.torch_ops import adapter_of, layer_sizes, resize
 from edgetl.architectures.torch_ops import layers as layers_of
+from edgetl.cloze import load_cloze
 from edgetl.errors import ArchitectureError, ModelNotFoundError
 from edgetl.models import CATALOG, catalog_file, resolve_model_source
 from edgetl.tasks import DEFAULT_TASK, TASKS, Task
@@ -267,7 +268,9 @@ class SoftPromptClassifier(nn.Module):
 
 
 def load_classifier(folder, task: Task = TASKS[DEFAULT_TASK]):
-    """Load a model of the task saved by edgetl (any head it trains, pruned or prompt-tuned) or a plain HF one."""
+    """Load a model of the task saved by edgetl (any head it trains, pruned, prompt-tuned or cloze) or a plain HF one."""
+    if "cloze" in AutoConfig.from_pretrained(folder).to_dict():
+        return load_cloze(folder).eval()
     model = _load_encoder_classifier(folder, task)
     prompt_file = Path(folder) / SOFT_PROMPT_FILE
     if prompt_file.is_file():

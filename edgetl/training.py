@@ -141,9 +141,9 @@ def data_collator(task: Task, tokenizer):
     return getattr(transformers, task.collator)(tokenizer, **task.collator_options)
 
 
-def labelled_data(ctx, tokenizer):
-    """Tokenized (train, dev) of the recipe's data, as its task reads them; dev sorted by length, so its batches
-    carry little padding.
+def labelled_data(ctx, tokenizer, encode=None):
+    """Tokenized (train, dev) of the recipe's data, as its task reads them (or ``encode``, as ``tokenize`` takes it);
+    dev sorted by length, so its batches carry little padding.
 
     The training rows come from the run's augment stage when it has one.
     """
@@ -155,7 +155,7 @@ def labelled_data(ctx, tokenizer):
 
         train = datasets.load_dataset("json", data_files=str(augmented.path / "train.jsonl"), split="train")
         train = train.select_columns(["text", "label"])
-    train_tok, dev_tok = (tokenize(split, tokenizer, data, task=task) for split in (train, dev))
+    train_tok, dev_tok = (tokenize(split, tokenizer, data, task=task, encode=encode) for split in (train, dev))
     dev_tok = dev_tok.map(lambda row: {"n_tokens": len(row["input_ids"])}).sort("n_tokens").remove_columns("n_tokens")
     return train_tok, dev_tok
 
@@ -384,6 +384,7 @@ def finish_training(trainer, model, tokenizer, collator, train_tok, dev_tok, cfg
                     **extra_metrics):
     """Save the kept model (rank 0) and return its artifact: the task's FP32 dev metrics, how it was chosen, its size."""
     from edgetl.artifact import StageOutput
+    from edgetl.cloze import ClozeClassifier
     from edgetl.modeling import SoftPromptClassifier, model_stats
     from edgetl.peft_methods import save
 
@@ -394,7 +395,8 @@ def finish_training(trainer, model, tokenizer, collator, train_tok, dev_tok, cfg
         write_eval_history(trainer, out_dir)
     metrics = {**{name: round(value, 5) for name, value in dev_metrics.items()},
                **training_metrics(trainer, len(train_tok), len(dev_tok)),
-               **model_stats(model.model if isinstance(model, SoftPromptClassifier) else model, dev_tok), **extra_metrics}
+               **model_stats(model.model if isinstance(model, (SoftPromptClassifier, ClozeClassifier)) else model, dev_tok),
+               **extra_metrics}
     return StageOutput(kind="pytorch-model", precision="fp32", models={"pytorch": {"path": ".", "precision": "fp32"}},
                        metrics=metrics)
 

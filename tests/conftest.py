@@ -39,6 +39,8 @@ SHARED_CONLL = REPO.parent / "shared" / "datasets" / "conll2003"
 SHARED_STSB = REPO.parent / "shared" / "datasets" / "stsb"
 DECODER_MODELS = {"smollm2-135m"}  # catalog decoders: a shipped recipe of one runs on the tiny Llama in tests
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# A cloze recipe's verbaliser on the tiny models: words that are one token of their vocabularies.
+TINY_VERBALIZER = {"bert": "{negative: [bad], positive: [good]}", "llama": "{negative: [it], positive: [the]}"}
 TRAIN_ROWS, DEV_ROWS, VOCAB_WORDS = 400, 120, 400
 
 
@@ -349,7 +351,10 @@ def shrink(request, tiny_model, sst2_slice, electronics_slice):
 
     def make(recipe: str | Path = "sst-int8", **changes) -> list[str]:
         dataset = (_recipe_yaml(recipe).get("data") or {}).get("dataset")
-        if _recipe_yaml(recipe).get("model") in DECODER_MODELS:  # a decoder recipe runs on the tiny Llama
+        decoder = _recipe_yaml(recipe).get("model") in DECODER_MODELS
+        if any("cloze" in s for s in _recipe_yaml(recipe)["stages"]):  # verbaliser words that are one tiny-vocab token
+            changes.setdefault("stages__finetune__cloze__verbalizer", TINY_VERBALIZER["llama" if decoder else "bert"])
+        if decoder:  # a decoder recipe runs on the tiny Llama
             data = electronics_slice if str(dataset).startswith("amazon-") else sst2_slice
             return tiny_overrides(request.getfixturevalue("tiny_llama"), data, recipe, **changes)
         if dataset in task_slices:

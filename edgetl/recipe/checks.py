@@ -49,6 +49,8 @@ def check_task(recipe: Recipe) -> list[str]:
         if reason is not None:
             problems.append(f"{where}: task {task.name} does not support the {stage.stage} stage: {reason}")
             continue
+        if isinstance(stage, FinetuneStage) and stage.method == "cloze" and recipe.data.text_pair_field is not None:
+            problems.append(f"{where}.cloze: a pattern places one text ({{text}}); data.text_pair_field names pairs")
         if isinstance(stage, FinetuneStage) and task.pooling is not None and stage.pooling is None:
             problems.append(f"{where}.pooling: the {task.name} head reads one vector per text: choose mean or cls")
         for option in _options(stage):
@@ -66,7 +68,7 @@ def _options(stage) -> list[str]:
         return ["student"] if stage.student is not None else []
     if not isinstance(stage, FinetuneStage):
         return []
-    used = ["pooling"] if stage.pooling is not None else []
+    used = ["pooling"] if stage.pooling is not None and stage.method != "cloze" else []
     used += [stage.method] if stage.method != "full" else []
     used += ["domain_adversarial"] if stage.domain_adversarial is not None else []
     return used + (["rdrop_alpha"] if stage.rdrop_alpha is not None else [])
@@ -77,7 +79,7 @@ def check_chain(stages: list) -> list[str]:
     problems: list[str] = []
     pytorch_model = False
     adapted = False
-    prompt_tuned = None
+    prompt_tuned = cloze = None
     exported: set[str] = set()
     quantized: set[str] = set()
     seen: set[str] = set()
@@ -95,8 +97,12 @@ def check_chain(stages: list) -> list[str]:
             problems.append(f"{where}: the model of {prompt_tuned} (method prompt-tuning) keeps its soft prompt "
                             f"outside the encoder weights, which {stage.stage} cannot take; use method lora "
                             "(merged into the weights) or full, or end the chain with evaluate")
-        if isinstance(stage, FinetuneStage) and stage.method == "prompt-tuning":
-            prompt_tuned = where
+        if cloze is not None and isinstance(stage, (SelfTrainStage, DistillStage, PruneStage)):
+            problems.append(f"{where}: the model of {cloze} (method cloze) answers through its language-model head, "
+                            f"which {stage.stage} does not train or cut; export, quantize, evaluate and bundle take it")
+        if isinstance(stage, FinetuneStage):
+            prompt_tuned = where if stage.method == "prompt-tuning" else prompt_tuned
+            cloze = where if stage.method == "cloze" else None
         if isinstance(stage, PretrainedStage) and pytorch_model:
             problems.append(f"{where}: pretrained makes the run's first PyTorch model; move it to the start")
         if isinstance(stage, (PretrainedStage, FinetuneStage, SelfTrainStage, DistillStage, PruneStage)):
@@ -152,7 +158,7 @@ def _operations(stage) -> list[str]:
         return ["openvino"]
     if isinstance(stage, DistillStage) and stage.student is None:
         return ["layer_selection"]  # the student copies some of the teacher's layers
-    if isinstance(stage, FinetuneStage) and stage.pooling == "mean":
+    if isinstance(stage, FinetuneStage) and stage.pooling == "mean" and stage.method != "cloze":
         return ["mean_pooling"]
     if not isinstance(stage, PruneStage):
         return []

@@ -80,8 +80,44 @@ class DomainAdversarialConfig(_Strict):
                                           "(null: data.max_length).")
 
 
+CLOZE_TRAINING = {
+    "none": "zero-shot: the pretrained LM head scores the verbaliser words, nothing trains",
+    "pet": "PET: every weight trains, the LM head's verbaliser rows are the classifier (cross-entropy over them)",
+    "prompt": "P-tuning: only prompt_tokens new vectors at the pattern's {prompt} train; the LM stays frozen",
+}
+
+
+class ClozeConfig(_Strict):
+    """Prompt learning as a cloze question: the text goes into a pattern with an answer slot, and the language
+    model's own head scores each label by its verbaliser words at that slot."""
+
+    pattern: str = Field(description="The text with {text} (once) and {mask} (once, where the answer goes; last for a "
+                         "causal LM, which predicts it as the next token); {prompt} places the trainable vectors "
+                         "of train: prompt. Example: '{text} All in all, it was {mask}.'")
+    verbalizer: dict[str, list[str]] = Field(
+        description="Label -> one or more words, each one token of the model's vocabulary (with the space before "
+        "{mask} when the pattern has one); a label scores the mean of its words' logits.")
+    train: Literal["none", "pet", "prompt"] = Field(
+        "pet", description="; ".join(f"{k}: {v}" for k, v in CLOZE_TRAINING.items()) + ".")
+    prompt_tokens: int = Field(4, ge=1, description="train: prompt: vectors placed at {prompt}.")
+
+    @model_validator(mode="after")
+    def _pattern_slots(self) -> ClozeConfig:
+        for slot in ("{text}", "{mask}"):
+            if self.pattern.count(slot) != 1:
+                raise ValueError(f"pattern: needs {slot} exactly once, found {self.pattern.count(slot)} in {self.pattern!r}")
+        if self.pattern.count("{prompt}") != (self.train == "prompt"):
+            raise ValueError("pattern: {prompt} marks where train: prompt puts its vectors: once with train: prompt, "
+                             f"never otherwise (train is {self.train})")
+        empty = [label for label, words in self.verbalizer.items() if not words or not all(w.strip() for w in words)]
+        if empty:
+            raise ValueError(f"verbalizer: labels {empty} need at least one non-empty word")
+        return self
+
+
 class FinetuneStage(TrainingConfig, Declared):
-    """Fine-tuning with the task's head: full, LoRA or prompt tuning, optionally domain-adversarial."""
+    """Fine-tuning with the task's head: full, LoRA or prompt tuning, optionally domain-adversarial; or a cloze
+    question answered by the model's own language-model head (method cloze)."""
 
     takes: ClassVar[tuple[str, ...]] = ("encoder", "dataset")
     reads: ClassVar[frozenset[str]] = frozenset({"model", "data"})
@@ -92,15 +128,17 @@ class FinetuneStage(TrainingConfig, Declared):
         None, description="The vector per text fed to the head: the attention-masked mean of the last hidden states, "
         "or the [CLS] one through the pooler. Default: the task's (mean; none for token-classification, whose head "
         "reads every token).")
-    method: Literal["full", "lora", "prompt-tuning"] = Field(
+    method: Literal["full", "lora", "prompt-tuning", "cloze"] = Field(
         "full", description="full: every weight trains; lora: low-rank adapters (peft), merged into the weights "
-        "afterwards; prompt-tuning: a trained soft prompt and head, the encoder frozen (PyTorch only).")
+        "afterwards; prompt-tuning: a trained soft prompt and head, the encoder frozen (PyTorch only); cloze: no new "
+        "head, the language-model head answers a pattern (see cloze).")
     lora_r: int = Field(8, ge=1, description="method: lora: rank of the low-rank update matrices.")
     lora_alpha: int = Field(16, ge=1, description="method: lora: scaling of the update (alpha / r).")
     lora_dropout: float = Field(0.1, ge=0, lt=1, description="method: lora: dropout on the LoRA input.")
     lora_modules: list[str] = Field(default_factory=lambda: ["query", "value"], min_length=1,
                                     description="Linear layers (by name) that get LoRA adapters.")
     prompt_tokens: int = Field(20, ge=1, description="prompt-tuning: virtual tokens in the soft prompt.")
+    cloze: ClozeConfig | None = Field(None, description="method: cloze: the pattern, verbaliser and what trains.")
     domain_adversarial: DomainAdversarialConfig | None = Field(
         None, description="Train against a domain classifier on labelled source plus unlabelled data.target text.")
     ema_decay: float | None = Field(
@@ -116,6 +154,11 @@ class FinetuneStage(TrainingConfig, Declared):
     def _one_extra_loss(self) -> FinetuneStage:
         if self.rdrop_alpha is not None and self.domain_adversarial is not None:
             raise ValueError("rdrop_alpha and domain_adversarial both change the training loss; use one of them")
+        if (self.method == "cloze") != (self.cloze is not None):
+            raise ValueError("cloze: set it with method: cloze (the pattern and verbaliser), and only then")
+        if self.method == "cloze" and (self.domain_adversarial is not None or self.rdrop_alpha is not None):
+            raise ValueError("method: cloze trains through the verbaliser alone; domain_adversarial and rdrop_alpha "
+                             "read a classification head it does not have")
         return self
 
 

@@ -168,7 +168,7 @@ class BundleRuntime(ABC):
         model = self.manifest["models"][self.backend]
         self._check_read_files(model["path"], signed=public_key is not None)
         self.tokenizer = load_tokenizer(self.folder, self.manifest["max_length"], self.manifest.get("truncation", "right"),
-                                        self.manifest.get("head_tokens", 0))
+                                        self.manifest.get("head_tokens", 0), self.manifest.get("cloze"))
         model_file = self.folder / model["path"]
         self._check_model_config(model_file.parent / "config.json")
         self.engine = open_engine(self.backend, model_file, threads)

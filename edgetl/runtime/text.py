@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +13,14 @@ from edgetl.inputs import BATCH_SIZE, head_tail
 TRUNCATIONS = ("right", "left", "head+tail")
 
 
-def load_tokenizer(folder: str | Path, max_length: int, truncation: str = "right", head_tokens: int = 0):
+def load_tokenizer(folder: str | Path, max_length: int, truncation: str = "right", head_tokens: int = 0,
+                   cloze: dict | None = None):
     """The fast tokenizer saved beside a model (``tokenizer.json``), cutting texts to ``max_length`` tokens.
 
     ``truncation``: 'right' keeps the start of a long text, 'left' its end, 'head+tail' the first
     ``head_tokens`` and the end (the verdict of a long review is often in its last sentences).
+    ``cloze``: a cloze model's pattern (``edgetl.runtime.cloze``); by default the ``cloze`` section of the folder's
+    ``config.json``, if it has one. Each text is then placed in the pattern.
     """
     from tokenizers import Tokenizer
 
@@ -24,6 +28,13 @@ def load_tokenizer(folder: str | Path, max_length: int, truncation: str = "right
         raise ValueError(f"truncation {truncation!r}: expected one of {TRUNCATIONS}")
     tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
     tokenizer.no_padding()
+    config = Path(folder) / "config.json"
+    if cloze is None and config.is_file():
+        cloze = json.loads(config.read_text()).get("cloze")
+    if cloze is not None:
+        from edgetl.runtime.cloze import ClozeTokenizer
+
+        return ClozeTokenizer(tokenizer, cloze, max_length, truncation, head_tokens)
     if truncation == "head+tail":
         tokenizer.no_truncation()
         return HeadTailTokenizer(tokenizer, max_length, head_tokens)

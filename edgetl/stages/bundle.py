@@ -80,6 +80,8 @@ def run(cfg: BundleStage, ctx, out_dir: Path) -> StageOutput:
                              f"{cfg.max_new_tokens} overruns the model's {context} positions; lower one of them")
         manifest["generation"] = {"eos_token_ids": _eos_ids(out_dir / cfg.backends[0]),
                                   "max_new_tokens": cfg.max_new_tokens, "context": context}
+    if "cloze" in config:  # a cloze classifier: the runtime places each text in its pattern
+        manifest["cloze"] = config["cloze"]
     if "sentence_pooling" in config:  # a sentence-embedding model: what its one output is
         # The width under the architecture's own key: DistilBERT's config.json says dim, not hidden_size.
         width = config[adapter_for(config["model_type"]).config_keys.hidden]

@@ -1,5 +1,6 @@
-"""Fine-tuning the recipe's task with HF Trainer (full, LoRA or prompt tuning, optionally domain-adversarial):
-evaluate often, keep the best dev checkpoint by the task's metric, resume after a crash."""
+"""Fine-tuning the recipe's task with HF Trainer (full, LoRA or prompt tuning, optionally domain-adversarial, or a
+cloze question through the LM head): evaluate often, keep the best dev checkpoint by the task's metric, resume after
+a crash."""
 
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ def run(cfg: FinetuneStage, ctx, out_dir: Path) -> StageOutput:
 
     task = task_for(ctx.recipe.task)
     labels = label_names(ctx.recipe.data, task)
+    if cfg.method == "cloze":
+        return run_cloze(cfg, ctx, out_dir, labels)
     adapted = ctx.latest("encoder")  # an adapt stage's encoder replaces the recipe's pretrained one
     model, tokenizer = new_classifier(str(adapted.path) if adapted else ctx.recipe.model, labels, cfg.pooling, task)
     train_tok, dev_tok = labelled_data(ctx, tokenizer)
@@ -80,3 +83,42 @@ def target_loader(cfg: FinetuneStage, ctx, tokenizer, collator):
     generator = torch.Generator().manual_seed(cfg.seed)
     return DataLoader(tokens, batch_size=cfg.domain_adversarial.target_batch_size, shuffle=True, drop_last=True,
                       collate_fn=collator, generator=generator)
+
+
+def run_cloze(cfg: FinetuneStage, ctx, out_dir: Path, labels: list[str]) -> StageOutput:
+    """A cloze classifier (``edgetl.cloze``) of the adapt stage's masked LM, else the recipe's model (a masked LM for
+    an encoder, a causal LM for a decoder), trained as ``cloze.train`` says (not at all for zero-shot)."""
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    from edgetl import cloze
+    from edgetl.architectures import adapter_for, model_type_of
+    from edgetl.modeling import model_folder
+    from edgetl.runtime.cloze import ClozeTokenizer
+
+    data, task = ctx.recipe.data, task_for(ctx.recipe.task)
+    adapted = ctx.latest("encoder")
+    source = str(adapted.path) if adapted else model_folder(ctx.recipe.model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    adapter = adapter_for(model_type_of(Path(source)))
+    model = cloze.new_cloze(source, cfg.cloze, labels, adapter.family == "encoder", tokenizer, cfg.seed)
+    template = ClozeTokenizer(Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()), model.cloze, data.max_length,
+                              data.truncation, data.head_tokens)
+
+    def encode(batch, *_):
+        ids = [e.ids for e in template.encode_batch(batch["text"])]
+        features = {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids]}
+        return features | ({"token_type_ids": [[0] * len(i) for i in ids]} if adapter.takes_token_type_ids else {})
+
+    train_tok, dev_tok = labelled_data(ctx, tokenizer, encode)
+    collator = data_collator(task, tokenizer)
+    args = training_arguments(cfg, ctx, task.metric)
+    args.save_safetensors = False  # the LM's tied input and output embeddings share memory, which safetensors refuses
+    trainer = Trainer(model=model, args=args, train_dataset=train_tok, eval_dataset=dev_tok, data_collator=collator,
+                      compute_metrics=task.compute_metrics(labels), processing_class=tokenizer)
+    if cfg.cloze.train != "none":
+        train_and_resume(trainer, ctx.work_dir, "finetune")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if cfg.cloze.train != "none" else 0
+    cloze.finalize(model)
+    return finish_training(trainer, model, tokenizer, collator, train_tok, dev_tok, cfg, ctx, out_dir,
+                           trainable_parameters=trainable)

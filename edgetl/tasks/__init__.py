@@ -23,6 +23,7 @@ OPTIONS = {
     "pooling": ("finetune", "pooling"),
     "lora": ("finetune", "method"),
     "prompt-tuning": ("finetune", "method"),
+    "cloze": ("finetune", "method"),
     "domain_adversarial": ("finetune", "domain_adversarial"),
     "rdrop_alpha": ("finetune", "rdrop_alpha"),
     "ptq": ("quantize", "method"),
