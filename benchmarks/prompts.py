@@ -1,5 +1,5 @@
-"""Few-shot prompt learning: cloze questions (zero-shot, PET, P-tuning) beside head fine-tuning, LoRA and soft
-prompts, for the encoder (MiniLM-L6) and the decoder (SmolLM2-135M), on k labelled reviews of one Amazon domain.
+"""Few-shot prompt learning: cloze questions (zero-shot, PET, P-tuning, AutoPrompt search) beside head fine-tuning,
+LoRA and soft prompts, for the encoder (MiniLM-L6) and the decoder (SmolLM2-135M), on k labelled reviews of one Amazon domain.
 
     python benchmarks/prompts.py [--target electronics] [--k 16 64] [--seeds 1 2 3] [--arms NAME ...]
 
@@ -25,6 +25,13 @@ from domain_adaptation import FEWSHOT_LR, REPO, accuracies, run, summarize
 
 PTUNING = ["stages.finetune.cloze.train=prompt", "stages.finetune.learning_rate=0.01",
            "stages.finetune.cloze.pattern='{text} {prompt} All in all, it was {mask}.'"]
+AUTOPROMPT = ["stages.finetune.cloze.train=none", "stages.finetune.cloze.verbalizer_search=1",
+              "stages.finetune.cloze.trigger_tokens=3",
+              "stages.finetune.cloze.pattern='{text} {prompt} All in all, it was {mask}.'"]
+# SmolLM2's forward passes cost about 30x MiniLM's: a smaller search (fewer steps, tries and rows).
+DECODER_AUTOPROMPT = [o.replace("All in all, it was {mask}.", "All in all, it was {mask}") for o in AUTOPROMPT] + [
+    "stages.finetune.cloze.search_steps=6", "stages.finetune.cloze.search_candidates=4",
+    "stages.finetune.cloze.search_batch_size=8"]
 DECODER_HEAD = ["stages.finetune.method=lora", "stages.finetune.cloze=null", "stages.finetune.pooling=cls",
                 "stages.finetune.lora_modules=[q_proj,k_proj,v_proj,o_proj]", "stages.finetune.learning_rate=0.0005"]
 # name -> (model, recipe, stages kept (None: all), overrides, depends on k and seed). Order = run order.
@@ -39,6 +46,8 @@ ARMS = {
                                         ["stages.finetune.cloze.train=none"], False),
     "cloze PET": ("MiniLM-L6", "amazon-electronics-cloze", None, [], True),
     "cloze P-tuning": ("MiniLM-L6", "amazon-electronics-cloze", ["adapt", "finetune", "evaluate"], PTUNING, True),
+    "cloze AutoPrompt (searched words and triggers, LM frozen)": (
+        "MiniLM-L6", "amazon-electronics-cloze", ["adapt", "finetune", "evaluate"], AUTOPROMPT, True),
     "decoder cloze zero-shot": ("SmolLM2-135M", "smollm2-electronics-cloze", ["finetune", "evaluate"],
                                 ["stages.finetune.cloze.train=none"], False),
     "decoder cloze PET": ("SmolLM2-135M", "smollm2-electronics-cloze", ["finetune", "evaluate"], [], True),
@@ -47,6 +56,8 @@ ARMS = {
     "decoder cloze P-tuning": ("SmolLM2-135M", "smollm2-electronics-cloze", ["finetune", "evaluate"],
                                [o.replace("All in all, it was {mask}.", "All in all, it was {mask}") for o in PTUNING],
                                True),
+    "decoder cloze AutoPrompt (searched, LM frozen)": (
+        "SmolLM2-135M", "smollm2-electronics-cloze", ["finetune", "evaluate"], DECODER_AUTOPROMPT, True),
 }
 
 

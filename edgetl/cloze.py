@@ -108,17 +108,24 @@ class ClozeClassifier(nn.Module):
         self.register_buffer("weight", torch.tensor([[1 / len(w)] * len(w) + [0.0] * (widest - len(w)) for w in words]),
                              persistent=False)
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, inputs_embeds=None, **_):
+    def answer_states(self, input_ids, attention_mask=None, token_type_ids=None):
+        """The last hidden state at each row's answer position: the (last) mask token, or the last attended token;
+        position 0 where there is none."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, **types).last_hidden_state
-        # The answer position: the (last) mask token, or the last attended token; 0 where there is none.
         slot = input_ids == self.cloze["mask_id"] if self.cloze["answer"] == "mask" else attention_mask.bool()
         order = torch.arange(1, input_ids.shape[1] + 1, device=input_ids.device, dtype=hidden.dtype)
         position = (slot.to(hidden.dtype) * order).argmax(dim=-1)
-        answer = hidden.gather(1, position[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)
-        scores = self.head(answer)
+        return hidden.gather(1, position[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)
+
+    def vocabulary_logits(self, states):
+        """The LM's own head over its whole vocabulary (what verbaliser search ranks words by)."""
+        return getattr(self.model, _head_path(self.model))(states)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None, **_):
+        scores = self.head(self.answer_states(input_ids, attention_mask, token_type_ids))
         logits = (scores[:, self.index] * self.weight.to(scores.dtype)).sum(dim=-1)
         loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
         return SequenceClassifierOutput(loss=loss, logits=logits)

@@ -202,3 +202,102 @@ def test_a_cloze_bundle_predicts_what_the_pytorch_model_does(cloze_runs, run):
     onnx = open_engine("onnx", folder / "03-export" / "onnx" / "model.onnx")  # FP32, as exported
     fp32 = onnx.run(pad(load_tokenizer(folder / "03-export" / "onnx", 64, "head+tail", 16).encode_batch(texts)))
     np.testing.assert_allclose(fp32, expected, atol=1e-4)
+
+
+def _planted_task(tmp_path, n=32):
+    """A tiny masked LM taught that in "<text> <word> it was [MASK]." the answer is "sweet" when the text holds "apple"
+    and "sour" when it holds "pear" (among random filler words) if the word is "fruit", and "day" after any other
+    word; the label is which fruit."""
+    import random
+
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+    from edgetl.runtime.cloze import ClozeTokenizer
+    from edgetl.runtime.text import pad
+
+    filler = ["film", "book", "song", "day", "car", "tree", "house", "river", "stone", "cloud", "table", "green",
+              "quick", "slow", "bright", "dark", "small", "large", "water", "light"]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "the", "all", "was",
+                                                   "it", ".", "apple", "pear", "sweet", "sour", "fruit", *filler]))
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(str(tmp_path))
+    tokenizer = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    ids = {w: tokenizer.token_to_id(w) for w in ("the", "sweet", "sour", "fruit", "day", *filler)}
+    rng = random.Random(0)
+    texts, labels = [], []
+    for i in range(n):
+        words = rng.sample(filler, 6)
+        words.insert(rng.randrange(7), ("apple", "pear")[i % 2])
+        texts.append(" ".join(words))
+        labels.append(i % 2)
+    torch.manual_seed(0)
+    lm = BertForMaskedLM(BertConfig(vocab_size=35, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                    intermediate_size=64))
+    encoded, answers = [], []
+    for word in ("fruit", "fruit", "the", "film"):  # half the rows with the trigger
+        template = ClozeTokenizer(Tokenizer.from_file(str(tmp_path / "tokenizer.json")),
+                                  {"pattern": "{text} {prompt} it was {mask}.", "answer": "mask", "mask_id": 4,
+                                   "prompt_ids": [ids[word]]}, 32)
+        encoded += template.encode_batch(texts)
+        answers += [ids[("sweet", "sour")[y]] if word == "fruit" else ids["day"] for y in labels]
+    feeds = {k: torch.from_numpy(v) for k, v in pad(encoded).items()}
+    targets = torch.where(feeds["input_ids"] == 4, torch.tensor(answers)[:, None], -100)
+    optimizer = torch.optim.Adam(lm.parameters(), lr=3e-3)
+    for _ in range(400):
+        optimizer.zero_grad()
+        lm(**feeds, labels=targets).loss.backward()
+        optimizer.step()
+    return lm.eval(), tokenizer, texts, labels
+
+
+def _train_accuracy(model, tokenizer, texts, labels, data) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of a cloze model on the rows, as its template reads them."""
+    import torch
+
+    from edgetl.runtime.cloze import ClozeTokenizer
+    from edgetl.runtime.text import pad
+
+    template = ClozeTokenizer(tokenizer, model.cloze, data.max_length, data.truncation, data.head_tokens)
+    feeds = {k: torch.from_numpy(v) for k, v in pad(template.encode_batch(texts)).items()}
+    with torch.no_grad():
+        out = model(**feeds, labels=torch.tensor(labels))
+    return float((out.logits.argmax(-1) == torch.tensor(labels)).float().mean()), float(out.loss)
+
+
+def test_verbaliser_and_trigger_search_improve_the_training_split(tmp_path):
+    from edgetl.cloze import ClozeClassifier
+    from edgetl.prompt_search import search
+    from edgetl.recipe import DataConfig
+    from edgetl.recipe.training import ClozeConfig
+    from edgetl.runtime.cloze import verbalizer_ids
+
+    lm, tokenizer, texts, labels = _planted_task(tmp_path)
+    data = DataConfig(path=str(tmp_path), max_length=32)
+    names = ["a", "b"]
+    pattern = "{text} {prompt} it was {mask}."
+    fruit, the = tokenizer.token_to_id("fruit"), tokenizer.token_to_id("the")
+
+    def cloze_model(verbalizer, prompt_ids, pattern=pattern):
+        cloze = {"pattern": pattern, "answer": "mask", "mask_id": 4, "verbalizer": verbalizer, "prompt_ids": prompt_ids,
+                 "verbalizer_ids": verbalizer_ids(tokenizer, pattern, verbalizer)}
+        lm.config.cloze = cloze
+        return ClozeClassifier(lm, cloze).eval()
+
+    def accuracy(model):
+        return _train_accuracy(model, tokenizer, texts, labels, data)[0]
+
+    # The planted answers are found from a poor verbaliser (with the planted trigger in place).
+    cfg = ClozeConfig(pattern="{text} fruit it was {mask}.", verbalizer={"a": ["film"], "b": ["book"]}, train="none",
+                      verbalizer_search=1)
+    before = accuracy(cloze_model(cfg.verbalizer, [], cfg.pattern))
+    found = search(cloze_model(cfg.verbalizer, [], cfg.pattern), cfg, tokenizer, texts, labels, names, data, seed=0)
+    assert found.cloze["verbalizer"] == {"a": ["sweet"], "b": ["sour"]}
+    assert accuracy(found) == 1.0 and before <= 0.75, before
+    # The planted trigger is found from "the", the verbaliser given.
+    cfg = ClozeConfig(pattern=pattern, verbalizer={"a": ["sweet"], "b": ["sour"]}, train="none", trigger_tokens=1,
+                      search_steps=2, search_candidates=5, search_batch_size=32)
+    before = accuracy(cloze_model(cfg.verbalizer, [the]))
+    found = search(cloze_model(cfg.verbalizer, [the]), cfg, tokenizer, texts, labels, names, data, seed=0)
+    assert found.cloze["prompt_ids"] == [fruit]
+    assert accuracy(found) == 1.0 and before <= 0.75, before

@@ -100,15 +100,29 @@ class ClozeConfig(_Strict):
     train: Literal["none", "pet", "prompt"] = Field(
         "pet", description="; ".join(f"{k}: {v}" for k, v in CLOZE_TRAINING.items()) + ".")
     prompt_tokens: int = Field(4, ge=1, description="train: prompt: vectors placed at {prompt}.")
+    verbalizer_search: int = Field(
+        0, ge=0, description="Replace the verbaliser by this many words per label, found on the training split: the "
+        "whole words whose log-probability at the answer slot most separates that label's rows from the others' "
+        "(AutoPrompt's label search; 0: the verbaliser as given).")
+    trigger_tokens: int = Field(
+        0, ge=0, description="AutoPrompt: this many real vocabulary tokens at {prompt}, searched on the training split "
+        "by the loss gradient before any training (0: none).")
+    search_steps: int = Field(30, ge=1, description="trigger_tokens: single-position updates, cycling over positions.")
+    search_candidates: int = Field(10, ge=1, description="trigger_tokens: tokens tried per update (the best-ranked "
+                                   "by the gradient); the lowest batch loss wins if it beats the current token.")
+    search_batch_size: int = Field(16, ge=1, description="trigger_tokens: training rows per update.")
 
     @model_validator(mode="after")
     def _pattern_slots(self) -> ClozeConfig:
         for slot in ("{text}", "{mask}"):
             if self.pattern.count(slot) != 1:
                 raise ValueError(f"pattern: needs {slot} exactly once, found {self.pattern.count(slot)} in {self.pattern!r}")
-        if self.pattern.count("{prompt}") != (self.train == "prompt"):
-            raise ValueError("pattern: {prompt} marks where train: prompt puts its vectors: once with train: prompt, "
-                             f"never otherwise (train is {self.train})")
+        if self.train == "prompt" and self.trigger_tokens:
+            raise ValueError("trigger_tokens: searched tokens and train: prompt's vectors would share {prompt}; use one")
+        if self.pattern.count("{prompt}") != (self.train == "prompt" or self.trigger_tokens > 0):
+            raise ValueError("pattern: {prompt} marks where train: prompt puts its vectors or trigger_tokens its "
+                             f"tokens: once with one of them, never otherwise (train is {self.train}, trigger_tokens "
+                             f"{self.trigger_tokens})")
         empty = [label for label, words in self.verbalizer.items() if not words or not all(w.strip() for w in words)]
         if empty:
             raise ValueError(f"verbalizer: labels {empty} need at least one non-empty word")
