@@ -1,5 +1,6 @@
-"""Few-shot prompt learning: cloze questions (zero-shot, PET, P-tuning, AutoPrompt search) beside head fine-tuning,
-LoRA and soft prompts, for the encoder (MiniLM-L6) and the decoder (SmolLM2-135M), on k labelled reviews of one Amazon domain.
+"""Few-shot learning on k labelled reviews of one Amazon domain: cloze questions (zero-shot, PET, P-tuning, AutoPrompt
+search) and a meta-learned initialisation (Reptile over SST-2 and the other domains), beside head fine-tuning, LoRA
+and soft prompts, for the encoder (MiniLM-L6) and the decoder (SmolLM2-135M).
 
     python benchmarks/prompts.py [--target electronics] [--k 16 64] [--seeds 1 2 3] [--arms NAME ...]
 
@@ -23,6 +24,8 @@ import yaml
 
 from domain_adaptation import FEWSHOT_LR, REPO, accuracies, run, summarize
 
+AMAZON_DOMAINS = ("books", "dvd", "electronics", "kitchen")  # edgetl.corpora's; the meta arm learns from the others
+
 PTUNING = ["stages.finetune.cloze.train=prompt", "stages.finetune.learning_rate=0.01",
            "stages.finetune.cloze.pattern='{text} {prompt} All in all, it was {mask}.'"]
 AUTOPROMPT = ["stages.finetune.cloze.train=none", "stages.finetune.cloze.verbalizer_search=1",
@@ -34,7 +37,8 @@ DECODER_AUTOPROMPT = [o.replace("All in all, it was {mask}.", "All in all, it wa
     "stages.finetune.cloze.search_batch_size=8"]
 DECODER_HEAD = ["stages.finetune.method=lora", "stages.finetune.cloze=null", "stages.finetune.pooling=cls",
                 "stages.finetune.lora_modules=[q_proj,k_proj,v_proj,o_proj]", "stages.finetune.learning_rate=0.0005"]
-# name -> (model, recipe, stages kept (None: all), overrides, depends on k and seed). Order = run order.
+# name -> (model, recipe, stages kept (None: all), overrides (or a function of the target giving them), depends on
+# k and seed). Order = run order.
 ARMS = {
     "head fine-tuning (full)": ("MiniLM-L6", "amazon-electronics-fewshot", ["finetune", "evaluate"], [], True),
     "LoRA": ("MiniLM-L6", "amazon-electronics-fewshot", ["finetune", "evaluate"],
@@ -48,6 +52,8 @@ ARMS = {
     "cloze P-tuning": ("MiniLM-L6", "amazon-electronics-cloze", ["adapt", "finetune", "evaluate"], PTUNING, True),
     "cloze AutoPrompt (searched words and triggers, LM frozen)": (
         "MiniLM-L6", "amazon-electronics-cloze", ["adapt", "finetune", "evaluate"], AUTOPROMPT, True),
+    "meta (Reptile) + head fine-tuning": ("MiniLM-L6", "amazon-electronics-meta", None, lambda target: [
+        f"stages.meta.sources=[{','.join(['sst2', *(d for d in AMAZON_DOMAINS if d != target)])}]"], True),
     "decoder cloze zero-shot": ("SmolLM2-135M", "smollm2-electronics-cloze", ["finetune", "evaluate"],
                                 ["stages.finetune.cloze.train=none"], False),
     "decoder cloze PET": ("SmolLM2-135M", "smollm2-electronics-cloze", ["finetune", "evaluate"], [], True),
@@ -83,7 +89,8 @@ def experiment(target: str, ks: list[int], seeds: list[int], arms: list[str], ru
                     continue
                 tag = f"{recipe}-{name.split(' (')[0].replace(' ', '-')}-k{k}-s{seed}" if seeded else f"{recipe}-zero-shot"
                 common = [f"data.target={target}", f"data.max_train_samples={k}", f"stages.finetune.seed={seed}"]
-                folder = run(variant(recipe, keep, runs), runs / tag, [*common, *overrides])
+                extra = overrides(target) if callable(overrides) else overrides
+                folder = run(variant(recipe, keep, runs), runs / tag, [*common, *extra])
                 for key, value in accuracies(folder).items():
                     rows.append({"part": f"k={k}" if seeded else "zero-shot", "method": name, "model": f"{model} {key}",
                                  "seed": seed, "accuracy": value})

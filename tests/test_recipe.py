@@ -113,7 +113,7 @@ def test_overrides_get_the_same_errors_as_the_file():
 
 def test_unknown_stage(tmp_path):
     path = write_recipe(tmp_path, stages=[{"stage": "finetune"}, {"stage": "sparsify", "amount": 0.5}])
-    with pytest.raises(RecipeError, match=r"stages\[1\] \(sparsify\): unknown stage 'sparsify'; known stages: pretrained, adapt, augment, finetune"):
+    with pytest.raises(RecipeError, match=r"stages\[1\] \(sparsify\): unknown stage 'sparsify'; known stages: pretrained, adapt, augment, meta, finetune"):
         load_recipe(str(path))
 
 

@@ -17,6 +17,7 @@ from edgetl.recipe.training import (
     AugmentStage,
     DomainAdversarialConfig,
     FinetuneStage,
+    MetaStage,
     PretrainedStage,
     SelfTrainStage,
 )
@@ -24,7 +25,7 @@ from edgetl.recipe.training import (
 __all__ = [
     "RECIPES_DIR", "STAGE_CLASSES", "STAGE_NAMES", "AdaptStage", "AugmentStage", "Backend", "BenchConfig",
     "BenchmarkStage", "BundleStage", "DataConfig", "Declared", "DistillStage", "DistillationConfig",
-    "DomainAdversarialConfig", "EvaluateStage", "ExportStage", "FinetuneStage", "PretrainedStage", "PruneStage", "QATConfig",
+    "DomainAdversarialConfig", "EvaluateStage", "ExportStage", "FinetuneStage", "MetaStage", "PretrainedStage", "PruneStage", "QATConfig",
     "QuantizeStage", "Recipe", "SelfTrainStage", "StageConfig", "TaskName", "TrainingConfig", "apply_override",
     "find_recipe", "load_recipe", "resolved_dict",
 ]

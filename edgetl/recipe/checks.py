@@ -10,7 +10,7 @@ from edgetl.corpora import KNOWN_DATASETS, target_files
 from edgetl.recipe.compression import DistillStage, ExportStage, PruneStage, QuantizeStage
 from edgetl.recipe.measure import BenchmarkStage, BundleStage, EvaluateStage
 from edgetl.recipe.schema import Recipe
-from edgetl.recipe.training import AdaptStage, AugmentStage, FinetuneStage, PretrainedStage, SelfTrainStage
+from edgetl.recipe.training import AdaptStage, AugmentStage, FinetuneStage, MetaStage, PretrainedStage, SelfTrainStage
 from edgetl.tasks import OPTIONS, task_for
 
 
@@ -21,9 +21,13 @@ def check_target(recipe: Recipe) -> list[str]:
             missing = [str(f) for f in target_files(recipe.data.target) if not f.is_file()]
         except Exception as exc:  # DataError naming the field
             return [str(exc)]
-        return [f"data.target: {', '.join(missing)} not found"] if missing else []
+        meta = [_source_problems(s, f"stages[{i}] (meta).sources", recipe.data.target)
+                for i, s in enumerate(recipe.stages) if isinstance(s, MetaStage)]
+        return ([f"data.target: {', '.join(missing)} not found"] if missing else []) + [p for ps in meta for p in ps]
     problems = []
     for index, stage in enumerate(recipe.stages):
+        if isinstance(stage, MetaStage):
+            problems += _source_problems(stage, f"stages[{index}] (meta).sources", recipe.data.target)
         if isinstance(stage, AdaptStage) and stage.text == "target":
             problems.append(f"stages[{index}] (adapt).text: 'target' needs data.target (a domain or folder)")
         if isinstance(stage, FinetuneStage) and stage.domain_adversarial is not None:
@@ -31,6 +35,24 @@ def check_target(recipe: Recipe) -> list[str]:
                             "the unlabelled target domain")
         if isinstance(stage, SelfTrainStage):
             problems.append(f"stages[{index}] (self_train): needs data.target, whose texts it pseudo-labels")
+    return problems
+
+
+def _source_problems(stage: MetaStage, where: str, target: str | None) -> list[str]:
+    """A meta stage's sources exist and are not the target domain (whose dev split is the test set)."""
+    problems = []
+    for source in stage.sources:
+        if source == "sst2":
+            continue
+        try:
+            train = target_files(source)[0]
+        except Exception as exc:  # DataError naming what a source may be
+            problems.append(f"{where}: {exc}".replace("data.target: ", ""))
+            continue
+        if not train.is_file():
+            problems.append(f"{where}: '{source}': {train} not found")
+        if target and Path(target_files(target)[0]).resolve() == Path(train).resolve():
+            problems.append(f"{where}: '{source}' is data.target; meta-learning must not see the target's labels")
     return problems
 
 
@@ -79,16 +101,21 @@ def check_chain(stages: list) -> list[str]:
     problems: list[str] = []
     pytorch_model = False
     adapted = False
-    prompt_tuned = cloze = None
+    prompt_tuned = cloze = meta = None
     exported: set[str] = set()
     quantized: set[str] = set()
     seen: set[str] = set()
     for index, stage in enumerate(stages):
         where = f"stages[{index}] ({stage.stage})"
-        if isinstance(stage, (AdaptStage, AugmentStage)) and pytorch_model:
+        if isinstance(stage, (AdaptStage, AugmentStage, MetaStage)) and pytorch_model:
             problems.append(f"{where}: {stage.stage} feeds fine-tuning; move it before the finetune stage")
         if isinstance(stage, AdaptStage):
             adapted = True
+        if isinstance(stage, MetaStage):
+            meta = where
+        if isinstance(stage, FinetuneStage) and stage.method == "cloze" and meta is not None:
+            problems.append(f"{where}: method cloze answers with a language-model head, and {meta} (meta) leaves a "
+                            "classifier without one; put meta before a finetune with method full or lora")
         if isinstance(stage, AugmentStage) and "contextual" in stage.operations and not (adapted or stage.mlm_model):
             problems.append(f"{where}.operations: 'contextual' needs a masked language model: add an adapt stage "
                             "before it or set mlm_model")

@@ -10,18 +10,18 @@ from edgetl.recipe.base import Declared, TaskName, _Strict
 from edgetl.recipe.compression import DistillStage, ExportStage, PruneStage, QuantizeStage
 from edgetl.recipe.data import DataConfig
 from edgetl.recipe.measure import BenchConfig, BenchmarkStage, BundleStage, EvaluateStage
-from edgetl.recipe.training import AdaptStage, AugmentStage, FinetuneStage, PretrainedStage, SelfTrainStage
+from edgetl.recipe.training import AdaptStage, AugmentStage, FinetuneStage, MetaStage, PretrainedStage, SelfTrainStage
 from edgetl.tasks import DEFAULT_TASK, TASKS
 
 
 StageConfig = Annotated[
-    PretrainedStage | AdaptStage | AugmentStage | FinetuneStage | SelfTrainStage | DistillStage | PruneStage | ExportStage | QuantizeStage
+    PretrainedStage | AdaptStage | AugmentStage | MetaStage | FinetuneStage | SelfTrainStage | DistillStage | PruneStage | ExportStage | QuantizeStage
     | EvaluateStage | BenchmarkStage | BundleStage,
     Field(discriminator="stage"),
 ]
 STAGE_CLASSES: dict[str, type[Declared]] = {
     cls.model_fields["stage"].annotation.__args__[0]: cls
-    for cls in (PretrainedStage, AdaptStage, AugmentStage, FinetuneStage, SelfTrainStage, DistillStage, PruneStage, ExportStage,
+    for cls in (PretrainedStage, AdaptStage, AugmentStage, MetaStage, FinetuneStage, SelfTrainStage, DistillStage, PruneStage, ExportStage,
                 QuantizeStage, EvaluateStage, BenchmarkStage, BundleStage)
 }
 STAGE_NAMES = tuple(STAGE_CLASSES)

@@ -176,6 +176,32 @@ class FinetuneStage(TrainingConfig, Declared):
         return self
 
 
+class MetaStage(_Strict, Declared):
+    """Meta-learning an initialisation that adapts fast to a new domain (Reptile, Nichol et al. 2018): episodes of a
+    few training steps on one labelled source at a time; after each, the shared weights move part of the way
+    towards the adapted ones. The finetune stage then adapts the result to the recipe's own labelled rows."""
+
+    takes: ClassVar[tuple[str, ...]] = ("encoder",)
+    reads: ClassVar[frozenset[str]] = frozenset({"model", "data"})
+
+    stage: Literal["meta"]
+    sources: list[str] = Field(min_length=1, description="Labelled source tasks, one episode at a time, in turn: "
+                               "'sst2', an Amazon domain (books, dvd, electronics, kitchen) or a folder with "
+                               "train.jsonl rows {text, label}; never data.target, whose labels the test split holds.")
+    steps: int = Field(100, ge=1, description="Episodes (meta-updates).")
+    inner_steps: int = Field(4, ge=1, description="Training steps per episode, on one source.")
+    batch_size: int = Field(16, ge=1, description="Rows per inner step.")
+    learning_rate: float = Field(5e-5, gt=0, lt=1, description="Inner AdamW learning rate (a fresh optimizer per episode).")
+    meta_learning_rate: float = Field(0.5, gt=0, le=1, description="Outer step: the share of the way towards the "
+                                      "adapted weights, decaying linearly to 0 over the episodes.")
+    max_length: int = Field(128, ge=8, description="Tokens per source row (cut as data.truncation says).")
+    max_rows_per_source: int = Field(2000, ge=1, description="Rows read from each source (a fixed shuffle).")
+    pooling: Literal["cls", "mean"] = Field("mean", description="The classifier's pooling, as finetune's.")
+    checkpoint_steps: int = Field(20, ge=1, description="Save the meta-weights every this many episodes; a rerun "
+                                  "resumes from the last save.")
+    seed: int = 42
+
+
 class SelfTrainStage(TrainingConfig, Declared):
     """Self-training on the unlabelled target domain: pseudo-label its texts, keep the surest, train on them
     with labelled rows mixed in; repeat."""

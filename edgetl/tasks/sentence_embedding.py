@@ -112,6 +112,8 @@ TASK = Task(
                    "checkpoint pools",
         "lora": "LoRA belongs to the finetune stage",
         "prompt-tuning": "prompt tuning belongs to the finetune stage",
+        "meta": "meta-learning's episodes are labelled texts of text-classification sources",
+        "cloze": "a cloze question belongs to the finetune stage",
         "domain_adversarial": "domain-adversarial training belongs to the finetune stage",
         "rdrop_alpha": "R-Drop belongs to the finetune stage",
         "qat": f"quantization-aware training {_NEEDS_LABELS}",

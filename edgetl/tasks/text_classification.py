@@ -9,7 +9,7 @@ from __future__ import annotations
 from edgetl.inputs import head_tail
 from edgetl.tasks import WEIGHTS_ONLY_FOR_DECODERS, OPTIONS, Task
 
-STAGES = frozenset({"adapt", "augment", "finetune", "self_train", "distill", "prune", "export", "quantize", "evaluate",
+STAGES = frozenset({"adapt", "augment", "meta", "finetune", "self_train", "distill", "prune", "export", "quantize", "evaluate",
                     "benchmark", "bundle"})
 
 

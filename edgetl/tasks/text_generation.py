@@ -119,7 +119,7 @@ TASK = Task(
         "self_train": _NOT_A_CLASSIFIER, "qat": _NOT_A_CLASSIFIER,
         "distill": _STRUCTURE, "prune": _STRUCTURE, "student": _STRUCTURE,
         "pooling": "a language model pools nothing",
-        "prompt-tuning": _LM_ONLY, "domain_adversarial": _LM_ONLY, "rdrop_alpha": _LM_ONLY,
+        "prompt-tuning": _LM_ONLY, "cloze": _LM_ONLY, "meta": _LM_ONLY, "domain_adversarial": _LM_ONLY, "rdrop_alpha": _LM_ONLY,
         "ptq": "static and dynamic INT8 calibrate activations of a graph without a KV cache; a decoder gets "
                "weight-only INT8/INT4 (quantize.method: weights)",
         "max_accuracy_drop": "accuracy control measures a drop in accuracy; a decoder's weight-only INT8/INT4 is "

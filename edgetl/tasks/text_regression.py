@@ -107,6 +107,8 @@ TASK = Task(
         "prune": f"prune {_CLASSIFICATION_ONLY}: its recovery distillation reads a distribution over labels",
         "lora": "LoRA is tested on text-classification only",
         "prompt-tuning": "prompt tuning is tested on text-classification only",
+        "meta": "meta-learning's episodes are labelled texts of text-classification sources",
+        "cloze": "a cloze question's verbaliser scores one label per text: text-classification only",
         "domain_adversarial": "domain-adversarial training is tested on text-classification only",
         "rdrop_alpha": "R-Drop's consistency loss compares label distributions; a score has none",
         "qat": "quantization-aware training distils one distribution over labels per text",

@@ -142,6 +142,8 @@ TASK = Task(
         "pooling": "every token gets its own label, so no pooled vector feeds the head: leave pooling out",
         "lora": "edgetl's LoRA wraps sequence-classification heads (peft TaskType.SEQ_CLS)",
         "prompt-tuning": "a soft prompt is tuned for sequence-classification heads (peft TaskType.SEQ_CLS)",
+        "meta": "meta-learning's episodes are labelled texts of text-classification sources",
+        "cloze": "a cloze question's verbaliser scores one label per text: text-classification only",
         "domain_adversarial": "its domain classifier reads one pooled vector per text",
         "rdrop_alpha": "R-Drop's consistency loss compares one label distribution per text",
         "qat": "quantization-aware training distils one distribution over labels per text",
