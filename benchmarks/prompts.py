@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -126,7 +127,7 @@ def main() -> int:
     runs, out = Path(args.runs) / args.target, Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = describe(machine_info())
-    command = "python benchmarks/prompts.py " + " ".join(sys.argv[1:])
+    command = "python benchmarks/prompts.py " + shlex.join(sys.argv[1:])
 
     def save(rows, final=False):
         table = summarize(rows)

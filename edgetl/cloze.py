@@ -17,7 +17,6 @@ input embeddings they may be tied to.
 from __future__ import annotations
 
 import copy
-import logging
 from pathlib import Path
 
 import torch
@@ -27,7 +26,6 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from edgetl.errors import ArchitectureError
 
-log = logging.getLogger("edgetl")
 HEAD_FILE = "cloze_head.safetensors"
 
 
@@ -175,7 +173,7 @@ def new_cloze(source: str, cfg, labels: list[str], masked: bool, tokenizer, seed
     classifier = ClozeClassifier(model, cloze)
     if cfg.train == "prompt":  # P-tuning: the prompt vectors alone
         for name, parameter in classifier.named_parameters():
-            parameter.requires_grad = name.endswith("embeddings.prompt") or name.endswith(".prompt")
+            parameter.requires_grad = name.endswith(".prompt")
     return classifier
 
 
