@@ -19,7 +19,7 @@ def _classifier_and_batches(tiny_model, texts):
     model, tokenizer = new_classifier(str(tiny_model), ["negative", "positive"], "mean")
     collate = DataCollatorWithPadding(tokenizer)
     rows = [dict(tokenizer(t, truncation=True, max_length=32), labels=i % 2) for i, t in enumerate(texts)]
-    return model, [collate(rows[i : i + 8]) for i in range(0, len(rows), 8)]
+    return model, tokenizer, [collate(rows[i : i + 8]) for i in range(0, len(rows), 8)]
 
 
 def test_the_inner_loop_leaves_the_meta_weights_untouched(tiny_model, dev_texts):
@@ -27,7 +27,7 @@ def test_the_inner_loop_leaves_the_meta_weights_untouched(tiny_model, dev_texts)
 
     from edgetl.stages.meta import inner_adapt, outer_step
 
-    model, batches = _classifier_and_batches(tiny_model, list(dev_texts[:24]))
+    model, _, batches = _classifier_and_batches(tiny_model, list(dev_texts[:24]))
     meta = {k: v.detach().clone() for k, v in model.state_dict().items()}
     before = {k: v.clone() for k, v in meta.items()}
     adapted, losses = inner_adapt(model, meta, batches, learning_rate=1e-2)
@@ -80,3 +80,24 @@ def test_finetune_adapts_the_meta_learned_classifier(tiny_runs):
     start, end = (load_file(str(run / stage / "model.safetensors"))["classifier.weight"]
                   for stage in ("01-meta", "02-finetune"))
     assert (end - start).abs().max() < 0.1 * start.abs().max()
+
+
+def test_a_rerun_resumes_from_the_saved_meta_weights(tiny_model, dev_texts, tmp_path):
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    from edgetl.recipe import MetaStage
+    from edgetl.stages.meta import CHECKPOINT, reptile
+
+    model, tokenizer, _ = _classifier_and_batches(tiny_model, [])
+    rows = {"a": [dict(tokenizer(t, truncation=True, max_length=32), labels=i % 2) for i, t in enumerate(dev_texts[:16])],
+            "b": [dict(tokenizer(t, truncation=True, max_length=32), labels=1 - i % 2) for i, t in enumerate(dev_texts[16:32])]}
+    cfg = MetaStage(stage="meta", sources=["sst2"], steps=4, inner_steps=1, batch_size=4, learning_rate=1e-2,
+                    checkpoint_steps=2)
+    first = reptile(model, rows, DataCollatorWithPadding(tokenizer), cfg, tmp_path)
+    assert torch.load(tmp_path / CHECKPOINT, weights_only=False)["step"] == 4
+    learnt = {k: v.clone() for k, v in model.state_dict().items()}
+    fresh = _classifier_and_batches(tiny_model, [])[0]
+    again = reptile(fresh, rows, DataCollatorWithPadding(tokenizer), cfg, tmp_path)  # nothing left to do
+    assert again == first
+    assert all(torch.equal(v, learnt[k]) for k, v in fresh.state_dict().items())
