@@ -301,3 +301,13 @@ def test_verbaliser_and_trigger_search_improve_the_training_split(tmp_path):
     found = search(cloze_model(cfg.verbalizer, [the]), cfg, tokenizer, texts, labels, names, data, seed=0)
     assert found.cloze["prompt_ids"] == [fruit]
     assert accuracy(found) == 1.0 and before <= 0.75, before
+
+
+def test_weight_only_int8_is_for_a_decoder_classifier(tiny_model, tiny_llama):
+    def recipe(model):
+        return load_recipe("smollm2-electronics-cloze", [f"model={model}", "stages.quantize.method=weights",
+                                                          "stages.quantize.bits=8"])
+
+    assert recipe(tiny_llama).stages[2].method == "weights"
+    with pytest.raises(RecipeError, match=r"stages\[2\] \(quantize\).method: bert is no decoder: weight-only"):
+        recipe(tiny_model)

@@ -46,8 +46,8 @@ def test_every_task_supports_or_gives_a_reason_for_every_stage_and_option(name):
 
 def test_text_classification_supports_every_stage_and_option_but_taking_a_headless_checkpoint_as_is():
     task = TASKS["text-classification"]
-    assert task.stages == set(STAGE_NAMES) - {"pretrained"} and task.options == set(OPTIONS) - {"weights"}
-    assert sorted(task.reasons) == ["pretrained", "weights"]
+    assert task.stages == set(STAGE_NAMES) - {"pretrained"} and task.options == set(OPTIONS)
+    assert sorted(task.reasons) == ["pretrained"]
 
 
 # --- how rows become model inputs, and metrics ---------------------------------------------------------------------

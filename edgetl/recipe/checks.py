@@ -11,7 +11,7 @@ from edgetl.recipe.compression import DistillStage, ExportStage, PruneStage, Qua
 from edgetl.recipe.measure import BenchmarkStage, BundleStage, EvaluateStage
 from edgetl.recipe.schema import Recipe
 from edgetl.recipe.training import AdaptStage, AugmentStage, FinetuneStage, MetaStage, PretrainedStage, SelfTrainStage
-from edgetl.tasks import OPTIONS, task_for
+from edgetl.tasks import OPTIONS, WEIGHTS_ONLY_FOR_DECODERS, task_for
 
 
 def check_target(recipe: Recipe) -> list[str]:
@@ -207,6 +207,9 @@ def check_architecture(recipe: Recipe) -> list[str]:
     model_type, problems = model_type_of(folder), []
     for index, stage in enumerate(recipe.stages):
         where = f"stages[{index}] ({stage.stage})"
+        if isinstance(stage, QuantizeStage) and stage.method == "weights" and (
+                model_type not in ADAPTERS or adapter_for(model_type).family != "decoder"):
+            problems.append(f"{where}.method: {model_type} is no decoder: {WEIGHTS_ONLY_FOR_DECODERS}")
         for operation in _operations(stage):
             if model_type not in ADAPTERS and operation == "openvino":
                 continue  # conversion needs no module paths: an architecture without an adapter may still convert

@@ -32,7 +32,7 @@ OPTIONS = {
     "max_accuracy_drop": ("quantize", "max_accuracy_drop"),
     "student": ("distill", "student"),
 }
-WEIGHTS_ONLY_FOR_DECODERS = ("weight-only INT8/INT4 is wired and measured for decoders (text-generation), whose "
+WEIGHTS_ONLY_FOR_DECODERS = ("weight-only INT8/INT4 is wired and measured for decoders (generation or a decoder's classifier), whose "
                              "batch-1 decoding is bound by reading weights; an encoder gets static or dynamic INT8")
 # Task.distillation values -> what the student learns from the teacher (edgetl.distillation reads them).
 DISTILLATION = {

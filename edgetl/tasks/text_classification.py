@@ -7,7 +7,7 @@ The head is edgetl's mean-pooled classifier (``finetune.pooling: mean``, the def
 from __future__ import annotations
 
 from edgetl.inputs import head_tail
-from edgetl.tasks import WEIGHTS_ONLY_FOR_DECODERS, OPTIONS, Task
+from edgetl.tasks import OPTIONS, Task
 
 STAGES = frozenset({"adapt", "augment", "meta", "finetune", "self_train", "distill", "prune", "export", "quantize", "evaluate",
                     "benchmark", "bundle"})
@@ -129,9 +129,8 @@ TASK = Task(
     columns={"text_field": "text", "text_pair_field": "text_pair", "label_field": "label"},
     pooling="mean",
     stages=STAGES,
-    options=frozenset(OPTIONS) - {"weights"},
-    reasons={"weights": WEIGHTS_ONLY_FOR_DECODERS,
-             "pretrained": "a pretrained checkpoint has no trained head for this task: finetune it"},
+    options=frozenset(OPTIONS),  # quantize.method weights: a decoder's classifier only (checked by architecture)
+    reasons={"pretrained": "a pretrained checkpoint has no trained head for this task: finetune it"},
     head_config=head_config,
     labels_of=labels_of,
     row_problem=row_problem,
