@@ -113,7 +113,7 @@ TASK = Task(
         "lora": "LoRA belongs to the finetune stage",
         "prompt-tuning": "prompt tuning belongs to the finetune stage",
         "meta": "meta-learning's episodes are labelled texts of text-classification sources",
-        "cloze": "a cloze question belongs to the finetune stage",
+        "cloze": "a cloze question's verbaliser scores one label per text: text-classification only",
         "domain_adversarial": "domain-adversarial training belongs to the finetune stage",
         "rdrop_alpha": "R-Drop belongs to the finetune stage",
         "qat": f"quantization-aware training {_NEEDS_LABELS}",
