@@ -46,7 +46,7 @@ def inner_adapt(model, meta: dict, batches: list[dict], learning_rate: float) ->
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return {k: v.detach() for k, v in model.state_dict().items()}, losses
 
 
