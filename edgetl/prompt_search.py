@@ -22,7 +22,7 @@ import torch
 
 from edgetl.architectures import adapter_for
 from edgetl.cloze import ClozeClassifier
-from edgetl.runtime.cloze import ClozeTokenizer, Encoded, verbalizer_ids
+from edgetl.runtime.cloze import ClozeTokenizer, Encoded, answer_space, verbalizer_ids
 from edgetl.runtime.text import pad
 
 log = logging.getLogger("edgetl")
@@ -30,7 +30,7 @@ log = logging.getLogger("edgetl")
 
 def word_ids(tokenizer, pattern: str) -> tuple[list[int], list[str]]:
     """The vocabulary's whole words of 3+ letters that are one token where the answer slot reads them, and the words."""
-    space = " " if pattern.split("{mask}")[0][-1:].isspace() else ""
+    space = answer_space(pattern)
     words = sorted({w.strip() for w in (tokenizer.decode([i]) for i in range(tokenizer.get_vocab_size()))
                     if w.strip().isalpha() and len(w.strip()) >= 3})
     encoded = tokenizer.encode_batch([space + w for w in words], add_special_tokens=False)

@@ -27,10 +27,15 @@ class Encoded:
         self.ids, self.attention_mask, self.type_ids = ids, [1] * len(ids), [0] * len(ids)
 
 
+def answer_space(pattern: str) -> str:
+    """What precedes an answer word in its token: the space before ``{mask}`` if the pattern has one (' great')."""
+    return " " if pattern.split("{mask}")[0][-1:].isspace() else ""
+
+
 def verbalizer_ids(tokenizer, pattern: str, verbalizer: dict[str, list[str]]) -> dict[str, list[int]]:
-    """Each label's word ids, a word read as the answer slot reads it (after a space if the pattern has one before
-    ``{mask}``). ``ValueError`` naming the word if it is not exactly one token."""
-    space = " " if pattern.split("{mask}")[0][-1:].isspace() else ""
+    """Each label's word ids, a word read as the answer slot reads it (``answer_space``). ``ValueError`` naming the
+    word if it is not exactly one token."""
+    space = answer_space(pattern)
     out = {}
     for label, words in verbalizer.items():
         out[label] = []

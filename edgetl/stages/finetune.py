@@ -102,15 +102,14 @@ def run_cloze(cfg: FinetuneStage, ctx, out_dir: Path, labels: list[str]) -> Stag
     tokenizer = AutoTokenizer.from_pretrained(source)
     adapter = adapter_for(model_type_of(Path(source)))
     model = cloze.new_cloze(source, cfg.cloze, labels, adapter.family == "encoder", tokenizer, cfg.seed)
+    fast = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())  # a copy: the cloze template turns its cutting off
     if cfg.cloze.verbalizer_search or cfg.cloze.trigger_tokens:
         from edgetl.data import load_labelled
         from edgetl.prompt_search import search
 
         train = load_labelled(data, task)[0]
-        model = search(model, cfg.cloze, Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()), train["text"],
-                       train["label"], labels, data, cfg.seed)
-    template = ClozeTokenizer(Tokenizer.from_str(tokenizer.backend_tokenizer.to_str()), model.cloze, data.max_length,
-                              data.truncation, data.head_tokens)
+        model = search(model, cfg.cloze, fast, train["text"], train["label"], labels, data, cfg.seed)
+    template = ClozeTokenizer(fast, model.cloze, data.max_length, data.truncation, data.head_tokens)
 
     def encode(batch, *_):
         ids = [e.ids for e in template.encode_batch(batch["text"])]
