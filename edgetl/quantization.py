@@ -200,36 +200,88 @@ def _quantize(source: Path, target: Path, method: str, feeds: list[dict], per_ch
 MATMUL_NBITS_ACCURACY_LEVEL = 4
 
 
-def compress_weights_onnx(source: Path, target: Path, bits: int, group_size: int) -> dict:
-    """Weight-only INT8/INT4 of every MatMul with a constant weight (the LM head included), symmetric, one scale per
-    ``group_size`` weights along the input dimension: ONNX Runtime's MatMulNBits quantizer, round to nearest."""
+def compress_weights_onnx(source: Path, target: Path, bits: int, group_size: int, feeds: list[dict] | None = None
+                          ) -> dict:
+    """Weight-only INT8/INT4 of every MatMul with a constant weight (the LM head included), one scale per
+    ``group_size`` weights along the input dimension. Without ``feeds``: ONNX Runtime's MatMulNBits quantizer,
+    symmetric, round to nearest. With ``feeds`` (the KV graph's inputs for calibration texts; INT4 only): NNCF's
+    AWQ and scale estimation, asymmetric, then the LM head (which NNCF leaves float) as the data-free INT8."""
     import logging
 
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=bits, block_size=group_size, is_symmetric=True,
+    model, settings = onnx.load(str(source)), {"bits": bits, "group_size": group_size}
+    if feeds:
+        model = _data_aware_int4(model, group_size, feeds)
+        bits, settings = 8, {**settings, **_data_aware_settings(feeds), "lm_head": "int8 sym (round to nearest)",
+                             "library": "nncf.compress_weights (ONNX), onnxruntime MatMulNBitsQuantizer (LM head)"}
+    else:
+        settings.update(symmetric=True, library="onnxruntime MatMulNBitsQuantizer (RTN)")
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=group_size, is_symmetric=True,
                                      accuracy_level=MATMUL_NBITS_ACCURACY_LEVEL)
     quantizer.process()
     quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
-    return {"bits": bits, "group_size": group_size, "symmetric": True,
-            "accuracy_level": MATMUL_NBITS_ACCURACY_LEVEL, "library": "onnxruntime MatMulNBitsQuantizer (RTN)"}
+    return {**settings, "accuracy_level": MATMUL_NBITS_ACCURACY_LEVEL}
 
 
-def compress_weights_openvino(source: Path, target: Path, bits: int, group_size: int) -> dict:
-    """Weight-only INT8 (asymmetric, per output channel) or INT4 (symmetric, one scale per ``group_size``) of every
-    MatMul and the embedding through ``nncf.compress_weights``; INT4 keeps NNCF's INT8 backup for the embedding and
-    the last MatMul (its default)."""
+def _data_aware_settings(feeds: list[dict]) -> dict:
+    return {"symmetric": False, "awq": True, "scale_estimation": True, "calibration_texts": len(feeds)}
+
+
+def _data_aware_int4(model, group_size: int, feeds: list[dict]):
+    """NNCF's INT4 (asymmetric, AWQ then scale estimation) of every MatMul but the LM head and the embedding,
+    which stay float (``BackupMode.NONE``: NNCF's INT8 backup for them is a DequantizeLinear of the whole matrix
+    at every call, 5x slower per token here), as MatMulNBits nodes at accuracy level 4."""
+    import nncf
+    import onnx
+    from onnx import numpy_helper
+
+    model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=group_size, ratio=1.0,
+                                  backup_mode=nncf.BackupMode.NONE, dataset=nncf.Dataset(feeds),
+                                  subset_size=len(feeds), awq=True, scale_estimation=True)
+    initializers = {tensor.name: tensor for tensor in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        level = next((a for a in node.attribute if a.name == "accuracy_level"), None)
+        if level is None:
+            node.attribute.append(onnx.helper.make_attribute("accuracy_level", MATMUL_NBITS_ACCURACY_LEVEL))
+        else:
+            level.i = MATMUL_NBITS_ACCURACY_LEVEL
+        zero_points = initializers[node.input[3]] if len(node.input) > 3 and node.input[3] else None
+        if zero_points is not None and len(zero_points.dims) == 2:
+            # nncf 3.4 writes one 4-bit zero point per byte, [N, blocks]; ONNX Runtime reads them packed two to a
+            # byte like the weights, [N * ceil(blocks / 2)], and refuses the model otherwise.
+            points = numpy_helper.to_array(zero_points)
+            points = np.pad(points, ((0, 0), (0, points.shape[1] % 2)))
+            packed = (points[:, 0::2] & 0xF) | ((points[:, 1::2] & 0xF) << 4)
+            zero_points.CopyFrom(numpy_helper.from_array(packed.astype(np.uint8).reshape(-1), zero_points.name))
+    return model
+
+
+def compress_weights_openvino(source: Path, target: Path, bits: int, group_size: int,
+                              feeds: list[dict] | None = None) -> dict:
+    """Weight-only INT8 (asymmetric, per output channel) or INT4 (one scale per ``group_size``) of every MatMul
+    and the embedding through ``nncf.compress_weights``; INT4 keeps NNCF's INT8 backup for the embedding and the
+    last MatMul (its default). Without ``feeds``: symmetric, data-free; with ``feeds`` (the KV graph's inputs for
+    calibration texts): asymmetric, AWQ then scale estimation."""
     import nncf
     import openvino as ov
 
     model = ov.Core().read_model(str(source))
     if bits == 8:
         compressed, settings = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM), {}
+    elif feeds:
+        compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_ASYM, group_size=group_size,
+                                           ratio=1.0, dataset=nncf.Dataset(feeds), subset_size=len(feeds), awq=True,
+                                           scale_estimation=True)
+        settings = {"group_size": group_size, **_data_aware_settings(feeds), "backup": "int8_asym"}
     else:
         compressed = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT4_SYM, group_size=group_size,
                                            ratio=1.0)
         settings = {"group_size": group_size, "symmetric": True, "backup": "int8_asym"}
     ov.save_model(compressed, str(target), compress_to_fp16=False)
-    return {"bits": bits, **settings, "library": "nncf.compress_weights (data-free)"}
+    library = "nncf.compress_weights" + (" (AWQ, scale estimation)" if feeds else " (data-free)")
+    return {"bits": bits, **settings, "library": library}

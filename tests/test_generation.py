@@ -72,6 +72,37 @@ def test_weight_only_int4_is_smaller_and_records_its_groups(decoder_run):
     assert any(node.op_type == "MatMulNBits" for node in graph.node)
 
 
+def test_calibrated_int4_runs_in_onnxruntime_as_close_to_fp32_as_rounding(decoder_run, tmp_path):
+    """algorithm awq: NNCF's INT4 with its zero points repacked for ONNX Runtime and the LM head in 8 bits. Its
+    logits stay as close to the FP32 export's as round-to-nearest INT4's do: zero points read in the wrong order
+    would move every group by several levels."""
+    import onnx
+
+    from edgetl.quantization import compress_weights_onnx
+    from edgetl.runtime.decoding import KVCacheDecoder
+    from edgetl.runtime.engines import open_engine
+    from edgetl.runtime.text import load_tokenizer
+
+    fp32 = decoder_run[1] / "02-export" / "onnx" / "model.onnx"
+    decoder = KVCacheDecoder(open_engine("onnx", fp32))
+    cuts = load_tokenizer(fp32.parent, 64).encode_batch(electronics_texts(Path(_data_path(decoder_run[1])))[:24])
+    feeds = [decoder.feeds(cut.ids) for cut in cuts]
+    settings = compress_weights_onnx(fp32, tmp_path / "awq.onnx", 4, 16, feeds[:16])
+    compress_weights_onnx(fp32, tmp_path / "rtn.onnx", 4, 16)
+    assert settings | {"awq": True, "scale_estimation": True, "symmetric": False, "calibration_texts": 16} == settings
+    nodes = [n for n in onnx.load(str(tmp_path / "awq.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    bits = sorted(next(a.i for a in n.attribute if a.name == "bits") for n in nodes)
+    assert bits[-1] == 8 and bits.count(8) == 1 and bits[0] == 4  # the LM head alone in 8 bits
+    assert all(next(a.i for a in n.attribute if a.name == "accuracy_level") == 4 for n in nodes)
+
+    def error(model: Path) -> float:
+        quantized = KVCacheDecoder(open_engine("onnx", model))
+        return float(np.mean([np.abs(quantized.forward(c.ids, quantized.empty_cache())[0]
+                                     - decoder.forward(c.ids, decoder.empty_cache())[0]).mean() for c in cuts[16:]]))
+
+    assert 0 < error(tmp_path / "awq.onnx") < 1.5 * error(tmp_path / "rtn.onnx")
+
+
 @pytest.fixture(scope="session")
 def fp32_bundle(decoder_run, tmp_path_factory) -> Path:
     """The run's bundle stage rerun over the FP32 export, so its generations can equal transformers'."""

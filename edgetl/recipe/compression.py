@@ -124,6 +124,10 @@ class QuantizeStage(_Strict, Declared):
     bits: Literal[4, 8] = Field(4, description="method weights: 8 (INT8) or 4 (INT4) bits per weight.")
     group_size: int = Field(32, ge=16, description="method weights: weights sharing one scale along the input "
                             "dimension (a power of two; OpenVINO's INT8 is per output channel instead).")
+    algorithm: Literal["rtn", "awq"] = Field(
+        "rtn", description="method weights: rtn rounds each weight to the nearest level (data-free, symmetric); awq "
+        "(INT4 only) is NNCF's AWQ then scale estimation, asymmetric, calibrated on calibration_samples training "
+        "texts: it weighs each weight by the activations it meets, which round to nearest cannot see.")
     backends: list[Backend] = Field(default_factory=lambda: ["onnx", "openvino"], min_length=1,
                                     description="Exported models to quantize: onnx, openvino or both.")
     max_accuracy_drop: float | None = Field(
@@ -155,6 +159,13 @@ class QuantizeStage(_Strict, Declared):
     fidelity_samples: int = Field(2000, ge=10, description="sentence-embedding: training texts after the calibration "
                                   "ones on which fidelity is measured (recall@10 among them: more texts, nearer "
                                   "neighbours, a harder bar).")
+
+    @model_validator(mode="after")
+    def _awq_is_int4(self) -> QuantizeStage:
+        if self.algorithm == "awq" and (self.method != "weights" or self.bits != 4):
+            raise ValueError("algorithm awq calibrates weight-only INT4: set method: weights and bits: 4 (INT8 "
+                             "weights lose little by rounding alone)")
+        return self
 
     def inputs(self) -> tuple[str, ...]:
         return ("pytorch-model",) if self.method == "qat" else ("exported",)

@@ -69,14 +69,19 @@ class KVCacheDecoder:
         empty = np.zeros((1, self.kv_heads, 0, self.head_size), dtype=np.float32)
         return {f"past_key_values.{i}.{kind}": empty for i in range(self.layers) for kind in ("key", "value")}
 
-    def forward(self, ids: list[int], cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """Logits of ``ids`` (one row per token) after the cached tokens, and the cache with them appended."""
+    def feeds(self, ids: list[int], cache: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+        """The graph's inputs for ``ids`` after the cached tokens (none: a prompt from the start)."""
+        cache = self.empty_cache() if cache is None else cache
         past = cache["past_key_values.0.key"].shape[2]
         feeds = {"input_ids": np.asarray([ids], dtype=np.int64),
                  "attention_mask": np.ones((1, past + len(ids)), dtype=np.int64), **cache}
         if self.takes_positions:
             feeds["position_ids"] = np.arange(past, past + len(ids), dtype=np.int64)[None]
-        out = self.engine.run_all(feeds)
+        return feeds
+
+    def forward(self, ids: list[int], cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Logits of ``ids`` (one row per token) after the cached tokens, and the cache with them appended."""
+        out = self.engine.run_all(self.feeds(ids, cache))
         present = {name.replace("present.", "past_key_values.", 1): value for name, value in out.items()
                    if name.startswith("present.")}
         return out["logits"][0], present

@@ -54,6 +54,19 @@ def calibration_feeds(ctx, tokenizer_dir: Path, samples: int) -> list[dict]:
     return encode_texts(ctx.recipe.data, pool, tokenizer_dir, task.pretokenized)
 
 
+def decoder_calibration_feeds(ctx, backend: str, model: Path, samples: int) -> list[dict]:
+    """The KV graph's inputs (an empty cache) for the first ``samples`` texts of ``calibration_pool``, each cut to
+    data.max_length as the runtime cuts it."""
+    from edgetl.runtime.decoding import KVCacheDecoder
+    from edgetl.runtime.engines import open_engine
+
+    data = ctx.recipe.data
+    tokenizer = load_tokenizer(model.parent, data.max_length, data.truncation, data.head_tokens)
+    texts = calibration_pool(data, task_for(ctx.recipe.task))[:samples]
+    decoder = KVCacheDecoder(open_engine(backend, model))
+    return [decoder.feeds(cut.ids) for cut in tokenizer.encode_batch(texts) if cut.ids]
+
+
 def evaluation_feeds(ctx, tokenizer_dir: Path) -> tuple[list[dict], list[int]]:
     """The evaluation split, one feed per text: what accuracy control measures the INT8 drop on."""
     _, dev = load_labelled(ctx.recipe.data)
@@ -67,7 +80,7 @@ def run(cfg: QuantizeStage, ctx, out_dir: Path) -> StageOutput:
     if source is None:
         raise StageError("quantize: no exported model; add an export stage before quantize")
     if cfg.method == "weights":
-        return run_weights(cfg, source, out_dir)
+        return run_weights(cfg, ctx, source, out_dir)
     tokenizer_dir = next(source.model_path(b).parent for b in cfg.backends)
     feeds = calibration_feeds(ctx, tokenizer_dir, cfg.calibration_samples)
     # Accuracy control measures the INT8 drop on the evaluation split: it is model selection, which dev may
@@ -174,8 +187,9 @@ def _accuracy_controlled(cfg: QuantizeStage, source, backend: str, folder: Path,
             **report}
 
 
-def run_weights(cfg: QuantizeStage, source, out_dir: Path) -> StageOutput:
-    """Weight-only INT8/INT4 of every exported backend in ``cfg.backends`` (``edgetl.quantization``)."""
+def run_weights(cfg: QuantizeStage, ctx, source, out_dir: Path) -> StageOutput:
+    """Weight-only INT8/INT4 of every exported backend in ``cfg.backends`` (``edgetl.quantization``), calibrated
+    on training texts when ``cfg.algorithm`` is awq."""
     from edgetl.quantization import compress_weights_onnx, compress_weights_openvino
 
     models = {}
@@ -185,10 +199,13 @@ def run_weights(cfg: QuantizeStage, source, out_dir: Path) -> StageOutput:
         folder = out_dir / backend
         folder.mkdir()
         compress = compress_weights_onnx if backend == "onnx" else compress_weights_openvino
-        name = source.model_path(backend).name
-        settings = compress(source.model_path(backend), folder / name, cfg.bits, cfg.group_size)
-        copy_tokenizer(source.model_path(backend).parent, folder)
-        models[backend] = {"path": f"{backend}/{name}", "precision": f"int{cfg.bits}", "method": "weights", **settings}
+        model = source.model_path(backend)
+        feeds = decoder_calibration_feeds(ctx, backend, model, cfg.calibration_samples) \
+            if cfg.algorithm == "awq" else None
+        settings = compress(model, folder / model.name, cfg.bits, cfg.group_size, feeds)
+        copy_tokenizer(model.parent, folder)
+        models[backend] = {"path": f"{backend}/{model.name}", "precision": f"int{cfg.bits}", "method": "weights",
+                           "algorithm": cfg.algorithm, **settings}
     metrics = {f"{b}_bytes": model_file_bytes(out_dir / m["path"]) for b, m in models.items()}
     return StageOutput(kind="quantized", precision=f"int{cfg.bits}", models=models, metrics=metrics)
 
