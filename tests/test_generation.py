@@ -200,6 +200,10 @@ def test_a_decoder_task_refuses_what_it_cannot_do(tmp_path, tiny_llama):
         load_recipe(str(path))
     assert "(quantize).method: task text-generation does not support ptq" in str(refused.value)
     assert "does not support the distill stage" in str(refused.value)
+    calibrated_int8 = {"stage": "quantize", "method": "weights", "bits": 8, "algorithm": "awq"}
+    path.write_text(yaml.safe_dump({**RECIPE, "model": str(tiny_llama), "stages": [*stages[:2], calibrated_int8]}))
+    with pytest.raises(RecipeError, match=r"stages\[2\] \(quantize\): algorithm awq calibrates weight-only INT4"):
+        load_recipe(str(path))
 
     with pytest.raises(ArchitectureError, match="weight-only"):
         adapter_for("llama").require("head_pruning")
