@@ -233,7 +233,7 @@ def _data_aware_settings(feeds: list[dict]) -> dict:
 def _data_aware_int4(model, group_size: int, feeds: list[dict]):
     """NNCF's INT4 (asymmetric, AWQ then scale estimation) of every MatMul but the LM head and the embedding,
     which stay float (``BackupMode.NONE``: NNCF's INT8 backup for them is a DequantizeLinear of the whole matrix
-    at every call, 5x slower per token here), as MatMulNBits nodes at accuracy level 4."""
+    at every call, every token), as MatMulNBits nodes at accuracy level 4."""
     import nncf
     import onnx
     from onnx import numpy_helper
