@@ -213,6 +213,8 @@ def compress_weights_onnx(source: Path, target: Path, bits: int, group_size: int
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     model, settings = onnx.load(str(source)), {"bits": bits, "group_size": group_size}
+    if feeds and bits != 4:
+        raise ValueError(f"calibrated weight compression is INT4 only, not {bits} bits")
     if feeds:
         model = _data_aware_int4(model, group_size, feeds)
         bits, settings = 8, {**settings, **_data_aware_settings(feeds), "lm_head": "int8 sym (round to nearest)",
@@ -233,7 +235,7 @@ def _data_aware_settings(feeds: list[dict]) -> dict:
 def _data_aware_int4(model, group_size: int, feeds: list[dict]):
     """NNCF's INT4 (asymmetric, AWQ then scale estimation) of every MatMul but the LM head and the embedding,
     which stay float (``BackupMode.NONE``: NNCF's INT8 backup for them is a DequantizeLinear of the whole matrix
-    at every call, every token), as MatMulNBits nodes at accuracy level 4."""
+    at every call), as MatMulNBits nodes at accuracy level 4."""
     import nncf
     import onnx
     from onnx import numpy_helper

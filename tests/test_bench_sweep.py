@@ -142,9 +142,10 @@ def test_a_cell_whose_rounds_disagree_is_flagged_noisy(monkeypatch):
     feeds = [{"input_ids": np.zeros((1, 8), dtype=np.int64)}] * 4
     monkeypatch.setattr(measure, "shape_feeds", lambda *args, **kwargs: feeds)
     monkeypatch.setattr(measure, "SETTLE_SECONDS", 0)
-    steady, jumpy = _SleepyTarget("steady", (2, 2, 2)), _SleepyTarget("jumpy", (2, 4, 2))
+    # Rounds of 10 ms calls, one round at 20 ms; the threshold leaves room for a busy machine's sleep overshoot.
+    steady, jumpy = _SleepyTarget("steady", (10, 10, 10)), _SleepyTarget("jumpy", (10, 20, 10))
     rows = measure.measure([steady, jumpy], ["x"], [measure.Shape(1, None)], [None], max_length=8, rounds=3,
-                           warmup=2, max_calls=4, noise_threshold=0.10, isolate=False)
+                           warmup=2, max_calls=4, noise_threshold=0.5, isolate=False)
     by_target = {r["target"]: r for r in rows}
     assert not by_target["steady"]["noisy"] and by_target["jumpy"]["noisy"]
     assert by_target["jumpy"]["round_spread"] > 0.5 and by_target["steady"]["gflops_per_call"] is None
