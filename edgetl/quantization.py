@@ -217,11 +217,12 @@ def compress_weights_onnx(source: Path, target: Path, bits: int, group_size: int
         raise ValueError(f"calibrated weight compression is INT4 only, not {bits} bits")
     if feeds:
         model = _data_aware_int4(model, group_size, feeds)
-        bits, settings = 8, {**settings, **_data_aware_settings(feeds), "lm_head": "int8 sym (round to nearest)",
-                             "library": "nncf.compress_weights (ONNX), onnxruntime MatMulNBitsQuantizer (LM head)"}
+        settings.update(_data_aware_settings(feeds), lm_head="int8 sym (round to nearest)",
+                        library="nncf.compress_weights (ONNX), onnxruntime MatMulNBitsQuantizer (LM head)")
     else:
         settings.update(symmetric=True, library="onnxruntime MatMulNBitsQuantizer (RTN)")
-    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=group_size, is_symmetric=True,
+    # Round to nearest: every MatMul, or after NNCF the one it left float (the LM head), in 8 bits.
+    quantizer = MatMulNBitsQuantizer(model, bits=8 if feeds else bits, block_size=group_size, is_symmetric=True,
                                      accuracy_level=MATMUL_NBITS_ACCURACY_LEVEL)
     quantizer.process()
     quantizer.model.save_model_to_file(str(target), use_external_data_format=False)

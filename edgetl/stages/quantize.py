@@ -192,16 +192,19 @@ def run_weights(cfg: QuantizeStage, ctx, source, out_dir: Path) -> StageOutput:
     on training texts when ``cfg.algorithm`` is awq."""
     from edgetl.quantization import compress_weights_onnx, compress_weights_openvino
 
-    models = {}
     for backend in cfg.backends:
         if backend not in source.models:
             raise StageError(f"quantize: {source.name} has no {backend} model; backends there: {list(source.models)}")
+    # One set of calibration feeds for every backend: the OpenVINO model is converted from the ONNX graph, same inputs.
+    first = cfg.backends[0]
+    feeds = decoder_calibration_feeds(ctx, first, source.model_path(first), cfg.calibration_samples) \
+        if cfg.algorithm == "awq" else None
+    models = {}
+    for backend in cfg.backends:
         folder = out_dir / backend
         folder.mkdir()
         compress = compress_weights_onnx if backend == "onnx" else compress_weights_openvino
         model = source.model_path(backend)
-        feeds = decoder_calibration_feeds(ctx, backend, model, cfg.calibration_samples) \
-            if cfg.algorithm == "awq" else None
         settings = compress(model, folder / model.name, cfg.bits, cfg.group_size, feeds)
         copy_tokenizer(model.parent, folder)
         models[backend] = {"path": f"{backend}/{model.name}", "precision": f"int{cfg.bits}", "method": "weights",
