@@ -195,10 +195,12 @@ def test_a_cloze_bundle_predicts_what_the_pytorch_model_does(cloze_runs, run):
     feeds = {k: torch.tensor(v) for k, v in pad(tokenizer.encode_batch(texts)).items()}
     with torch.no_grad():
         expected = model(**feeds).logits.numpy()
-    bundle = load(folder / "06-bundle", backend="openvino")
+    bundle = load(folder / "06-bundle", backend="onnx")
     manifest = json.loads((folder / "06-bundle" / "edgetl.json").read_text())
     assert manifest["cloze"]["pattern"].endswith("it was {mask}.") and bundle.tokenizer.budget < 64
-    np.testing.assert_allclose(bundle.logits(texts), expected, atol=0.05)  # INT8
+    # dynamic INT8 keeps activations in float: 0.003 here; the static OpenVINO INT8 of this tiny model is off by
+    # 0.03 to 0.06 depending on the machine it was trained on, too close to the logits' own scale to test the pattern
+    np.testing.assert_allclose(bundle.logits(texts), expected, atol=0.02)
     onnx = open_engine("onnx", folder / "03-export" / "onnx" / "model.onnx")  # FP32, as exported
     fp32 = onnx.run(pad(load_tokenizer(folder / "03-export" / "onnx", 64, "head+tail", 16).encode_batch(texts)))
     np.testing.assert_allclose(fp32, expected, atol=1e-4)
