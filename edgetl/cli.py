@@ -233,6 +233,14 @@ def _cmd_keygen(args) -> int:
     return 0
 
 
+def _cmd_shard(args) -> int:
+    from edgetl.sharding import shard_bundle
+
+    shard_bundle(args.bundle, args.out, args.parts, args.format, args.max_part_mb, log=log.info)
+    print(f"wrote {args.out}: load it as any bundle; its parts run in worker processes pinned to their own cores")
+    return 0
+
+
 def _cmd_sign(args) -> int:
     from edgetl.runtime.bundle import sign_bundle
 
@@ -566,6 +574,17 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles: OUT (private) and OUT.pub")
     keygen.add_argument("out", help="private key file to write (PEM); the public key goes to OUT.pub")
     keygen.set_defaults(func=_cmd_keygen)
+
+    shard = sub.add_parser("shard", help="split a bundle's models at layer boundaries into parts that run as a "
+                                         "pipeline of worker processes, balanced by each layer's measured latency")
+    shard.add_argument("bundle")
+    shard.add_argument("out", help="folder for the sharded bundle (must not exist)")
+    shard.add_argument("--parts", type=int, required=True, help="parts per model (2 to its number of layers)")
+    shard.add_argument("--format", action="append", choices=["onnx", "openvino"],
+                       help="shard only this model format (repeatable; default: every model in the bundle)")
+    shard.add_argument("--max-part-mb", type=float, help="the most a part's model file may weigh (MB): a cap on "
+                                                         "each worker's memory for weights")
+    shard.set_defaults(func=_cmd_shard)
 
     sign = sub.add_parser("sign", help="sign a bundle's edgetl.json (which lists every file's sha256): writes "
                                        "edgetl.json.sig beside it")

@@ -76,6 +76,11 @@ def _check_paths(folder: Path, manifest: dict) -> None:
     if not isinstance(files, dict):
         raise ArtifactError(f"{path}: 'files' must map each file to its bytes and sha256, got {files!r:.80}")
     fields = {f"models.{backend}.path": model.get("path") for backend, model in models.items()}
+    for backend, model in models.items():
+        parts = model.get("parts", [])
+        if not isinstance(parts, list) or not all(isinstance(p, dict) for p in parts):
+            raise ArtifactError(f"{path}: models.{backend}.parts must be a list of {{\"path\": ...}}, got {parts!r:.80}")
+        fields.update({f"models.{backend}.parts[{i}].path": p.get("path") for i, p in enumerate(parts)})
     for field, rel in [*fields.items(), *(("files entry", rel) for rel in files)]:
         problem = path_problem(folder, rel)
         if problem:
@@ -171,7 +176,12 @@ class BundleRuntime(ABC):
                                         self.manifest.get("head_tokens", 0), self.manifest.get("cloze"))
         model_file = self.folder / model["path"]
         self._check_model_config(model_file.parent / "config.json")
-        self.engine = open_engine(self.backend, model_file, threads)
+        if "parts" in model:  # a sharded model (``edgetl shard``): its parts in a pipeline of worker processes
+            from edgetl.runtime.pipeline import PipelineEngine
+
+            self.engine = PipelineEngine(self.backend, self.folder, model["parts"], model["outputs"], threads)
+        else:
+            self.engine = open_engine(self.backend, model_file, threads)
         # A model whose INT8 activation ranges are measured per call (dynamic INT8) gives a text different
         # outputs in different batches; one text per call keeps every prediction independent of the others.
         # Otherwise the evaluate stage's default batching, so predictions repeat the evaluated ones exactly.
@@ -197,9 +207,9 @@ class BundleRuntime(ABC):
         OpenVINO model's weights) if it leads out of the folder, or, under a signature, if ``files`` does not list
         it: the signature reaches a file only through its sha256 there."""
         model = PurePosixPath(model_path)
-        read = ["tokenizer.json", model.as_posix(), (model.parent / "config.json").as_posix()]
-        if model.suffix == ".xml":
-            read.append(model.with_suffix(".bin").as_posix())
+        models = [model, *(PurePosixPath(p["path"]) for p in self.manifest["models"][self.backend].get("parts", []))]
+        read = ["tokenizer.json", (model.parent / "config.json").as_posix(), *(m.as_posix() for m in models),
+                *(m.with_suffix(".bin").as_posix() for m in models if m.suffix == ".xml")]
         for rel in read:
             problem = path_problem(self.folder, rel)
             if problem:

@@ -77,11 +77,11 @@ class Generator(BundleRuntime):
             ids, reason = state
         return Generation("".join(text), ids, reason)
 
-    def pieces(self, prompt: str, settings: GenerationSettings) -> Iterator[tuple[str, tuple[list[int], str]]]:
-        """(new text, (the ids so far, finish reason)) per token: ``stream`` yields the text, the server reads both.
-        Text is held back while it could be the start of a stop string or ends in half a character, so no stop string
-        is ever streamed."""
-        ids, sent, reason = [], 0, "stop"
+    def pieces(self, prompt: str, settings: GenerationSettings) -> Iterator[tuple[str, tuple[list[int], str | None]]]:
+        """(new text, (the ids so far, finish reason)) per token: ``stream`` yields the text, the server reads both;
+        the reason is None until the last piece. Text is held back while it could be the start of a stop string or
+        ends in half a character, so no stop string is ever streamed."""
+        ids, sent = [], 0
         for token in self.decoder.tokens(self.prompt_ids(prompt), settings, self.eos_ids):
             ids.append(token)
             text = self.tokenizer.decode(ids)
@@ -91,12 +91,10 @@ class Generator(BundleRuntime):
                 return
             safe = len(text) - _held_back(text, settings.stop)
             if safe > sent:
-                yield text[sent:safe], (ids, reason)
+                yield text[sent:safe], (ids, None)
                 sent = safe
-        else:
-            reason = "length" if len(ids) == settings.max_new_tokens else "stop"
         text = self.tokenizer.decode(ids)
-        yield text[sent:], (ids, reason)
+        yield text[sent:], (ids, "length" if len(ids) == settings.max_new_tokens else "stop")
 
     def predict(self, items: list) -> list[Generation]:
         """Greedy continuations of each prompt (at most the bundle's max_new_tokens)."""

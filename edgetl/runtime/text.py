@@ -107,13 +107,15 @@ def predict_outputs(engine, tokenizer, inputs: list, batch_size: int, is_pretoke
     """
     encodings = tokenizer.encode_batch(inputs, is_pretokenized=is_pretokenized)
     batches = length_batches([len(e.ids) for e in encodings], batch_size)
+    # A sharded model's engine runs the batches through its parts at once (run_many); any other one by one.
+    run_many = getattr(engine, "run_many", lambda feeds: map(engine.run, feeds))
+    results = run_many(pad([encodings[i] for i in batch]) for batch in batches)
     if desc is not None:
         from tqdm import tqdm
 
-        batches = tqdm(batches, desc=desc, leave=False)
+        results = tqdm(results, desc=desc, leave=False, total=len(batches))
     outputs = [None] * len(inputs)
-    for batch in batches:
-        out = engine.run(pad([encodings[i] for i in batch]))
+    for batch, out in zip(batches, results, strict=True):
         for row, index in enumerate(batch):
             outputs[index] = out[row, : len(encodings[index].ids)] if out.ndim == 3 else out[row]
     return outputs, encodings

@@ -1,0 +1,126 @@
+"""``edgetl shard``: a bundle's models cut at layer boundaries run as a pipeline of worker processes and answer as the
+whole model does (FP32 within 1e-5, INT8 as its own graph), for 2 and 3 parts, on both backends."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import signal
+
+import numpy as np
+import pytest
+
+from conftest import edgetl_cli, write_tiny_bundle
+from edgetl.errors import ArtifactError, UsageError
+
+TEXTS = ["a gorgeous , witty film", "dull and lifeless " * 40, "fine", "the battery died after two days"] * 3
+
+
+@pytest.fixture(scope="module")
+def deep_bundle(tmp_path_factory, tiny_model):
+    """An FP32 text-classification bundle of a 4-layer tiny BERT (random weights), ONNX and OpenVINO."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig.from_pretrained(str(tiny_model), num_hidden_layers=4, num_labels=3)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(config).eval()
+    folder = tmp_path_factory.mktemp("deep") / "bundle"
+    return write_tiny_bundle(folder, model, "text-classification", ["a", "b", "c"], False, tiny_model, 64)
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory, deep_bundle):
+    from edgetl.sharding import shard_bundle
+
+    root = tmp_path_factory.mktemp("sharded")
+    return {parts: (shard_bundle(deep_bundle, root / f"parts-{parts}", parts, log=lambda _: None), root / f"parts-{parts}")
+            for parts in (2, 3)}
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_a_sharded_fp32_model_answers_as_the_whole_one(deep_bundle, sharded, parts, backend):
+    from edgetl.runtime import load
+    from edgetl.runtime.pipeline import PipelineEngine
+
+    models, folder = sharded[parts]
+    entry = models[backend]
+    assert len(entry["parts"]) == parts and entry["parts"][0]["layers"][0] == 0 and entry["parts"][-1]["layers"][1] == 4
+    assert all(a["layers"][1] == b["layers"][0] for a, b in itertools.pairwise(entry["parts"]))
+    assert not (folder / entry["sharded_from"]["path"]).exists()  # the whole model is not shipped beside its parts
+    name = {"onnx": "onnxruntime", "openvino": "openvino"}[backend]
+    whole = load(deep_bundle, backend=name).logits(TEXTS)
+    runtime = load(folder, backend=name)  # verifies every part against edgetl.json's sha256
+    assert isinstance(runtime.engine, PipelineEngine) and len(runtime.engine.parts) == parts
+    np.testing.assert_allclose(runtime.logits(TEXTS), whole, atol=1e-5)
+    np.testing.assert_allclose(runtime.logits(TEXTS, batch_size=1), whole, atol=1e-5)  # many inputs in flight
+    inline = PipelineEngine(backend, folder, entry["parts"], entry["outputs"], workers=False)
+    from edgetl.runtime.text import pad
+
+    feeds = pad(runtime.tokenizer.encode_batch(TEXTS[:4]))
+    np.testing.assert_allclose(inline.run(feeds), runtime.engine.run(feeds), atol=1e-6)
+    runtime.engine.close()
+
+
+def test_a_sharded_int8_bundle_answers_as_the_whole_one(tiny_run, tmp_path, dev_texts):
+    from edgetl.runtime import load
+    from edgetl.sharding import shard_bundle
+
+    shard_bundle(tiny_run / "06-bundle", tmp_path / "sharded", 2, log=lambda _: None)
+    for backend in ("onnxruntime", "openvino"):
+        whole, parts = load(tiny_run / "06-bundle", backend=backend), load(tmp_path / "sharded", backend=backend)
+        assert [p.label for p in parts.predict(dev_texts)] == [p.label for p in whole.predict(dev_texts)]
+        # the runtimes fuse INT8 nodes differently at a cut: an activation's rounding may flip, a few 1e-4 in a logit
+        np.testing.assert_allclose(parts.logits(dev_texts), whole.logits(dev_texts), atol=1e-3)
+        parts.engine.close()
+
+
+def test_the_cli_shards_one_format_and_refuses_what_it_cannot_do(deep_bundle, sharded, tmp_path):
+    done = edgetl_cli("shard", str(deep_bundle), str(tmp_path / "onnx-only"), "--parts", "2", "--format", "onnx",
+                      cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    models = json.loads((tmp_path / "onnx-only" / "edgetl.json").read_text())["models"]
+    assert "parts" in models["onnx"] and "parts" not in models["openvino"]
+    predicted = edgetl_cli("predict", str(tmp_path / "onnx-only"), "a gorgeous film", "--backend", "onnxruntime",
+                           cwd=tmp_path)
+    assert predicted.returncode == 0 and predicted.stdout.split("\t")[0] in {"a", "b", "c"}, predicted.stderr
+    for args, message in [(["--parts", "5"], "the model has 4 layers; give 2 to 4 parts"),
+                          (["--parts", "2", "--max-part-mb", "0.01"], "no split into 2 parts keeps every part's weights")]:
+        done = edgetl_cli("shard", str(deep_bundle), str(tmp_path / "refused"), *args, cwd=tmp_path)
+        assert done.returncode != 0 and message in done.stderr, done.stderr
+        assert not (tmp_path / "refused").exists() and not list(tmp_path.glob(".refused.*"))  # nothing half-written
+    done = edgetl_cli("shard", str(sharded[2][1]), str(tmp_path / "again"), "--parts", "2", cwd=tmp_path)
+    assert done.returncode != 0 and "already sharded" in done.stderr
+    done = edgetl_cli("shard", str(deep_bundle), str(tmp_path / "onnx-only"), "--parts", "2", cwd=tmp_path)
+    assert done.returncode != 0 and "exists" in done.stderr
+
+
+def test_partition_balances_measured_cost_under_a_memory_cap():
+    from edgetl.sharding import partition
+
+    assert partition([1, 1, 1, 3], [1, 1, 1, 1], 2, None) == [3]  # the slow last layer alone
+    assert partition([1, 1, 1, 1, 1, 1], [1] * 6, 3, None) == [2, 4]
+    assert partition([1, 1, 1, 3], [5, 1, 1, 1], 2, 5) == [1]  # the heavy first layer alone fits the cap
+    with pytest.raises(UsageError, match="no split into 2 parts"):
+        partition([1, 1, 1], [4, 4, 4], 2, 5)
+    with pytest.raises(UsageError, match="give 2 to 3 parts"):
+        partition([1, 1, 1], [1, 1, 1], 1, None)
+
+
+def test_a_dead_worker_fails_the_waiting_call_and_a_broken_part_fails_at_load(sharded, tmp_path):
+    from edgetl.runtime import load
+
+    runtime = load(sharded[2][1], backend="onnxruntime")
+    os.kill(runtime.engine._processes[1].pid, signal.SIGKILL)
+    with pytest.raises(RuntimeError, match="pipeline stopped: part 1's process ended"):
+        runtime.logits(TEXTS)
+    broken = shutil.copytree(sharded[2][1], tmp_path / "broken")
+    part = broken / json.loads((broken / "edgetl.json").read_text())["models"]["onnx"]["parts"][1]["path"]
+    part.write_bytes(b"not a model")
+    with pytest.raises(ArtifactError, match=r"did not load: part 1 \(part-1.onnx\)"):
+        load(broken, backend="onnxruntime", verify=False)
+    with pytest.raises(ArtifactError, match="sha256"):
+        load(broken, backend="onnxruntime")
