@@ -1,10 +1,12 @@
 """Sharded against whole, on this machine: outputs, batch-1 latency, throughput on a stream, peak memory per process.
 
-    python benchmarks/sharding.py RUN --texts FILE [--parts 2 3] [--rounds 2] [--max-texts 300] --out DIR
+    python benchmarks/sharding.py RUN --texts FILE [--parts 2 3] [--max-part-mb MB] [--rounds 2] [--max-texts 300]
+        [--parity-texts N] --out DIR
 
 RUN is a finished recipe run: its bundle (the INT8 models) and, rebuilt as a bundle of the same tokenizer and
 manifest, its export stage's FP32 models. Each is sharded with ``edgetl.sharding.shard_bundle`` into every count of
-``--parts``, on both formats. Outputs: every text of FILE (a .tsv with a header, first column; or .jsonl with
+``--parts``, on both formats (each part's file under ``--max-part-mb`` if given). Outputs: every text of FILE
+(the first ``--parity-texts``) (a .tsv with a header, first column; or .jsonl with
 "tokens" or "text") through the whole model and each sharded one, one text per call, max absolute difference
 and the share of equal argmax answers. Timing: each configuration in its own process, rounds in alternating order,
 the first ``--max-texts`` texts: whole model with 2 threads and with 1, and the parts one core each in worker
@@ -99,6 +101,8 @@ def main() -> int:
     parser.add_argument("--parts", type=int, nargs="+", default=[2, 3])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--max-texts", type=int, default=300)
+    parser.add_argument("--parity-texts", type=int)
+    parser.add_argument("--max-part-mb", type=float)
     parser.add_argument("--out")
     parser.add_argument("--time", help=argparse.SUPPRESS)  # a timing process: SPEC.json
     args = parser.parse_args()
@@ -121,17 +125,17 @@ def main() -> int:
     for precision, bundle in variants.items():
         for parts in args.parts:
             folder = work / f"{precision}-{parts}"
-            models = shard_bundle(bundle, folder, parts, log=lambda m: print(m, flush=True))
+            models = shard_bundle(bundle, folder, parts, max_part_mb=args.max_part_mb, log=lambda m: print(m, flush=True))
             sharded[precision, parts] = folder
             result["parts"][f"{precision}-{parts}"] = {b: [{k: p[k] for k in ("layers", "bytes", "layer_ms")}
                                                            for p in m["parts"]] for b, m in models.items()}
         for backend in BACKENDS:
-            whole = outputs(bundle, backend, texts)
+            whole = outputs(bundle, backend, texts[: args.parity_texts])
             for parts in args.parts:
-                got = outputs(sharded[precision, parts], backend, texts)
+                got = outputs(sharded[precision, parts], backend, texts[: args.parity_texts])
                 diff = max(float(np.abs(a - b).max()) for a, b in zip(got, whole, strict=True))
                 same = np.mean([np.array_equal(a.argmax(-1), b.argmax(-1)) for a, b in zip(got, whole, strict=True)])
-                result["parity"].append({"precision": precision, "backend": backend, "parts": parts, "texts": len(texts),
+                result["parity"].append({"precision": precision, "backend": backend, "parts": parts, "texts": len(got),
                                          "max_abs_diff": diff, "same_answers": round(float(same), 6)})
                 print(result["parity"][-1], flush=True)
     configs = [{"precision": p, "backend": b, "parts": 1, "threads": t, "bundle": str(variants[p])}

@@ -124,3 +124,23 @@ def test_a_dead_worker_fails_the_waiting_call_and_a_broken_part_fails_at_load(sh
         load(broken, backend="onnxruntime", verify=False)
     with pytest.raises(ArtifactError, match="sha256"):
         load(broken, backend="onnxruntime")
+
+
+def test_the_sharding_benchmark_measures_a_run(tiny_run, sst2_slice, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "sharding.py"
+    done = subprocess.run([sys.executable, str(script), str(tiny_run), "--texts", str(sst2_slice / "dev.tsv"),
+                           "--parts", "2", "--rounds", "1", "--max-texts", "5", "--parity-texts", "20",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    parity = {(r["precision"], r["backend"]): r for r in result["parity"]}
+    assert set(parity) == {(p, b) for p in ("int8", "fp32") for b in ("onnx", "openvino")}
+    assert all(r["texts"] == 20 and r["same_answers"] == 1.0 for r in parity.values())
+    assert parity["fp32", "onnx"]["max_abs_diff"] <= 1e-5 and parity["fp32", "openvino"]["max_abs_diff"] <= 1e-5
+    sharded = [r for r in result["timing"] if r["parts"] == 2]
+    assert len(sharded) == 4 and all(len(r["worker_peak_rss_mb"]) == 2 and r["texts_per_s"] > 0 for r in sharded)
+    assert not list(tmp_path.glob("sharding-*"))  # the work folder is removed
