@@ -12,7 +12,7 @@ and the share of equal argmax answers. Timing: each configuration in its own pro
 the first ``--max-texts`` texts: whole model with 2 threads and with 1, and the parts one core each in worker
 processes; p50 of one text per call (``edgetl.bench.measure.timed_calls``), texts per second when all of them are
 sent at once (the pipeline keeps every part busy), and the peak resident memory (VmHWM) of the process that holds
-each model or part. Writes DIR/results.json and DIR/results.md.
+each model or part. Writes DIR/sharding.json and DIR/sharding.md.
 """
 
 from __future__ import annotations
@@ -152,10 +152,10 @@ def main() -> int:
                    **json.loads(done.stdout.strip().splitlines()[-1])}
             result["timing"].append(row)
             print(row, flush=True)
-    (out / "results.json").write_text(json.dumps(result, indent=1))
-    (out / "results.md").write_text(markdown(result))
+    (out / "sharding.json").write_text(json.dumps(result, indent=1))
+    (out / "sharding.md").write_text(markdown(result))
     shutil.rmtree(work)
-    print((out / "results.md").read_text())
+    print((out / "sharding.md").read_text())
     return 0
 
 

@@ -136,7 +136,7 @@ def test_the_sharding_benchmark_measures_a_run(tiny_run, sst2_slice, tmp_path):
                            "--parts", "2", "--rounds", "1", "--max-texts", "5", "--parity-texts", "20",
                            "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads((tmp_path / "out" / "results.json").read_text())
+    result = json.loads((tmp_path / "out" / "sharding.json").read_text())
     parity = {(r["precision"], r["backend"]): r for r in result["parity"]}
     assert set(parity) == {(p, b) for p in ("int8", "fp32") for b in ("onnx", "openvino")}
     assert all(r["texts"] == 20 and r["same_answers"] == 1.0 for r in parity.values())
