@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -92,7 +93,8 @@ def experiment(target: str, ks: list[int], seeds: list[int], arms: list[str], ru
             for seed in seeds if seeded else seeds[:1]:
                 if not seeded and k != ks[0]:
                     continue
-                tag = f"{recipe}-{name.split(' (')[0].replace(' ', '-')}-k{k}-s{seed}" if seeded else f"{recipe}-zero-shot"
+                slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")  # the whole name: arms differ in their brackets
+                tag = f"{recipe}-{slug}-k{k}-s{seed}" if seeded else f"{recipe}-zero-shot"
                 common = [f"data.target={target}", f"data.max_train_samples={k}", f"stages.finetune.seed={seed}"]
                 extra = overrides(target) if callable(overrides) else overrides
                 folder = run(variant(recipe, keep, runs), runs / tag, [*common, *extra])
