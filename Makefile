@@ -24,11 +24,11 @@ recipe: env
 
 ## The whole suite, slow tests (real MiniLM) included.
 test: env
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=30
 
 ## Unit and tiny-model tests only.
 test-fast: env
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" --durations=30
 
 lint: env
 	$(BIN)/ruff check edgetl tests benchmarks examples
