@@ -17,7 +17,6 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,8 +157,12 @@ class OnnxGraph:
         self.nodes = {id(op): node for op, node in zip(self.ops, graph.node, strict=True)}
         self.layers, self.constants = assign_stages(self.ops, set(self.weights))
         self.types = {v.name: v for v in [*graph.input, *graph.value_info, *graph.output]}
-        self.graph_inputs = [i.name for i in graph.input]
         self.graph_outputs = [o.name for o in graph.output]
+
+    @staticmethod
+    def name(key: str) -> str:
+        """The name a runtime knows a tensor by: an ONNX tensor's own."""
+        return key
 
     def write(self, part: Part, path: Path) -> None:
         import onnx
@@ -181,10 +184,6 @@ class OnnxGraph:
         model = onnx.helper.make_model(graph, opset_imports=self.model.opset_import, producer_name="edgetl shard")
         model.ir_version = self.model.ir_version
         onnx.save(model, str(path))
-
-    def weight_bytes(self, part: Part) -> int:
-        read = {t for op in part.ops for t in op.inputs}
-        return sum(w.ByteSize() for name, w in self.weights.items() if name in read)
 
 
 # OpenVINO ----------------------------------------------------------------------------------------------------------
@@ -212,7 +211,6 @@ class OpenVinoGraph:
                 continue
             if kind != "Parameter":
                 self.ops.append(Op(name, inputs, outputs))
-        self.graph_inputs = [p.get_friendly_name() + ":0" for p in self.model.get_parameters()]
         self.layers, self.constants = assign_stages(self.ops, constants)
         self.names = {f"{n.get_friendly_name()}:{i}": n.output(i).get_any_name()
                       for n in self.model.get_ordered_ops() for i in range(n.get_output_size()) if n.output(i).get_names()}
@@ -247,16 +245,13 @@ class OpenVinoGraph:
             results.append(ov.opset13.result(source))
         ov.save_model(ov.Model(results, parameters, f"part-{part.first}"), str(path), compress_to_fp16=False)
 
-    def weight_bytes(self, part: Part) -> int:
-        return 0  # measured on the written file (``model_file_bytes``)
-
 
 GRAPHS = {"onnx": (OnnxGraph, ".onnx"), "openvino": (OpenVinoGraph, ".xml")}
 SAMPLE = "a gorgeous , witty , seductive movie that holds you from the first frame to the last credit . " * 4
 
 
 def _names(graph, keys: list[str]) -> list[str]:
-    return [graph.name(k) for k in keys] if isinstance(graph, OpenVinoGraph) else list(keys)
+    return [graph.name(k) for k in keys]
 
 
 def _write_parts(graph, parts: list[Part], folder: Path, suffix: str) -> list[dict]:
@@ -271,21 +266,18 @@ def _write_parts(graph, parts: list[Part], folder: Path, suffix: str) -> list[di
 
 def _time_parts(backend: str, folder: Path, entries: list[dict], feeds: dict, repeats: int = 20) -> list[float]:
     """Each part's median batch-1 seconds on ``feeds``, one thread, the parts run in order."""
+    from types import SimpleNamespace
+
+    from edgetl.bench.measure import timed_calls
     from edgetl.runtime.engines import open_engine
 
     tensors, seconds = dict(feeds), []
     for entry in entries:
         engine = open_engine(backend, folder / entry["path"], 1)
         part_feeds = {k: tensors[k] for k in entry["inputs"]}
-        for _ in range(3):
-            out = engine.run_all(part_feeds)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            engine.run_all(part_feeds)
-            times.append(time.perf_counter() - start)
-        seconds.append(float(np.median(times)))
-        tensors.update(out)
+        # timed_calls times run(); a part's run is every output it hands on
+        seconds.append(float(np.median(timed_calls(SimpleNamespace(run=engine.run_all), [part_feeds] * repeats, 3))))
+        tensors.update(engine.run_all(part_feeds))
     return seconds
 
 
