@@ -14,6 +14,7 @@ Build side only (onnx, openvino); the runtime reads the parts with ``edgetl.runt
 
 from __future__ import annotations
 
+import functools
 import re
 import shutil
 import tempfile
@@ -115,24 +116,20 @@ def partition(costs: list[float], weights: list[int], parts: int, max_bytes: int
     slowest part is fastest, every part's ``weights`` (bytes) at most ``max_bytes``; UsageError when no split fits."""
     n = len(costs)
     check_parts(parts, n)
-    best: dict[tuple[int, int], tuple[float, list[int]]] = {}
 
+    @functools.cache
     def solve(start: int, k: int) -> tuple[float, list[int]]:
-        if (start, k) in best:
-            return best[start, k]
+        """The best split of layers [start, n) into k parts: its slowest part's cost and its bounds."""
+        if k == 1:
+            fits = max_bytes is None or sum(weights[start:]) <= max_bytes
+            return (sum(costs[start:]), []) if fits else (float("inf"), [])
         options = []
         for end in range(start + 1, n - k + 2):
             if max_bytes is not None and sum(weights[start:end]) > max_bytes:
                 break
-            cost = sum(costs[start:end])
-            if k == 1:
-                if end == n:
-                    options.append((cost, []))
-                continue
             rest, bounds = solve(end, k - 1)
-            options.append((max(cost, rest), [end, *bounds]))
-        best[start, k] = min(options, default=(float("inf"), []))
-        return best[start, k]
+            options.append((max(sum(costs[start:end]), rest), [end, *bounds]))
+        return min(options, default=(float("inf"), []))
 
     worst, bounds = solve(0, parts)
     if worst == float("inf"):
@@ -304,10 +301,13 @@ def shard_bundle(bundle: str | Path, out: str | Path, parts: int, backends: list
                                manifest.get("head_tokens", 0), manifest.get("cloze"))
     feeds = pad(tokenizer.encode_batch([(SAMPLE, SAMPLE) if manifest.get("text_pair") else SAMPLE]))
     out.parent.mkdir(parents=True, exist_ok=True)
+    # Not copied: the models being cut (their parts replace them) and the signature (the manifest changes).
+    whole = {bundle / manifest["models"][b]["path"] for b in backends}
+    skipped = {*whole, *(p.with_suffix(".bin") for p in whole if p.suffix == ".xml"), bundle / "edgetl.json.sig"}
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        shutil.copytree(bundle, staging, dirs_exist_ok=True)
-        (staging / "edgetl.json.sig").unlink(missing_ok=True)  # the manifest changes: a signature would not hold
+        shutil.copytree(bundle, staging, dirs_exist_ok=True,
+                        ignore=lambda folder, names: [n for n in names if Path(folder) / n in skipped])
         for backend in backends:
             entry = manifest["models"][backend]
             klass, suffix = GRAPHS[backend]
@@ -322,8 +322,6 @@ def shard_bundle(bundle: str | Path, out: str | Path, parts: int, backends: list
             sizes = [e["bytes"] for e in unit_entries]
             bounds = partition(costs, sizes, parts, None if max_part_mb is None else int(max_part_mb * 1e6))
             target = staging / Path(entry["path"]).parent
-            for stale in [target / Path(entry["path"]).name, (target / Path(entry["path"]).name).with_suffix(".bin")]:
-                stale.unlink(missing_ok=True)
             written = _write_parts(graph, cut(graph.ops, graph.constants, graph.layers, bounds, graph.graph_outputs),
                                    target, suffix)
             edges = [0, *bounds, graph.layers]

@@ -59,6 +59,7 @@ class PipelineEngine:
         made = {t for p in parts for t in p["outputs"]}
         self.input_names = list(dict.fromkeys(t for p in parts for t in p["inputs"] if t not in made))
         self.output_names = outputs
+        self._keep = [carried(parts, outputs, index) for index in range(len(parts))]  # what leaves each part
         paths = [str(Path(folder) / p["path"]) for p in parts]
         self.workers = workers
         if not workers:
@@ -68,7 +69,7 @@ class PipelineEngine:
         self._processes, upstream = [], subprocess.PIPE
         for index, path in enumerate(paths):
             spec = {"backend": backend, "path": path, "threads": threads or 1, "core": cores[index % len(cores)],
-                    "index": index, "part": parts[index], "keep": sorted(carried(parts, outputs, index))}
+                    "index": index, "part": parts[index], "keep": sorted(self._keep[index])}
             process = subprocess.Popen([sys.executable, "-m", "edgetl.runtime.pipeline", json.dumps(spec)],
                                        stdin=upstream, stdout=subprocess.PIPE)
             if index:
@@ -105,8 +106,8 @@ class PipelineEngine:
         if self.workers:
             return self.submit(feeds).result()
         tensors = {k: feeds[k] for k in self.input_names}
-        for index, (engine, part) in enumerate(zip(self.engines, self.parts, strict=True)):
-            tensors = run_part(engine, part, carried(self.parts, self.output_names, index), tensors)
+        for engine, part, keep in zip(self.engines, self.parts, self._keep, strict=True):
+            tensors = run_part(engine, part, keep, tensors)
         return tensors
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
