@@ -6,7 +6,7 @@ R ?= sst-int8
 ARGS ?=
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: env recipe test test-fast lint bench clean
+.PHONY: env recipe test test-slow lint bench clean
 
 env: $(VENV)/.installed
 
@@ -22,13 +22,13 @@ $(VENV)/.installed: pyproject.toml
 recipe: env
 	$(BIN)/edgetl run $(R) $(ARGS)
 
-## The whole suite, slow tests (real MiniLM) included.
+## The default suite: unit and tiny-model tests, every recipe end to end on tiny models (under 20 min on 2 cores).
 test: env
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=30
-
-## Unit and tiny-model tests only.
-test-fast: env
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" --durations=30
+
+## The tests marked slow: real weights, crash-and-resume, multi-process training, a local Ray cluster (CI runs both).
+test-slow: env
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m slow --durations=30
 
 lint: env
 	$(BIN)/ruff check edgetl tests benchmarks examples

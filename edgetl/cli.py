@@ -4,7 +4,6 @@ predict with a bundle or embed texts with one, serve it, sign it."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -194,13 +193,36 @@ def _cmd_predict(args) -> int:
         raise UsageError("predict: give texts on the command line or --input FILE.jsonl, not both or neither")
     if args.output and not args.input:
         raise UsageError("predict: --output goes with --input")
+    if args.engine == "ray":
+        return _predict_on_ray(args)
+    if args.workers is not None:
+        raise UsageError("predict: --workers goes with --engine ray")
     runtime = load(args.bundle, backend=args.backend, threads=args.threads, public_key=args.public_key)
     if args.input:
-        return _predict_file(runtime, Path(args.input), Path(args.output) if args.output else None)
+        from edgetl.scoring import predict_file
+
+        return predict_file(runtime, Path(args.input), Path(args.output) if args.output else None)
     items = _command_line_inputs(args.texts, runtime.text_pair)
     for item, result in zip(items, runtime.predict(items), strict=True):
         shown = item if isinstance(item, str) else "\t".join(item)  # a pair: text, then text_pair
         print(f"{runtime.to_text(result)}\t{shown}")
+    return 0
+
+
+def _predict_on_ray(args) -> int:
+    from edgetl.scoring import score_on_ray
+
+    if not args.output:
+        raise UsageError("predict --engine ray: --output FOLDER is needed (one Parquet file per input shard)")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError(f"predict: --workers must be at least 1, got {args.workers}")
+    scored, skipped, rows = score_on_ray(args.bundle, args.input, args.output, args.workers, args.threads or 1,
+                                         args.backend, args.public_key)
+    if not scored:
+        print(f"nothing to score: all {skipped} shards are in {args.output} already", file=sys.stderr)
+    else:
+        print(f"wrote {rows} predictions in {scored} Parquet shards to {args.output}"
+              + (f" ({skipped} shards already done, skipped)" if skipped else ""), file=sys.stderr)
     return 0
 
 
@@ -248,129 +270,6 @@ def _cmd_sign(args) -> int:
     return 0
 
 
-def _jsonl_input(row, text_pair: bool, takes_words: bool, field: str = "text") -> tuple[str, object]:
-    """The runtime method and input of one JSONL row (the text under ``field``); ValueError says what the row
-    should be."""
-    from edgetl.runtime.payloads import pair_from_json
-
-    if takes_words and isinstance(row, dict) and "words" in row:
-        words = row["words"]
-        if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
-            raise ValueError("'words' must be a list of strings")
-        return "predict_words", words
-    if text_pair:
-        pair = pair_from_json(row)
-        if pair is None:
-            raise ValueError("expected an object with a string 'text' and a string 'text_pair' (this bundle's model "
-                             "reads pairs), or [text, text_pair]")
-        return "predict", pair
-    if isinstance(row, dict) and "text_pair" in row:
-        raise ValueError("'text_pair' given, but this bundle's model reads single texts")
-    text = row.get(field) if isinstance(row, dict) else row
-    if not isinstance(text, str):
-        found = f" (its keys: {', '.join(sorted(row))})" if isinstance(row, dict) and field not in row else ""
-        raise ValueError(f"expected a string or an object with a string {field!r}{found}"
-                         + (", or an object with a list of strings 'words'" if takes_words else ""))
-    return "predict", text
-
-
-def _input_lines(path: Path) -> list[str]:
-    """The lines of a UTF-8 file, split on newlines only (a JSON string or a text may hold U+2028 and other
-    characters that ``str.splitlines`` would split on); a final newline ends the last line, a CR before a newline
-    is dropped."""
-    if not path.is_file():
-        raise UsageError(f"--input: file not found: {path}")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise UsageError(f"--input: {path}:{line}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    lines = text.removeprefix("\ufeff").split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return [line.removesuffix("\r") for line in lines]
-
-
-def read_jsonl_inputs(path: Path, text_pair: bool = False, takes_words: bool = False,
-                      field: str = "text") -> list[tuple[str, object]]:
-    """(runtime method, input) per line of a JSONL file: a JSON string or {"text": ...} (the text under ``field``);
-    {"text": ..., "text_pair": ...} for a bundle whose model reads pairs; {"words": [...]} for a runtime that takes
-    pre-split words. Blank lines are skipped."""
-    inputs = []
-    for number, line in enumerate(_input_lines(path), 1):
-        if not line.strip():
-            continue
-        try:
-            inputs.append(_jsonl_input(json.loads(line), text_pair, takes_words, field))
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"--input: {path}:{number}: not valid JSON ({exc.msg})") from None
-        except ValueError as exc:
-            raise UsageError(f"--input: {path}:{number}: {exc}") from None
-    return inputs
-
-
-def read_texts(path: Path, field: str = "text") -> list[str]:
-    """The texts of a file to embed: a .txt file's lines (every line a text, an empty one too, so that row i of the
-    vectors is line i + 1), or a .jsonl file's rows as ``read_jsonl_inputs`` reads single texts."""
-    if path.suffix == ".txt":
-        return _input_lines(path)
-    if path.suffix != ".jsonl":
-        raise UsageError(f"--input: {path}: expected a .jsonl file (one JSON text or {{\"{field}\": ...}} per line) "
-                         f"or a .txt file (one text per line)")
-    return [text for _, text in read_jsonl_inputs(path, field=field)]
-
-
-def _predict_inputs(runtime, inputs: list[tuple[str, object]]) -> list:
-    """Results in the order of ``inputs``, one runtime call per method (texts and word lists apart)."""
-    results = [None] * len(inputs)
-    for method in dict.fromkeys(method for method, _ in inputs):
-        indices = [i for i, (name, _) in enumerate(inputs) if name == method]
-        for index, result in zip(indices, getattr(runtime, method)([inputs[i][1] for i in indices]), strict=True):
-            results[index] = result
-    return results
-
-
-def _input_fields(item) -> dict:
-    if isinstance(item, tuple):
-        return {"text": item[0], "text_pair": item[1]}
-    return {"words": item} if isinstance(item, list) else {"text": item}
-
-
-def _json_line(row: dict) -> str:
-    """``row`` as one line of JSON, non-ASCII as is unless it holds a lone surrogate (a text that is not valid
-    Unicode, echoed back), which UTF-8 cannot encode: then escaped."""
-    line = json.dumps(row, ensure_ascii=False)
-    try:
-        line.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(row)
-    return line
-
-
-def _predict_file(runtime, source: Path, target: Path | None, chunk: int = 256) -> int:
-    """Predictions for every line of ``source``, written as JSONL (the input and its result) to ``target``
-    (atomically) or stdout."""
-    from tqdm import tqdm
-
-    inputs = read_jsonl_inputs(source, runtime.text_pair, runtime.takes_words)
-    rows = []
-    with tqdm(total=len(inputs), desc="predict", unit="text", disable=target is None) as progress:
-        for start in range(0, len(inputs), chunk):
-            batch = inputs[start:start + chunk]
-            for (_, item), result in zip(batch, _predict_inputs(runtime, batch), strict=True):
-                rows.append(_json_line({**_input_fields(item), **runtime.to_json(result)}))
-            progress.update(len(batch))
-    if target is None:
-        print("\n".join(rows))
-        return 0
-    from edgetl.artifact import write_bytes_atomic
-
-    write_bytes_atomic(target, "".join(f"{row}\n" for row in rows).encode("utf-8"))  # never half a file
-    print(f"wrote {len(rows)} predictions to {target}", file=sys.stderr)
-    return 0
-
-
 def _cmd_generate(args) -> int:
     from edgetl.runtime import GenerationSettings, Generator, load
 
@@ -393,6 +292,7 @@ def _cmd_embed(args) -> int:
 
     from edgetl.artifact import write_bytes_atomic
     from edgetl.runtime import Embedder, load
+    from edgetl.scoring import read_texts
 
     source, target = Path(args.input), Path(args.output)
     if target.suffix != ".npy":
@@ -518,11 +418,18 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("texts", nargs="*", help="texts; two at a time (text, text_pair) for a bundle of pairs")
     predict.add_argument("--input", help="JSONL file, one input per line: a JSON string or {\"text\": ...}; "
                                          "{\"text\": ..., \"text_pair\": ...} for a bundle of pairs; "
-                                         "{\"words\": [...]} for token classification")
-    predict.add_argument("--output", help="JSONL file for the inputs and their predictions (default: stdout)")
+                                         "{\"words\": [...]} for token classification (--engine ray: a folder "
+                                         "or glob of such .jsonl files, or .parquet files with those columns)")
+    predict.add_argument("--output", help="JSONL file for the inputs and their predictions (default: stdout); "
+                                          "--engine ray: a folder")
     predict.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino"])
     predict.add_argument("--threads", type=int)
     predict.add_argument("--public-key", help=PUBLIC_KEY_HELP)
+    predict.add_argument("--engine", choices=["local", "ray"], default="local",
+                         help="local: this process, one JSONL file; ray: a folder or glob of .jsonl / .parquet shards "
+                              "scored on Ray Data (one bundle per worker actor, one Parquet file per shard in "
+                              "--output; a restarted job skips finished shards)")
+    predict.add_argument("--workers", type=int, help="--engine ray: worker actors (default: cores / --threads)")
     predict.set_defaults(func=_cmd_predict)
 
     embed = sub.add_parser("embed", help="embed texts with a sentence-embedding bundle, torch-free: one float32 "

@@ -211,6 +211,7 @@ def test_prompt_tuning_saves_and_loads_as_it_trained(tiny_model, tmp_path):
 DANN = "stages.finetune.domain_adversarial={weight: 0.1}"
 
 
+@pytest.mark.slow
 def test_domain_adversarial_finetune_trains_the_domain_classifier_and_ships_without_it(tiny_runs):
     run_dir = tiny_runs("amazon-electronics", DANN)
     finetune = run_dir / "02-finetune"
@@ -225,6 +226,7 @@ def test_domain_adversarial_finetune_trains_the_domain_classifier_and_ships_with
     assert [i["path"].rsplit("/", 1)[-1] for i in inputs] == ["01-adapt"], "finetune starts from the adapted encoder"
 
 
+@pytest.mark.slow
 def test_target_evaluation_and_truncation_reach_the_bundle(tiny_runs, electronics_slice):
     run_dir = tiny_runs("amazon-electronics")
     rows = json.loads(next(run_dir.glob("*-evaluate/evaluation.json")).read_text())
@@ -337,6 +339,7 @@ def test_self_training_keeps_the_surest_texts_and_balances_labels():
     assert set(picked[labels == 1].tolist()) == {0, 1, 2} and picked[labels == 0].tolist() == [9]
 
 
+@pytest.mark.slow
 def test_self_train_pseudo_labels_the_target_and_resumes_after_a_killed_round(tiny_runs, shrink, tmp_path, monkeypatch):
     import shutil
 

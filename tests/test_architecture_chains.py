@@ -112,7 +112,7 @@ def fp32_agreement(run_dir: Path, task: str) -> float:
 
 
 @pytest.mark.parametrize("task", sorted(TASK_DATA))
-@pytest.mark.parametrize("model_type", TYPES)
+@pytest.mark.parametrize("model_type", [t if t == "bert" else pytest.param(t, marks=pytest.mark.slow) for t in TYPES])
 def test_the_whole_chain_runs_for_every_architecture_and_task(model_type, task, words, tmp_path, request, quiet_cwd):
     from edgetl.pipeline import run_recipe
     from edgetl.recipe import load_recipe

@@ -23,6 +23,7 @@ def sweep(tiny_run, tmp_path_factory):
     return out, json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_every_target_threads_and_shape_has_a_row(sweep):
     _, result = sweep
     assert (result["format"], result["format_version"], result["label"]) == ("edgetl-bench", 2, "tiny <b>")
@@ -39,6 +40,7 @@ def test_every_target_threads_and_shape_has_a_row(sweep):
     assert peers == {"Optimum default", "OpenVINO default"}
 
 
+@pytest.mark.slow
 def test_without_a_gpu_each_gpu_backend_is_skipped_with_a_note(sweep):
     from edgetl.bench.machine import gpus
 
@@ -51,6 +53,7 @@ def test_without_a_gpu_each_gpu_backend_is_skipped_with_a_note(sweep):
         assert f"{kind}: skipped" in notes
 
 
+@pytest.mark.slow
 def test_the_run_writes_its_reports(sweep):
     out, result = sweep
     for name in ("merged.md", "merged.csv", "merged.html", "pareto.png", "throughput_vs_batch.png"):
@@ -164,6 +167,7 @@ def test_gpu_variants_name_their_device_where_one_is_present(tiny_artifacts, mon
     assert notes == ["openvino on gpu: skipped (no GPU device)"]
 
 
+@pytest.mark.slow
 def test_the_benchmark_stage_writes_the_same_format_and_merges_with_a_sweep(sweep, tiny_run, tmp_path):
     import html
 
@@ -184,6 +188,7 @@ def test_the_benchmark_stage_writes_the_same_format_and_merges_with_a_sweep(swee
     assert len(machines) == len(stage["rows"]) + len(swept["rows"])
 
 
+@pytest.mark.slow
 def test_the_report_page_renders_in_headless_chromium(sweep, tmp_path):
     """benchmarks/render_html.py: Chromium from PATH, its cache, or the npm registry (@sparticuz/chromium)."""
     import shutil
@@ -207,6 +212,7 @@ def test_the_report_page_renders_in_headless_chromium(sweep, tmp_path):
     assert not page["png_blank"] and not page["images_broken"] and (tmp_path / "page.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_neural_compressor_pt2e_int8_quantizes_and_stays_close_to_fp32(tiny_artifacts, dev_texts):
     from edgetl.backends import Target
     from edgetl.bench.pt2e import pt2e_variants

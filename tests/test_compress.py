@@ -173,6 +173,7 @@ def test_unlabelled_rows_add_only_the_soft_loss():
     assert torch.isfinite(loss) and torch.isclose(loss, 0.5 * soft_only)
 
 
+@pytest.mark.slow
 def test_sst_tiny_reuses_the_teacher_and_shrinks_at_each_step(tiny_runs):
     from conftest import manifests
 
@@ -209,6 +210,7 @@ def test_a_missing_compared_run_fails_before_any_stage(tmp_path, shrink):
     assert not list((tmp_path / "sst-tiny").glob("[0-9][0-9]-*"))
 
 
+@pytest.mark.slow
 def test_qat_in_the_pipeline_exports_int8_graphs_and_reuses_finished_stages(tiny_runs, shrink):
     from conftest import manifests
     from edgetl.pipeline import run_recipe

@@ -7,11 +7,14 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import free_port, manifests
 
 TIMEOUT_S = 300
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_run_a_recipe_once(shrink, tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",

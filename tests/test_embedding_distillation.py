@@ -110,6 +110,7 @@ def test_a_pretrained_student_is_refused_for_embeddings(shrink):
         load_recipe("stsb-embed-tiny", overrides)
 
 
+@pytest.mark.slow
 def test_the_distilled_and_pruned_embedder_chain_ends_in_a_bundle_that_embeds(tiny_runs):
     from edgetl.runtime import load
 

@@ -44,6 +44,7 @@ def test_second_run_skips_every_stage(tiny_run, shrink, tmp_path, caplog, quiet_
     assert not [r for r in caplog.records if r.getMessage().endswith(": started")]
 
 
+@pytest.mark.slow
 def test_changing_one_stage_reruns_it_and_the_later_ones_only(dynamic_run):
     before, after = dynamic_run["before"], dynamic_run["after"]
     assert list(after) == STAGES
@@ -279,6 +280,7 @@ def _wait_for(predicate, timeout: float, proc: subprocess.Popen) -> bool:
     return False
 
 
+@pytest.mark.slow
 def test_kill_during_finetune_then_resume(shrink, tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "edgetl", "run", "sst-int8",
@@ -315,6 +317,7 @@ def test_kill_during_finetune_then_resume(shrink, tmp_path):
     assert TextClassifier.load(run_dir / "06-bundle").predict_one("a fine film").label in ("negative", "positive")
 
 
+@pytest.mark.slow
 def test_kill_during_quantize_then_rerun(tiny_run, shrink, tmp_path):
     run_dir = copy_run(tiny_run, tmp_path / "run")
     for later in STAGES[2:]:

@@ -56,6 +56,7 @@ def within_budget(search_root, shrink, tmp_path_factory):
         return folder, _searcher(recipe, folder, budget_ratio=100.0).run()
 
 
+@pytest.mark.slow
 def test_the_search_chooses_a_shape_within_the_budget_and_ships_its_bundle(within_budget, shrink):
     folder, summary = within_budget
     assert summary["met"] and summary["shapes_within_budget"] == 2
@@ -88,6 +89,7 @@ def test_the_search_chooses_a_shape_within_the_budget_and_ships_its_bundle(withi
     assert len(cache) == 1 and len(json.loads(cache[0].read_text())) == 6  # 2 shapes x 3 INT8 settings
 
 
+@pytest.mark.slow
 def test_an_int8_setting_whose_quantize_stage_fails_is_reported_and_the_search_goes_on(within_budget, shrink,
                                                                                        monkeypatch):
     import edgetl.search
@@ -112,6 +114,7 @@ def test_an_int8_setting_whose_quantize_stage_fails_is_reported_and_the_search_g
     assert failed["why"] in (folder / "front.md").read_text()
 
 
+@pytest.mark.slow
 def test_nothing_within_the_budget_still_ships_the_nearest_and_says_how_far(within_budget, shrink):
     folder, _ = within_budget
     recipe = load_recipe("sst-tiny", [*shrink("sst-tiny"), *SMALL])
@@ -123,6 +126,7 @@ def test_nothing_within_the_budget_still_ships_the_nearest_and_says_how_far(with
     assert Path(summary["bundle"], "edgetl.json").is_file() and (folder / "chosen.yaml").is_file()
 
 
+@pytest.mark.slow
 def test_the_fastest_mode_returns_the_fastest_option_at_or_above_the_floor(within_budget, shrink):
     folder, _ = within_budget
     recipe = load_recipe("sst-tiny", [*shrink("sst-tiny"), *SMALL])
@@ -132,6 +136,7 @@ def test_the_fastest_mode_returns_the_fastest_option_at_or_above_the_floor(withi
     assert summary["chosen"]["predicted_p50_ms"] == min(o["predicted_p50_ms"] for o in shipped)
 
 
+@pytest.mark.slow
 def test_a_search_killed_mid_trial_resumes_without_redoing_finished_stages(search_root, shrink):
     folder = search_root / "killed-search"
     args = [sys.executable, "-m", "edgetl", "search", "sst-tiny", *shrink("sst-tiny"), *SMALL, "--budget-ratio", "100",

@@ -251,6 +251,7 @@ def test_serve_refuses_a_bad_bundle_before_listening(tmp_path):
     assert result.returncode != 0 and "not an edgetl bundle" in result.stderr and "http://" not in result.stdout
 
 
+@pytest.mark.slow
 def test_a_fresh_venv_with_only_the_runtime_and_serve_extras_predicts_and_serves(bundle, tmp_path):
     """`pip install edgetl[serve]` into a new venv: no torch, no transformers, and both interfaces work."""
     import shutil

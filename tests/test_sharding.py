@@ -126,6 +126,7 @@ def test_a_dead_worker_fails_the_waiting_call_and_a_broken_part_fails_at_load(sh
         load(broken, backend="onnxruntime")
 
 
+@pytest.mark.slow
 def test_the_sharding_benchmark_measures_a_run(tiny_run, sst2_slice, tmp_path):
     import subprocess
     import sys
