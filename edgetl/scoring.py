@@ -18,7 +18,7 @@ from pathlib import Path
 from edgetl.artifact import write_bytes_atomic
 from edgetl.errors import UsageError
 
-CHUNK = 256  # inputs per runtime call, in both engines, so they batch (and pad) the same texts together
+CHUNK = 256  # inputs per runtime call (the runtime batches them only where the model is batch-invariant)
 SHARD_SUFFIXES = (".jsonl", ".parquet")
 
 
