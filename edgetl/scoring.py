@@ -251,10 +251,15 @@ class _ShardScorer:
 
 
 def score_on_ray(bundle: str, source: str, out: str, workers: int | None = None, threads: int = 1,
-                 backend: str = "auto", public_key=None, address: str | None = None) -> tuple[int, int, int]:
+                 backend: str = "auto", public_key=None) -> tuple[int, int, int]:
     """Score every shard of ``source`` into ``out`` on Ray Data: ``workers`` actors (default: this machine's cores
-    over ``threads``), each with ``threads`` inference threads. Connects to the cluster at ``address`` (or
-    ``RAY_ADDRESS``), else starts a local one. Returns (shards scored now, shards already done, rows scored now)."""
+    over ``threads``), each with ``threads`` inference threads. Connects to the cluster at ``RAY_ADDRESS``, else
+    starts a local one. Returns (shards scored now, shards already done, rows scored now)."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise UsageError("predict --engine ray needs Ray Data: pip install 'edgetl[ray]'") from None
     from tqdm import tqdm
 
     from edgetl.runtime import load
@@ -267,13 +272,10 @@ def score_on_ray(bundle: str, source: str, out: str, workers: int | None = None,
     del runtime
     if not pending:
         return 0, len(shards), 0
-    import ray
-    import ray.data
-
     workers = workers or max(1, (os.cpu_count() or 1) // threads)
     if not ray.is_initialized():
-        local = {} if address or os.environ.get("RAY_ADDRESS") else {"num_cpus": workers * threads}
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR", **local)
+        local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": workers * threads}
+        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", **local)
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run lines would bury the progress bar
     ray.data.DataContext.get_current().enable_progress_bars = False
     items = [{"source": str(s.resolve()), "target": str(t.resolve())} for s, t in pending]
