@@ -95,7 +95,7 @@ def read_texts(path: Path, field: str = "text") -> list[str]:
     return [text for _, text in read_jsonl_inputs(path, field=field)]
 
 
-def predict_inputs(runtime, inputs: list[tuple[str, object]]) -> list:
+def _predict_inputs(runtime, inputs: list[tuple[str, object]]) -> list:
     """Results in the order of ``inputs``, one runtime call per method (texts and word lists apart)."""
     results = [None] * len(inputs)
     for method in dict.fromkeys(method for method, _ in inputs):
@@ -122,19 +122,27 @@ def _json_line(row: dict) -> str:
     return line
 
 
+def scored_rows(runtime, inputs: list[tuple[str, object]], chunk: int = CHUNK, progress=None) -> list[dict]:
+    """One row per input, in order: the input's fields, then its result's (what both engines write); ``chunk``
+    inputs per runtime call, each call counted on ``progress`` (a tqdm bar) if given."""
+    rows = []
+    for start in range(0, len(inputs), chunk):
+        batch = inputs[start:start + chunk]
+        rows += [{**_input_fields(item), **runtime.to_json(result)}
+                 for (_, item), result in zip(batch, _predict_inputs(runtime, batch), strict=True)]
+        if progress is not None:
+            progress.update(len(batch))
+    return rows
+
+
 def predict_file(runtime, source: Path, target: Path | None, chunk: int = CHUNK) -> int:
     """Predictions for every line of ``source``, written as JSONL (the input and its result) to ``target``
     (atomically) or stdout."""
     from tqdm import tqdm
 
     inputs = read_jsonl_inputs(source, runtime.text_pair, runtime.takes_words)
-    rows = []
     with tqdm(total=len(inputs), desc="predict", unit="text", disable=target is None) as progress:
-        for start in range(0, len(inputs), chunk):
-            batch = inputs[start:start + chunk]
-            for (_, item), result in zip(batch, predict_inputs(runtime, batch), strict=True):
-                rows.append(_json_line({**_input_fields(item), **runtime.to_json(result)}))
-            progress.update(len(batch))
+        rows = [_json_line(row) for row in scored_rows(runtime, inputs, chunk, progress)]
     if target is None:
         print("\n".join(rows))
         return 0
@@ -194,12 +202,7 @@ def score_shard(runtime, source: Path, target: Path, chunk: int = CHUNK) -> int:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    inputs = read_shard(source, runtime.text_pair, runtime.takes_words)
-    rows = []
-    for start in range(0, len(inputs), chunk):
-        batch = inputs[start:start + chunk]
-        rows += [{**_input_fields(item), **runtime.to_json(result)}
-                 for (_, item), result in zip(batch, predict_inputs(runtime, batch), strict=True)]
+    rows = scored_rows(runtime, read_shard(source, runtime.text_pair, runtime.takes_words), chunk)
     table = pa.Table.from_pylist(rows).replace_schema_metadata(_provenance(runtime.folder, source))
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
