@@ -7,6 +7,7 @@ user's own. Every row is checked before anything trains: a bad one fails with it
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from edgetl.corpora import KNOWN_DATASETS, KnownDataset, datasets_dir, target_dir, target_files
@@ -192,6 +193,12 @@ def tokenize(ds, tokenizer, cfg: DataConfig, max_length: int | None = None, task
     inputs = [c for c in ds.column_names if c in task.columns.values() and c != "label"]
     return ds.map(lambda batch: encode(batch, tokenizer, cfg, max_length), batched=True, remove_columns=inputs,
                   desc="tokenize")
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of ``text``: cut after . ! or ? and whitespace, and at line breaks. Good enough for text a teacher
+    labels (a wrong cut leaves a phrase, as many rows of SST-2 are); no sentence model to download."""
+    return [s for s in (part.strip() for part in re.split(r"(?<=[.!?])\s+|\s*\n\s*", text)) if s]
 
 
 def read_texts(path: Path, text_field: str, field: str) -> list[str]:

@@ -19,7 +19,7 @@ from torch.nn import functional as F
 
 from edgetl.architectures.torch_ops import keep_layers
 from edgetl.modeling import encoder_layers
-from edgetl.recipe import DistillationConfig
+from edgetl.recipe import DistillationConfig, TransferText
 from edgetl.training import Trainer
 
 
@@ -164,9 +164,8 @@ def distil(cfg: DistillationConfig, ctx, student, teacher, tokenizer, train_tok,
 HELD_OUT_TEXTS = 1000  # at most, and at most a tenth of the training texts
 
 
-def distillation_data(ctx, tokenizer, extra_text_file: str | None = None, extra_text_field: str | None = None):
-    """Tokenized (train, selection) rows of the task's objective; ``extra_text_file``'s texts (its column
-    ``extra_text_field``, default ``data.text_field``) train only.
+def distillation_data(ctx, tokenizer, extra: TransferText | None = None):
+    """Tokenized (train, selection) rows of the task's objective; ``extra``'s ``extra_text_file`` texts train only.
 
     soft_targets: the labelled training split (plus the extra text with label -100, soft targets only) and the dev
     split. vectors: unlabelled texts, every text of the training split's rows (both texts of a pair) once, of which a
@@ -174,18 +173,21 @@ def distillation_data(ctx, tokenizer, extra_text_file: str | None = None, extra_
     """
     import datasets
 
-    from edgetl.data import load_labelled, read_texts, tokenize
+    from edgetl.data import load_labelled, read_texts, split_sentences, tokenize
     from edgetl.tasks import task_for
     from edgetl.training import labelled_data
 
     data, task = ctx.recipe.data, task_for(ctx.recipe.task)
-    extra = []
-    if extra_text_file:
-        extra = read_texts(Path(extra_text_file).expanduser(), extra_text_field or data.text_field, "distill.extra_text_file")
+    extra_texts = []
+    if extra is not None and extra.extra_text_file:
+        extra_texts = read_texts(Path(extra.extra_text_file).expanduser(), extra.extra_text_field or data.text_field,
+                                 f"{extra.stage}.extra_text_file")
+        if extra.extra_text_sentences:
+            extra_texts = [sentence for text in extra_texts for sentence in split_sentences(text)]
     if task.distillation == "soft_targets":
         train_tok, dev_tok = labelled_data(ctx, tokenizer)
-        if extra:
-            rows = datasets.Dataset.from_dict({"text": extra, "label": [-100] * len(extra)})
+        if extra_texts:
+            rows = datasets.Dataset.from_dict({"text": extra_texts, "label": [-100] * len(extra_texts)})
             train_tok = datasets.concatenate_datasets([train_tok, tokenize(rows, tokenizer, data).cast(train_tok.features)])
         return train_tok, dev_tok
     train = load_labelled(data, task)[0]
@@ -194,6 +196,6 @@ def distillation_data(ctx, tokenizer, extra_text_file: str | None = None, extra_
     held = min(HELD_OUT_TEXTS, max(1, len(texts) // 10))
     held_out = [texts[i] for i in order[:held]]
     unseen = set(held_out)
-    training = [t for t in dict.fromkeys([texts[i] for i in order[held:]] + extra) if t not in unseen]
+    training = [t for t in dict.fromkeys([texts[i] for i in order[held:]] + extra_texts) if t not in unseen]
     return tuple(tokenize(datasets.Dataset.from_dict({"text": split, "label": [-100] * len(split)}), tokenizer, data)
                  for split in (training, held_out))

@@ -106,11 +106,11 @@ def tiny_overrides(tiny_model: Path, sst2_slice: Path, recipe: str | Path = "sst
         wanted["stages.quantize.max_accuracy_drop"] = "2.5"
     if target is not None and "target" in (_recipe_yaml(recipe).get("data") or {}):
         wanted["data.target"] = str(target)
-    if any(s.get("extra_text_file") for s in _recipe_yaml(recipe)["stages"] if s["stage"] == "distill"):
+    for stage in (s["stage"] for s in _recipe_yaml(recipe)["stages"] if s.get("extra_text_file")):
         # The slice's own training file (STS-B's second texts, SST-2's sentences), not a whole corpus.
         train_file = next(sst2_slice.glob("train.*"))
-        wanted["stages.distill.extra_text_file"] = str(train_file)
-        wanted["stages.distill.extra_text_field"] = {".jsonl": "sentence2", ".tsv": "sentence"}[train_file.suffix]
+        wanted[f"stages.{stage}.extra_text_file"] = str(train_file)
+        wanted[f"stages.{stage}.extra_text_field"] = {".jsonl": "sentence2", ".tsv": "sentence"}[train_file.suffix]
     wanted.update({key.replace("__", "."): str(value) for key, value in changes.items()})
     return [f"{key}={value}" for key, value in wanted.items()
             if not key.startswith("stages.") or key.split(".")[1] in stages]

@@ -190,6 +190,14 @@ def test_sst_tiny_reuses_the_teacher_and_shrinks_at_each_step(tiny_runs):
         assert tiny[name]["metrics"]["gflops_per_text"] > 0 and 0 <= tiny[name]["metrics"]["accuracy"] <= 1
 
 
+def test_sst_tiny_distils_and_recovers_on_the_extra_text_too(tiny_runs):
+    from conftest import manifests
+
+    metrics = {name: m["metrics"] for name, m in manifests(tiny_runs("sst-tiny")).items()}
+    labelled = metrics["01-finetune"]["train_samples"]
+    assert metrics["02-distill"]["train_samples"] == metrics["03-prune"]["train_samples"] > labelled
+
+
 def test_sst_tiny_benchmarks_the_sst_int8_bundle_in_the_same_run(tiny_runs):
     run_dir = tiny_runs("sst-tiny")
     rows = json.loads((run_dir / "07-benchmark" / "results.json").read_text())["rows"]

@@ -3,6 +3,7 @@ sentences, units are scored without labels, and the whole chain ends in a bundle
 
 from __future__ import annotations
 
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -58,8 +59,11 @@ def test_embedding_distillation_reads_each_training_text_once_holds_some_out_and
         tiny_embedder, shrink, tmp_path):
     from edgetl.data import load_labelled
     from edgetl.distillation import distillation_data
-    from edgetl.recipe import load_recipe
+    from edgetl.recipe import DistillStage, load_recipe
     from edgetl.tasks import TASKS
+
+    def extra_text(path, **fields) -> DistillStage:
+        return DistillStage(stage="distill", extra_text_file=str(path), **fields)
 
     _, tokenizer = tiny_embedder
     recipe = load_recipe("stsb-embed-tiny", shrink("stsb-embed-tiny"))
@@ -68,7 +72,7 @@ def test_embedding_distillation_reads_each_training_text_once_holds_some_out_and
     extra = tmp_path / "extra.txt"
     extra.write_text("a sentence from elsewhere .\n" + train["text"][0] + "\n")
     ctx = SimpleNamespace(recipe=recipe, latest=lambda *kinds: None)
-    training, held_out = distillation_data(ctx, tokenizer, str(extra))
+    training, held_out = distillation_data(ctx, tokenizer, extra_text(extra))
 
     def ids(rows) -> list[tuple]:
         return [tuple(row) for row in rows["input_ids"]]
@@ -83,7 +87,11 @@ def test_embedding_distillation_reads_each_training_text_once_holds_some_out_and
     assert len(set(ids(training)) - encoded) == 1  # the extra sentence
     column = tmp_path / "extra.tsv"  # SST-2's layout: the text under its own column name
     column.write_text("sentence\tlabel\na sentence from elsewhere .\t1\nanother one .\t0\n")
-    assert len(distillation_data(ctx, tokenizer, str(column), "sentence")[0]) == len(training) + 1
+    assert len(distillation_data(ctx, tokenizer, extra_text(column, extra_text_field="sentence"))[0]) == len(training) + 1
+    reviews = tmp_path / "reviews.jsonl"  # a review's title and body: three sentences, each a text of its own
+    reviews.write_text(json.dumps({"text": "Dull.\n\tIt never ends! I left early."}) + "\n")
+    split = distillation_data(ctx, tokenizer, extra_text(reviews, extra_text_field="text", extra_text_sentences=True))[0]
+    assert len(split) == len(training) - 1 + 3  # training held one extra text
 
 
 @pytest.mark.parametrize("score", ["taylor", "fisher"])

@@ -9,7 +9,19 @@ from pydantic import Field, model_validator
 from edgetl.recipe.base import Backend, Declared, DistillationConfig, _Strict
 
 
-class DistillStage(DistillationConfig, Declared):
+class TransferText(DistillationConfig):
+    """Distillation whose transfer set may grow by unlabelled text the teacher labels (TinyBERT's augmented data)."""
+
+    extra_text_file: str | None = Field(None, description="Unlabelled text (jsonl/csv/tsv with data.text_field, or "
+                                        ".txt, one text per line) added to the training texts: soft targets only for a "
+                                        "classifier, the teacher's vectors for an embedding model.")
+    extra_text_field: str | None = Field(None, description="The column of extra_text_file (csv/tsv/jsonl) that holds "
+                                         "the text; default: data.text_field.")
+    extra_text_sentences: bool = Field(False, description="Split each extra text into sentences (after . ! ? and a "
+                                       "space, and at line breaks), for a task whose texts are single sentences.")
+
+
+class DistillStage(TransferText, Declared):
     """Knowledge distillation into a smaller student: a shallower copy of the teacher, or a named pretrained model."""
 
     takes: ClassVar[tuple[str, ...]] = ("pytorch-model",)
@@ -24,12 +36,6 @@ class DistillStage(DistillationConfig, Declared):
                                      "(default: every other layer from the first, as DistilBERT).")
     epochs: float = Field(3.0, gt=0)
     learning_rate: float = Field(1e-4, gt=0, lt=1)
-    extra_text_file: str | None = Field(None, description="Unlabelled text (jsonl/csv/tsv with data.text_field, or "
-                                        ".txt, one text per line) added to the training texts: soft targets only for a "
-                                        "classifier, the teacher's vectors for an embedding model.")
-    extra_text_field: str | None = Field(None, description="The column of extra_text_file (csv/tsv/jsonl) that holds "
-                                         "the text; default: data.text_field.")
-
     @model_validator(mode="after")
     def _student_or_layers(self) -> DistillStage:
         if self.student is not None and self.layers is not None:
@@ -42,8 +48,11 @@ class DistillStage(DistillationConfig, Declared):
         return () if self.teacher else self.takes  # a teacher folder is read by the stage itself
 
 
-class PruneStage(DistillationConfig, Declared):
-    """Structured pruning (heads, FFN neurons, whole layers) rebuilt as smaller Linear layers, then vocabulary."""
+class PruneStage(TransferText, Declared):
+    """Structured pruning (heads, FFN neurons, whole layers) rebuilt as smaller Linear layers, then vocabulary.
+
+    The extra text joins recovery only; importance is scored on the labelled training rows.
+    """
 
     takes: ClassVar[tuple[str, ...]] = ("pytorch-model",)
     reads: ClassVar[frozenset[str]] = frozenset({"data"})

@@ -53,7 +53,7 @@ def run(cfg: DistillStage, ctx, out_dir: Path) -> StageOutput:
     tokenizer = AutoTokenizer.from_pretrained(folder)
     student = make_student(cfg, teacher, tokenizer, label_names(ctx.recipe.data, task_for(ctx.recipe.task)))
     # The task's rows: labelled ones (soft targets), or unlabelled texts with held-out ones to select by (vectors).
-    train_tok, dev_tok = distillation_data(ctx, tokenizer, cfg.extra_text_file, cfg.extra_text_field)
+    train_tok, dev_tok = distillation_data(ctx, tokenizer, cfg)
     collator = DataCollatorWithPadding(tokenizer)
     trainer = distil(cfg, ctx, student, teacher, tokenizer, train_tok, dev_tok, collator, "distill")
     return finish_training(trainer, student, tokenizer, collator, train_tok, dev_tok, cfg, ctx, out_dir,

@@ -111,8 +111,9 @@ def run(cfg: PruneStage, ctx, out_dir: Path) -> StageOutput:
         metrics[f"{task.metric}_before_recovery"] = round(before, 5)
         if cfg.recovery:
             # Recovery: the pruned model learns from the teacher (the model holds the best weights after).
-            trainer = distil(cfg, ctx, model, teacher, tokenizer, train_tok, dev_tok, collator, "prune")
-            metrics.update(training_metrics(trainer, len(train_tok), len(dev_tok)))
+            recovery_tok = distillation_data(ctx, tokenizer, cfg)[0] if cfg.extra_text_file else train_tok
+            trainer = distil(cfg, ctx, model, teacher, tokenizer, recovery_tok, dev_tok, collator, "prune")
+            metrics.update(training_metrics(trainer, len(recovery_tok), len(dev_tok)))
             write_eval_history(trainer, out_dir)
         del teacher
     if cfg.vocabulary:
