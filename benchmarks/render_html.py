@@ -118,7 +118,7 @@ class DevTools:
     even on about:blank), while the protocol works with it and with any other Chromium.
     """
 
-    def __init__(self, binary: Path):
+    def __init__(self, binary: Path, flags: tuple[str, ...] = (), timeout: float = TIMEOUT_S):
         to_browser_read, self._to_browser = os.pipe()
         self._from_browser, from_browser_write = os.pipe()
         # Copy the child's ends above fd 4 first, so that moving them onto 3 and 4 cannot clobber each other.
@@ -126,12 +126,13 @@ class DevTools:
         self._profile = tempfile.TemporaryDirectory(prefix="render_html-")
         self._log = open(Path(self._profile.name) / "chromium.log", "w+")  # closed in close()
         self.process = subprocess.Popen(
-            [str(binary), *FLAGS, f"--user-data-dir={self._profile.name}"], env=chromium_env(binary),
+            [str(binary), *FLAGS, *flags, f"--user-data-dir={self._profile.name}"], env=chromium_env(binary),
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, close_fds=False,
             preexec_fn=lambda: (os.dup2(child_in, 3), os.dup2(child_out, 4)))
         for fd in (to_browser_read, from_browser_write, child_in, child_out):
             os.close(fd)
-        self._deadline = time.monotonic() + TIMEOUT_S
+        self._timeout = timeout
+        self._deadline = time.monotonic() + timeout
         self._buffer, self._backlog, self._last_id = b"", [], 0
 
     def call(self, method: str, session: str | None = None, **params) -> dict:
@@ -160,7 +161,7 @@ class DevTools:
             while b"\0" not in self._buffer:
                 left = self._deadline - time.monotonic()
                 if left <= 0 or not select.select([self._from_browser], [], [], left)[0]:
-                    sys.exit(f"render_html: Chromium did not answer within {TIMEOUT_S} s{self._log_tail()}")
+                    sys.exit(f"render_html: Chromium did not answer within {self._timeout} s{self._log_tail()}")
                 chunk = os.read(self._from_browser, 1 << 20)
                 if not chunk:
                     sys.exit(f"render_html: Chromium exited early{self._log_tail()}")

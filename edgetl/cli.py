@@ -1,5 +1,5 @@
 """edgetl command line: run / validate recipes, report on a run, print the support matrix, benchmark artifacts,
-predict with a bundle or embed texts with one, serve it, sign it."""
+predict with a bundle or embed texts with one, serve it, put it in a web page, sign it."""
 
 from __future__ import annotations
 
@@ -237,12 +237,25 @@ def _command_line_inputs(texts: list[str], text_pair: bool) -> list:
 
 
 def _cmd_serve(args) -> int:
+    if args.web:
+        from edgetl.web import serve_page
+
+        serve_page(args.bundle, args.host, args.port)
+        return 0
     from edgetl.runtime import load
     from edgetl.runtime.server import serve
 
     runtime = load(args.bundle, backend=args.backend, threads=args.threads, public_key=args.public_key)
     limits = {k: v for k, v in (("max_body_bytes", args.max_body_bytes), ("max_texts", args.max_texts)) if v is not None}
     serve(runtime, args.host, args.port, max_batch=args.max_batch, **limits)
+    return 0
+
+
+def _cmd_export_web(args) -> int:
+    from edgetl.web import export_web, summary
+
+    weights = export_web(args.bundle, args.out)
+    print(f"wrote {args.out}: {summary(weights)}. Open it from any static server, e.g. edgetl serve {args.out} --web")
     return 0
 
 
@@ -467,7 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="serve a bundle over HTTP: POST /predict (POST /embed for a "
                                          "sentence-embedding bundle), GET /health, GET /metadata")
-    serve.add_argument("bundle")
+    serve.add_argument("bundle", help="a bundle folder, or with --web a folder written by export-web")
+    serve.add_argument("--web", action="store_true", help="serve an export-web folder as static files (with the "
+                                                          "headers that let its WebAssembly use threads)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
     serve.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "openvino"])
@@ -477,6 +492,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-texts", type=int, help="texts or sentences per request; more get 413 (default: 1024)")
     serve.add_argument("--public-key", help=PUBLIC_KEY_HELP)
     serve.set_defaults(func=_cmd_serve)
+
+    web = sub.add_parser("export-web", help="a text-classification bundle as a static web page that classifies text "
+                                            "in the browser (onnxruntime-web, WebAssembly), offline")
+    web.add_argument("bundle")
+    web.add_argument("out", help="folder for the page (must not exist)")
+    web.set_defaults(func=_cmd_export_web)
 
     keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles: OUT (private) and OUT.pub")
     keygen.add_argument("out", help="private key file to write (PEM); the public key goes to OUT.pub")

@@ -1,0 +1,193 @@
+"""An `edgetl export-web` page in headless Chromium against the Python runtime on the same texts and model file.
+
+    .venv/bin/python benchmarks/web_page.py BUNDLE PAGE_DIR [--texts FILE] [--out OUT.json] [--png OUT.png]
+        [--rounds 2] [--chromium PATH]
+
+Serves PAGE_DIR as `edgetl serve --web` does (cross-origin isolated, so WebAssembly gets threads) and opens it in
+Chromium (found as benchmarks/render_html.py finds it) with every host but 127.0.0.1 unresolvable, recording each
+request the page makes. Then, for every text of --texts (default: SST-2 dev, 872 sentences; a .tsv's `sentence`
+column or a .txt's lines): the page's token ids and the Python runtime's (`edgetl.runtime.load(BUNDLE)`), the
+labels and the largest probability difference. With --rounds N it times batch-1 predictions (tokenize, run, softmax;
+one text per call) in the page and in the Python runtime (ONNX Runtime, the same model file), each in its own
+block, the order alternating by round, and reports each block's p50. A screenshot of the page showing a
+prediction goes to --png. Prints JSON (also written to --out); exits 1 if a token id or a label differs, a
+probability differs by more than 1e-3, or the page requested anything outside its own folder; 2 (printing the
+message the page shows) if the page cannot load its bundle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import platform
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+from render_html import DevTools, find_chromium
+
+PROBABILITY_TOLERANCE = 1e-3
+DEV = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "sst2" / "dev.tsv"
+
+
+def read_texts(path: Path) -> list[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".tsv":
+        column = lines[0].split("\t").index("sentence")
+        return [line.split("\t")[column] for line in lines[1:] if line]
+    return [line for line in lines if line]
+
+
+class Page:
+    """The page open in a Chromium tab; ``run(js)`` awaits an async expression and returns its JSON value."""
+
+    def __init__(self, binary: Path, url: str, timeout: float):
+        # Every host name but the page's own resolves to nothing: the page must not need the network.
+        self.browser = DevTools(binary, ("--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",), timeout)
+        self.version = self.browser.call("Browser.getVersion")["product"]
+        target = self.browser.call("Target.createTarget", url="about:blank")["targetId"]
+        self.tab = self.browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        self.browser.call("Emulation.setDeviceMetricsOverride", self.tab, width=900, height=700, deviceScaleFactor=1,
+                          mobile=False)
+        self.browser.call("Network.enable", self.tab)
+        self.browser.call("Page.enable", self.tab)
+        navigation = self.browser.call("Page.navigate", self.tab, url=url)
+        if navigation.get("errorText"):
+            sys.exit(f"web_page: Chromium could not open {url}: {navigation['errorText']}")
+        self.browser.wait_event("Page.loadEventFired")
+
+    def run(self, expression: str):
+        reply = self.browser.call("Runtime.evaluate", self.tab, expression=expression, awaitPromise=True,
+                                  returnByValue=True)
+        if "exceptionDetails" in reply:
+            details = reply["exceptionDetails"]
+            raise RuntimeError(details.get("exception", {}).get("description") or details.get("text"))
+        return reply["result"].get("value")
+
+    def requests(self) -> list[str]:
+        return [m["params"]["request"]["url"] for m in self.browser._backlog
+                if m.get("method") == "Network.requestWillBeSent"]
+
+    def screenshot(self, png: Path) -> None:
+        png.write_bytes(base64.b64decode(self.browser.call("Page.captureScreenshot", self.tab, format="png")["data"]))
+
+    def close(self) -> None:
+        self.browser.close()
+
+
+def page_answers(page: Page, texts: list[str]) -> list[dict]:
+    return page.run(f"""(async () => {{
+        const classifier = await window.edgetl.ready;
+        const out = [];
+        for (const text of {json.dumps(texts)}) out.push({{ids: classifier.encode(text), ...(await classifier.predict(text))}});
+        return out;
+    }})()""")
+
+
+def page_times(page: Page, texts: list[str]) -> list[float]:
+    return page.run(f"""(async () => {{
+        const classifier = await window.edgetl.ready;
+        const ms = [];
+        for (const text of {json.dumps(texts)}) {{
+            const start = performance.now();
+            await classifier.predict(text);
+            ms.push(performance.now() - start);
+        }}
+        return ms;
+    }})()""")
+
+
+def native_times(runtime, texts: list[str]) -> list[float]:
+    ms = []
+    for text in texts:
+        start = time.perf_counter()
+        runtime.predict([text])
+        ms.append((time.perf_counter() - start) * 1e3)
+    return ms
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("page", type=Path, help="the folder edgetl export-web wrote for BUNDLE")
+    parser.add_argument("--texts", type=Path, default=DEV)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--png", type=Path)
+    parser.add_argument("--rounds", type=int, default=0, help="timing rounds (0: agreement only)")
+    parser.add_argument("--chromium")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds for the whole browser session")
+    args = parser.parse_args()
+
+    from edgetl.runtime import load
+    from edgetl.web import page_server
+
+    texts = read_texts(args.texts)
+    runtime = load(args.bundle, backend="onnxruntime")
+    server = page_server(args.page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    origin = f"http://127.0.0.1:{server.server_address[1]}/"
+    page = Page(find_chromium(args.chromium), origin + "index.html", args.timeout)
+    try:
+        start = time.perf_counter()
+        loaded = page.run("window.edgetl.ready.then(() => ({isolated: self.crossOriginIsolated}), "
+                          "() => ({error: document.getElementById('status').textContent}))")
+        load_s = time.perf_counter() - start
+        if "error" in loaded:  # the page's own message, as a person would read it
+            print(json.dumps({"page": str(args.page), "error": loaded["error"]}))
+            return 2
+        if args.png:
+            page.screenshot(args.png)
+        answers = page_answers(page, texts)
+        expected = runtime.predict(texts)
+        python_ids = [e.ids for e in runtime.tokenizer.encode_batch(texts)]
+        id_mismatch = [i for i, a in enumerate(answers) if a["ids"] != python_ids[i]]
+        label_mismatch = [i for i, (a, e) in enumerate(zip(answers, expected, strict=True)) if a["label"] != e.label]
+        gaps = [max(abs(a["scores"][k] - e.scores[k]) for k in e.scores) for a, e in zip(answers, expected, strict=True)]
+        gap = max(gaps)
+        rounds = []
+        for r in range(args.rounds):
+            blocks = [("browser", lambda: page_times(page, texts)), ("native", lambda: native_times(runtime, texts))]
+            row = {}
+            for name, timed in (blocks if r % 2 == 0 else blocks[::-1]):
+                row[f"{name}_p50_ms"] = round(statistics.median(timed()), 3)
+            row["order"] = "browser, native" if r % 2 == 0 else "native, browser"
+            row["browser_over_native"] = round(row["browser_p50_ms"] / row["native_p50_ms"], 2)
+            rounds.append(row)
+        outside = [url for url in page.requests() if not url.startswith(origin)]
+    finally:
+        page.close()
+        server.shutdown()
+    weights = json.loads((args.page / "vendor" / "packages.json").read_text())
+    page_files = [p for p in args.page.rglob("*") if p.is_file() and p.parent.name != "vendor"]
+    report = {
+        "bundle": str(args.bundle), "page": str(args.page), "chromium": page.version, "machine": platform.processor()
+        or platform.machine(), "texts": len(texts), "texts_file": str(args.texts), "cross_origin_isolated":
+        loaded["isolated"], "load_s": round(load_s, 2), "token_ids_differ": len(id_mismatch),
+        "labels_differ": len(label_mismatch), "largest_probability_difference": gap,
+        "probabilities_beyond_tolerance": sum(g > PROBABILITY_TOLERANCE for g in gaps),
+        "requests_outside_the_page": outside, "page_bytes": sum(p.stat().st_size for p in page_files),
+        "runtime_bytes": sum(p.stat().st_size for p in (args.page / "vendor").iterdir()), "packages": weights,
+        "timing_rounds": rounds,
+        "first_differences": [{"text": texts[i], "page": answers[i]["ids"], "python": python_ids[i]}
+                              for i in id_mismatch[:3]],
+    }
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    problems = [what for failed, what in [
+        (id_mismatch, f"{len(id_mismatch)} texts tokenized differently"),
+        (label_mismatch, f"{len(label_mismatch)} labels differ"),
+        (gap > PROBABILITY_TOLERANCE, f"probabilities differ by {gap:.2e} (tolerance {PROBABILITY_TOLERANCE})"),
+        (outside, f"the page requested {outside[:3]}"),
+    ] if failed]
+    if problems:
+        sys.exit("web_page: FAILED: " + "; ".join(problems))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

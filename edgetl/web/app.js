@@ -1,0 +1,129 @@
+// An edgetl bundle in a web page: the bundle's tokenizer (tokenizers.js reads its tokenizer.json) and its ONNX
+// model (onnxruntime-web, WebAssembly), cutting and batching texts as edgetl's Python runtime does, so a page
+// answers what `edgetl predict` answers. Written by `edgetl export-web`; nothing here reaches the network
+// beyond the folder it is served from.
+import * as ort from "./vendor/ort.wasm.min.mjs";
+import { Tokenizer } from "./vendor/tokenizers.min.mjs";
+
+export const SUPPORTED = { format: "edgetl-bundle", versions: [1], tasks: ["text-classification"] };
+
+/** Why this page cannot run the bundle whose edgetl.json is `manifest`, or null. */
+export function unsupported(manifest) {
+  if (manifest.format !== SUPPORTED.format) return `edgetl.json is not an edgetl bundle manifest (format ${manifest.format})`;
+  if (!SUPPORTED.versions.includes(manifest.format_version)) {
+    return `bundle format version ${manifest.format_version} is newer than this page reads (${SUPPORTED.versions.join(", ")}): export it again with the edgetl that made it`;
+  }
+  const task = manifest.task ?? "text-classification";
+  if (!SUPPORTED.tasks.includes(task)) return `a ${task} bundle: this page classifies text (tasks: ${SUPPORTED.tasks.join(", ")})`;
+  if (manifest.text_pair) return "the model reads pairs of texts; this page classifies single texts";
+  if (!manifest.models?.onnx) return "the bundle has no ONNX model";
+  return null;
+}
+
+async function fetchOk(url) {
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+  return response;
+}
+
+/** The bytes at `url`, reporting (received, total) to `onProgress` as they arrive. */
+async function fetchBytes(url, onProgress) {
+  const response = await fetchOk(url);
+  const total = Number(response.headers.get("content-length")) || 0;
+  const reader = response.body.getReader();
+  const chunks = [];
+  let received = 0;
+  for (;;) {
+    const { done, value } = await reader.read();
+    if (done) break;
+    chunks.push(value);
+    received += value.length;
+    onProgress?.(received, total);
+  }
+  const bytes = new Uint8Array(received);
+  let offset = 0;
+  for (const chunk of chunks) { bytes.set(chunk, offset); offset += chunk.length; }
+  return bytes;
+}
+
+function sameIds(a, b, at) {
+  for (let i = 0; i < b.length; i++) if (a[at + i] !== b[i]) return false;
+  return true;
+}
+
+export class TextClassifier {
+  constructor(manifest, tokenizer, session, modelBytes) {
+    this.manifest = manifest;
+    this.tokenizer = tokenizer;
+    this.session = session;
+    this.modelBytes = modelBytes;
+    this.labels = manifest.labels;
+    this.maxLength = manifest.max_length;
+    this.truncation = manifest.truncation ?? "right";
+    this.headTokens = manifest.head_tokens ?? 0;
+    this.inputNames = manifest.input_names ?? ["input_ids", "attention_mask", "token_type_ids"];
+  }
+
+  /** Token ids of `text`, cut to max_length as the bundle says ('right', 'left' or 'head+tail'). */
+  encode(text) {
+    const full = this.tokenizer.encode(text).ids;
+    if (full.length <= this.maxLength) return full;
+    if (this.truncation === "head+tail") {  // edgetl.inputs.head_tail: [CLS] and the head, then the end
+      const head = Math.min(this.headTokens, this.maxLength - 2) + 1;
+      return full.slice(0, head).concat(full.slice(full.length - (this.maxLength - head)));
+    }
+    // As the tokenizers library truncates: the text's own tokens are cut, the special tokens around them stay.
+    const bare = this.tokenizer.encode(text, { add_special_tokens: false }).ids;
+    let start = 0;
+    while (!sameIds(full, bare, start)) start++;
+    const room = this.maxLength - (full.length - bare.length);
+    const kept = this.truncation === "left" ? bare.slice(bare.length - room) : bare.slice(0, room);
+    return full.slice(0, start).concat(kept, full.slice(start + bare.length));
+  }
+
+  /** The model's logits for one text (one call, as the Python runtime runs a dynamic-INT8 model). */
+  async logits(text) {
+    const ids = this.encode(text);
+    const n = ids.length;
+    const columns = {
+      input_ids: BigInt64Array.from(ids, BigInt),
+      attention_mask: new BigInt64Array(n).fill(1n),
+      token_type_ids: new BigInt64Array(n),
+    };
+    const feeds = {};
+    for (const name of this.inputNames) feeds[name] = new ort.Tensor("int64", columns[name], [1, n]);
+    const outputs = await this.session.run(feeds);
+    return Array.from(outputs[this.session.outputNames[0]].data);
+  }
+
+  /** {label, score, scores}: the label of the highest probability, that probability, and each label's. */
+  async predict(text) {
+    const logits = await this.logits(text);
+    const top = Math.max(...logits);
+    const exp = logits.map((x) => Math.exp(x - top));
+    const sum = exp.reduce((a, b) => a + b, 0);
+    const probabilities = exp.map((e) => e / sum);
+    const best = probabilities.indexOf(Math.max(...probabilities));
+    const scores = Object.fromEntries(this.labels.map((label, i) => [label, probabilities[i]]));
+    return { label: this.labels[best], score: probabilities[best], scores };
+  }
+}
+
+/** The bundle exported beside this file, loaded; `onProgress(received, total)` follows the model download. */
+export async function load({ onProgress } = {}) {
+  const base = new URL("./", import.meta.url);
+  const manifest = await (await fetchOk(new URL("edgetl.json", base))).json();
+  const problem = unsupported(manifest);
+  if (problem) throw new Error(`This page cannot run this bundle: ${problem}.`);
+  ort.env.wasm.wasmPaths = new URL("vendor/", base).href;
+  // Threads need SharedArrayBuffer, which a browser gives only to a cross-origin-isolated page.
+  ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(navigator.hardwareConcurrency || 1, 4) : 1;
+  const modelPath = manifest.models.onnx.path;
+  const modelDir = modelPath.includes("/") ? modelPath.slice(0, modelPath.lastIndexOf("/") + 1) : "";
+  const tokenizerJson = await (await fetchOk(new URL("tokenizer.json", base))).json();
+  const config = await fetch(new URL(`${modelDir}tokenizer_config.json`, base));
+  const tokenizer = new Tokenizer(tokenizerJson, config.ok ? await config.json() : {});
+  const modelBytes = await fetchBytes(new URL(modelPath, base), onProgress);
+  const session = await ort.InferenceSession.create(modelBytes, { executionProviders: ["wasm"] });
+  return new TextClassifier(manifest, tokenizer, session, modelBytes.length);
+}
