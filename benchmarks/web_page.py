@@ -7,7 +7,8 @@ Serves PAGE_DIR as `edgetl serve --web` does (cross-origin isolated, so WebAssem
 Chromium (found as benchmarks/render_html.py finds it) with every host but 127.0.0.1 unresolvable, recording each
 request the page makes. Then, for every text of --texts (default: SST-2 dev, 872 sentences; a .tsv's `sentence`
 column or a .txt's lines): the page's token ids and the Python runtime's (`edgetl.runtime.load(BUNDLE)`), the
-labels and the largest probability difference. With --rounds N it times batch-1 predictions (tokenize, run, softmax;
+labels and the largest probability difference; and, for scale, how far the Python runtime's own answers move when
+ONNX Runtime runs the model without its graph optimizations (no fused x86 kernels). With --rounds N it times batch-1 predictions (tokenize, run, softmax;
 one text per call) in the page and in the Python runtime (ONNX Runtime, the same model file), each in its own
 block, the order alternating by round, and reports each block's p50. A screenshot of the page showing a
 prediction goes to --png. Prints JSON (also written to --out); exits 1 if a token id or a label differs, a
@@ -30,7 +31,7 @@ from pathlib import Path
 from render_html import DevTools, find_chromium
 
 PROBABILITY_TOLERANCE = 1e-3
-DEV = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "sst2" / "dev.tsv"
+DEV = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "sst2" / "dev.tsv"
 
 
 def read_texts(path: Path) -> list[str]:
@@ -109,6 +110,35 @@ def native_times(runtime, texts: list[str]) -> list[float]:
     return ms
 
 
+def gaps(answers: list, expected: list) -> list[float]:
+    """Per text, the largest difference between two predictions' probabilities of a label."""
+    return [max(abs(_scores(a)[k] - _scores(e)[k]) for k in _scores(e)) for a, e in zip(answers, expected, strict=True)]
+
+
+def _scores(prediction) -> dict:
+    return prediction["scores"] if isinstance(prediction, dict) else prediction.scores
+
+
+def unfused(runtime, texts: list[str]) -> list:
+    """The runtime's predictions with ONNX Runtime's graph optimizations off: the model's operators as written,
+    none of the fused x86 kernels the runtime otherwise runs; how far these move is the model's own spread."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    fused = runtime.engine.session
+    model = runtime.folder / runtime.manifest["models"][runtime.backend]["path"]
+    runtime.engine.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    try:
+        return runtime.predict(texts)
+    finally:
+        runtime.engine.session = fused
+
+
+def beyond(values: list[float]) -> dict:
+    return {"largest": max(values), "beyond_tolerance": sum(v > PROBABILITY_TOLERANCE for v in values)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("bundle", type=Path)
@@ -145,8 +175,11 @@ def main() -> int:
         python_ids = [e.ids for e in runtime.tokenizer.encode_batch(texts)]
         id_mismatch = [i for i, a in enumerate(answers) if a["ids"] != python_ids[i]]
         label_mismatch = [i for i, (a, e) in enumerate(zip(answers, expected, strict=True)) if a["label"] != e.label]
-        gaps = [max(abs(a["scores"][k] - e.scores[k]) for k in e.scores) for a, e in zip(answers, expected, strict=True)]
-        gap = max(gaps)
+        page_gaps = gaps(answers, expected)
+        gap = max(page_gaps)
+        plain = unfused(runtime, texts)
+        spread = {"runtime_vs_unfused": beyond(gaps(expected, plain)), "page_vs_unfused": beyond(gaps(answers, plain)),
+                  "labels_runtime_vs_unfused": sum(e.label != p.label for e, p in zip(expected, plain, strict=True))}
         rounds = []
         for r in range(args.rounds):
             blocks = [("browser", lambda: page_times(page, texts)), ("native", lambda: native_times(runtime, texts))]
@@ -167,7 +200,8 @@ def main() -> int:
         or platform.machine(), "texts": len(texts), "texts_file": str(args.texts), "cross_origin_isolated":
         loaded["isolated"], "load_s": round(load_s, 2), "token_ids_differ": len(id_mismatch),
         "labels_differ": len(label_mismatch), "largest_probability_difference": gap,
-        "probabilities_beyond_tolerance": sum(g > PROBABILITY_TOLERANCE for g in gaps),
+        "probabilities_beyond_tolerance": sum(g > PROBABILITY_TOLERANCE for g in page_gaps),
+        "onnxruntime_without_graph_optimizations": spread,
         "requests_outside_the_page": outside, "page_bytes": sum(p.stat().st_size for p in page_files),
         "runtime_bytes": sum(p.stat().st_size for p in (args.page / "vendor").iterdir()), "packages": weights,
         "timing_rounds": rounds,

@@ -92,3 +92,26 @@ def test_the_page_says_why_it_cannot_run_a_newer_bundle(tiny_run, tmp_path, long
     done = _page_check(tiny_run / "06-bundle", tmp_path / "page", long_texts)
     assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
     assert "format version 2 is newer than this page reads" in json.loads(done.stdout)["error"]
+
+
+def test_serve_web_sends_the_headers_that_give_webassembly_threads(tmp_path):
+    import threading
+    import urllib.request
+
+    from edgetl.web import page_server
+
+    with pytest.raises(UsageError, match="not a folder written by edgetl export-web"):
+        page_server(tmp_path)
+    for name in ("index.html", "app.js", "vendor.wasm"):
+        (tmp_path / name).write_text("x")
+    server = page_server(tmp_path)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.server_address[1]}/vendor.wasm") as response:
+            headers = response.headers
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert headers["Cross-Origin-Opener-Policy"] == "same-origin"
+    assert headers["Cross-Origin-Embedder-Policy"] == "require-corp"
+    assert headers["Content-Type"] == "application/wasm"
