@@ -242,11 +242,19 @@ def _cmd_serve(args) -> int:
 
         serve_page(args.bundle, args.host, args.port)
         return 0
+    limits = {k: v for k, v in (("max_body_bytes", args.max_body_bytes), ("max_texts", args.max_texts)) if v is not None}
+    if args.engine == "ray":
+        from edgetl.replicas import serve_on_ray
+
+        serve_on_ray(args.bundle, args.host, args.port, args.replicas or 2, args.backend, args.threads, args.public_key,
+                     max_batch=args.max_batch, **limits)
+        return 0
+    if args.replicas is not None:
+        raise UsageError("--replicas needs --engine ray (edgetl serve alone is one process)")
     from edgetl.runtime import load
     from edgetl.runtime.server import serve
 
     runtime = load(args.bundle, backend=args.backend, threads=args.threads, public_key=args.public_key)
-    limits = {k: v for k, v in (("max_body_bytes", args.max_body_bytes), ("max_texts", args.max_texts)) if v is not None}
     serve(runtime, args.host, args.port, max_batch=args.max_batch, **limits)
     return 0
 
@@ -491,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, help="larger requests get 413 (default: 1 MiB)")
     serve.add_argument("--max-texts", type=int, help="texts or sentences per request; more get 413 (default: 1024)")
     serve.add_argument("--public-key", help=PUBLIC_KEY_HELP)
+    serve.add_argument("--engine", choices=["uvicorn", "ray"], default="uvicorn",
+                       help="uvicorn: one process; ray: replicas on Ray Serve (local cluster, or RAY_ADDRESS)")
+    serve.add_argument("--replicas", type=int, help="with --engine ray: replicas, each with --threads threads (default 2)")
     serve.set_defaults(func=_cmd_serve)
 
     web = sub.add_parser("export-web", help="a text-classification bundle as a static web page that classifies text "

@@ -39,6 +39,21 @@ def embedding_server(tiny_embedding_bundle):
     stop_server(process)
 
 
+BAD_REQUESTS = [
+    ("{not json", 400, "not valid JSON"),
+    (b"\xff\xfe{}", 400, "not UTF-8"),
+    ("[1, 2]", 422, "either \"text\""),
+    ({"texts": ["a"], "text": "b"}, 422, "either \"text\""),
+    ({"input": "a"}, 422, "either \"text\""),
+    ({"text": 5}, 422, '"text" must be a string, not int'),
+    ({"text": None}, 422, '"text" must be a string, not NoneType'),
+    ({"texts": "a"}, 422, '"texts" must be a list of strings, not str'),
+    ({"texts": ["a", "b", None]}, 422, '"texts"[2] must be a string, not NoneType'),
+    ({"texts": ["a"] * 1025}, 413, "over the limit of 1024 per request"),
+    ("x" * ((1 << 20) + 1), 413, "over the limit of 1048576 bytes"),
+]
+
+
 # A route -> the fixture of the server that answers it: /predict by a classifier, /embed by an embedder.
 SERVED_BY = {"/predict": "server", "/embed": "embedding_server"}
 
@@ -95,19 +110,7 @@ def test_concurrent_requests_each_get_their_own_answers(server, classifier, dev_
 
 
 @pytest.mark.parametrize("route", SERVED_BY)
-@pytest.mark.parametrize("body, status, message", [
-    ("{not json", 400, "not valid JSON"),
-    (b"\xff\xfe{}", 400, "not UTF-8"),
-    ("[1, 2]", 422, "either \"text\""),
-    ({"texts": ["a"], "text": "b"}, 422, "either \"text\""),
-    ({"input": "a"}, 422, "either \"text\""),
-    ({"text": 5}, 422, '"text" must be a string, not int'),
-    ({"text": None}, 422, '"text" must be a string, not NoneType'),
-    ({"texts": "a"}, 422, '"texts" must be a list of strings, not str'),
-    ({"texts": ["a", "b", None]}, 422, '"texts"[2] must be a string, not NoneType'),
-    ({"texts": ["a"] * 1025}, 413, "over the limit of 1024 per request"),
-    ("x" * ((1 << 20) + 1), 413, "over the limit of 1048576 bytes"),
-])
+@pytest.mark.parametrize("body, status, message", BAD_REQUESTS)
 def test_bad_requests_get_4xx_and_the_service_keeps_serving(request, route, body, status, message):
     port = request.getfixturevalue(SERVED_BY[route])
     answer_status, answer = post(port, body, route)
@@ -289,3 +292,41 @@ def test_a_fresh_venv_with_only_the_runtime_and_serve_extras_predicts_and_serves
     finally:
         code, log = stop_server(process)
     assert code == 0, log
+
+
+@pytest.fixture(scope="module")
+def ray_server(bundle):
+    """`edgetl serve --engine ray --replicas 2`: the same app in two Ray Serve replicas behind Ray's proxy."""
+    pytest.importorskip("ray.serve")
+    process, port = start_server(bundle, "--backend", "onnxruntime", "--engine", "ray", "--replicas", "2", timeout=300)
+    yield port
+    code, log = stop_server(process, timeout=120)
+    assert code == 0 and "shut down cleanly" in log, log[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("body, status, message", BAD_REQUESTS)
+def test_ray_serve_answers_bad_requests_as_edgetl_serve_does(ray_server, server, body, status, message):
+    answer = post(ray_server, body)
+    assert answer[0] == status and message in answer[1]["error"] and answer == post(server, body)
+    assert post(ray_server, {"text": "still here"})[0] == 200
+
+
+@pytest.mark.slow
+def test_ray_serve_routes_predictions_and_a_loopback_load_without_errors(ray_server, server, classifier, dev_texts):
+    assert request("127.0.0.1", ray_server, "GET", "/metadata") == request("127.0.0.1", server, "GET", "/metadata")
+    for method, route in (("GET", "/predict"), ("GET", "/nothing")):
+        assert request("127.0.0.1", ray_server, method, route) == request("127.0.0.1", server, method, route)
+    status, body = post(ray_server, {"texts": dev_texts[:40]})
+    assert status == 200 and [p["label"] for p in body["predictions"]] == [p.label for p in classifier.predict(dev_texts[:40])]
+    result = run_load(ray_server, dev_texts, requests=600, concurrency=8, time_limit=300)
+    print(json.dumps(result))
+    assert result["errors"] == 0 and result["unsent"] == 0 and result["completed"] == 600, result["first_errors"]
+
+
+def test_replicas_need_the_ray_engine(bundle):
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "edgetl", "serve", str(bundle), "--replicas", "2"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "--replicas needs --engine ray" in result.stderr

@@ -19,7 +19,7 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from edgetl.artifact import verify_files
-from edgetl.errors import ArtifactError, MissingDependencyError, UsageError
+from edgetl.errors import ArtifactError, UsageError
 from edgetl.runtime.bundle import read_manifest
 
 HERE = Path(__file__).parent
@@ -58,7 +58,7 @@ def npm_packages() -> Path:
     if (target / "node_modules" / ".edgetl-complete").exists():
         return target / "node_modules"
     if shutil.which("npm") is None:
-        raise MissingDependencyError("export-web fetches onnxruntime-web and tokenizers.js from the npm registry once "
+        raise UsageError("export-web fetches onnxruntime-web and tokenizers.js from the npm registry once "
                                      f"(into {CACHE}) and needs npm for it: install Node.js (which brings npm)")
     CACHE.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=CACHE, prefix="install-"))
