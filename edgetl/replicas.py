@@ -35,6 +35,8 @@ def serve_on_ray(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, 
         raise UsageError("serve --engine ray needs Ray Serve: pip install 'edgetl[ray]'") from None
     from edgetl.runtime import load
 
+    if replicas < 1:
+        raise UsageError(f"--replicas {replicas}: at least 1")
     folder = str(Path(bundle).resolve())
     threads = threads or 1
     runtime = load(folder, backend=backend, threads=1, public_key=public_key)  # a bad bundle fails here, once
