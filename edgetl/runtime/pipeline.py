@@ -16,6 +16,7 @@ import pickle
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections import deque
 from concurrent.futures import Future
@@ -184,7 +185,12 @@ def _collect(calls: _Calls, results, processes) -> None:
     engine was closed), fails every call still waiting."""
     while (item := _receive(results)) is not None:
         calls.answer(*item)
-    dead = [p for p in processes if p.poll() not in (None, 0)]
+    # A killed worker's pipes close a moment before it can be reaped: give it that moment to show its exit code.
+    deadline = time.monotonic() + 2.0
+    while not (dead := [p for p in processes if p.poll() not in (None, 0)]) and time.monotonic() < deadline:
+        if all(p.poll() is not None for p in processes):
+            break
+        time.sleep(0.01)
     calls.fail(f"part {processes.index(dead[0])}'s process ended (exit code {dead[0].returncode})" if dead else "closed")
 
 
