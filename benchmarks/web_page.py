@@ -6,7 +6,7 @@
 Serves PAGE_DIR as `edgetl serve --web` does (cross-origin isolated, so WebAssembly gets threads) and opens it in
 Chromium (found as benchmarks/render_html.py finds it) with every host but 127.0.0.1 unresolvable, recording each
 request the page makes. Then, for every text of --texts (default: SST-2 dev, 872 sentences; a .tsv's `sentence`
-column or a .txt's lines): the page's token ids and the Python runtime's (`edgetl.runtime.load(BUNDLE)`), the
+column, with `label` the page's and the runtime's accuracy, or a .txt's lines): the page's token ids and the Python runtime's (`edgetl.runtime.load(BUNDLE)`), the
 labels and the largest probability difference; and, for scale, how far the Python runtime's own answers move when
 ONNX Runtime runs the model without its graph optimizations (no fused x86 kernels). With --rounds N it times batch-1 predictions (tokenize, run, softmax;
 one text per call) in the page and in the Python runtime (ONNX Runtime, the same model file), each in its own
@@ -34,12 +34,15 @@ PROBABILITY_TOLERANCE = 1e-3
 DEV = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "sst2" / "dev.tsv"
 
 
-def read_texts(path: Path) -> list[str]:
+def read_texts(path: Path) -> tuple[list[str], list[int] | None]:
+    """The texts, and their gold labels where the file has them (a .tsv's `label` column)."""
     lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix == ".tsv":
-        column = lines[0].split("\t").index("sentence")
-        return [line.split("\t")[column] for line in lines[1:] if line]
-    return [line for line in lines if line]
+        header = lines[0].split("\t")
+        rows = [line.split("\t") for line in lines[1:] if line]
+        gold = [int(row[header.index("label")]) for row in rows] if "label" in header else None
+        return [row[header.index("sentence")] for row in rows], gold
+    return [line for line in lines if line], None
 
 
 class Page:
@@ -154,7 +157,7 @@ def main() -> int:
     from edgetl.runtime import load
     from edgetl.web import page_server
 
-    texts = read_texts(args.texts)
+    texts, gold = read_texts(args.texts)
     runtime = load(args.bundle, backend="onnxruntime")
     server = page_server(args.page)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -202,6 +205,9 @@ def main() -> int:
         "labels_differ": len(label_mismatch), "largest_probability_difference": gap,
         "probabilities_beyond_tolerance": sum(g > PROBABILITY_TOLERANCE for g in page_gaps),
         "onnxruntime_without_graph_optimizations": spread,
+        "accuracy": None if gold is None else {
+            "page": sum(runtime.labels.index(a["label"]) == g for a, g in zip(answers, gold, strict=True)) / len(gold),
+            "runtime": sum(runtime.labels.index(e.label) == g for e, g in zip(expected, gold, strict=True)) / len(gold)},
         "requests_outside_the_page": outside, "page_bytes": sum(p.stat().st_size for p in page_files),
         "runtime_bytes": sum(p.stat().st_size for p in (args.page / "vendor").iterdir()), "packages": weights,
         "timing_rounds": rounds,
