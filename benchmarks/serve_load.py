@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/serve_load.py runs/sst-int8/06-bundle --backend onnxruntime --concurrency 16 \
         --requests 4000 --out benchmarks/results/sst-int8
 
-Starts `edgetl serve BUNDLE --port 0`, sends the SST-2 dev sentences round-robin from `concurrency` threads
+Starts `edgetl serve BUNDLE --port 0` (with `--engine ray --replicas N`: Ray Serve replicas), sends the SST-2 dev sentences round-robin from `concurrency` threads
 (one keep-alive connection each), stops it with SIGTERM and prints throughput, latency percentiles, errors
 and the server's exit status as JSON. Only the standard library on the client side.
 """
@@ -129,13 +129,19 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--time-limit", type=float, default=300)
     parser.add_argument("--backend", default="auto")
-    parser.add_argument("--out", type=Path, help="folder for serve_load-<backend>-c<concurrency>.json")
+    parser.add_argument("--engine", choices=["uvicorn", "ray"], default="uvicorn", help="edgetl serve --engine")
+    parser.add_argument("--replicas", type=int, help="with --engine ray: edgetl serve --replicas")
+    parser.add_argument("--threads", type=int, help="edgetl serve --threads (per replica with --engine ray)")
+    parser.add_argument("--out", type=Path, help="folder for serve_load-<backend>-c<concurrency>.json "
+                                                 "(serve_load-<backend>-ray<replicas>-c<concurrency>.json on Ray)")
     parser.add_argument("--dev", type=Path, default=Path(os.environ.get("EDGETL_DATA_DIR", REPO.parent / "shared/datasets"))
                         / "sst2" / "dev.tsv", help="texts to send (first TSV column; default: SST-2 dev)")
     args = parser.parse_args()
     lines = args.dev.read_text(encoding="utf-8").splitlines()[1:]
     texts = [line.split("\t")[0] for line in lines if line.strip()]
-    process, port = start_server(args.bundle, "--backend", args.backend)
+    extra = ["--engine", args.engine] + (["--replicas", str(args.replicas)] if args.replicas else []) + (
+        ["--threads", str(args.threads)] if args.threads else [])
+    process, port = start_server(args.bundle, "--backend", args.backend, *extra, timeout=300)
     try:
         _, meta = request("127.0.0.1", port, "GET", "/metadata")
         result = run_load(port, texts, args.requests, args.concurrency, args.time_limit)
@@ -143,12 +149,14 @@ def main() -> int:
         code, stderr = stop_server(process)
     from edgetl.bench.machine import describe, machine_info
 
-    result.update(bundle=str(args.bundle), backend=meta["backend"], server_exit=code,
+    result.update(bundle=str(args.bundle), backend=meta["backend"], engine=args.engine, replicas=args.replicas,
+                  threads=args.threads, server_exit=code,
                   server_log=stderr.strip().splitlines()[-2:], machine=describe(machine_info()))
     print(json.dumps(result, indent=2))
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / f"serve_load-{result['backend']}-c{args.concurrency}.json").write_text(json.dumps(result, indent=1) + "\n")
+        engine = f"-ray{args.replicas or 2}" if args.engine == "ray" else ""
+        (args.out / f"serve_load-{result['backend']}{engine}-c{args.concurrency}.json").write_text(json.dumps(result, indent=1) + "\n")
     return 0 if result["errors"] == 0 and result["unsent"] == 0 and code == 0 else 1
 
 
