@@ -34,8 +34,8 @@ CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgetl
 
 
 def web_problem(manifest: dict) -> str | None:
-    """Why the page cannot run this bundle, or None (app.js's ``unsupported`` says the same in the browser; the
-    format version is read_manifest's to check)."""
+    """Why the page cannot run this bundle, or None. (The format version is read_manifest's to check; in the
+    browser, app.js's ``unsupported`` checks the version, task, pairs and the ONNX model again.)"""
     task = manifest.get("task", "text-classification")
     if task != "text-classification":
         return f"a {task} bundle: the page classifies text (text-classification bundles only, so far)"
