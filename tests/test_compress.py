@@ -244,11 +244,13 @@ def test_accuracy_controlled_ptq_records_its_fallbacks(tiny_runs):
     from conftest import manifests
 
     quantized = manifests(tiny_runs("sst-tiny"))["05-quantize"]  # the tiny runs quantize ONNX statically
+    max_drop = quantized["config"]["max_accuracy_drop"]  # the tiny runs widen the recipe's bar (conftest)
     for backend in ("onnx", "openvino"):
         model = quantized["models"][backend]
         assert model["method"] == "nncf.quantize_with_accuracy_control"
         assert isinstance(model["fallback_layers"], list)
-        assert model["drop_met"] == (100 * (model["accuracy_fp32"] - model["accuracy_int8"]) <= 0.5 + 1e-9)
+        drop = 100 * (model["accuracy_fp32"] - model["accuracy_int8"])
+        assert model["drop_met"] == (drop <= max_drop + 2e-3), (drop, max_drop)  # accuracies rounded to 1e-5
 
 
 def test_a_latency_budget_picks_the_largest_keep_ratio_that_meets_it():
