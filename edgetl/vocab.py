@@ -54,6 +54,29 @@ def used_token_ids(tokenizer, texts: Iterable[str], min_count: int = 1) -> list[
     return sorted(used | set(_always_kept(tokenizer)))
 
 
+def read_as_pruned(model, tokenizer, keep_ids: list[int]):
+    """Until the returned handle is removed, ``model`` reads every id outside ``keep_ids`` as [UNK]'s.
+
+    The model then answers as it will after ``prune_vocabulary(model, tokenizer, keep_ids, ...)``, while its ids,
+    embedding and tokenizer stay whole: training with the handle in place (pruning recovery) learns the inputs
+    the pruned model will get. A forward pre-hook on the input embedding; the handle's ``remove()`` ends it.
+    """
+    import torch
+
+    embedding = model.get_input_embeddings()
+    unk = tokenizer.unk_token_id
+    if unk is None or unk not in set(keep_ids):
+        raise StageError(f"vocabulary pruning: the tokenizer's [UNK] ({tokenizer.unk_token}) must be among keep_ids")
+    lookup = torch.full((embedding.num_embeddings,), unk, dtype=torch.long)
+    kept = torch.tensor(sorted(set(keep_ids)), dtype=torch.long)
+    lookup[kept] = kept
+
+    def unknown_outside(module, args):
+        return (lookup.to(args[0].device)[args[0]], *args[1:])
+
+    return embedding.register_forward_pre_hook(unknown_outside)
+
+
 def prune_vocabulary(model, tokenizer, keep_ids: list[int], out_dir: Path) -> dict:
     """Cut ``model``'s input embedding to ``keep_ids`` in place; write the matching tokenizer in ``out_dir``.
 

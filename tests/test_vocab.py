@@ -156,6 +156,26 @@ def test_any_text_keeps_its_original_split(pruned):
     assert [e.ids for e in load_tokenizer(pruned.out, max_length=64).encode_batch(text)] == expected
 
 
+def test_read_as_pruned_answers_as_the_pruned_model_until_removed(pruned):
+    """Recovery trains with the cut in place: the whole model, reading dropped ids as [UNK], is the pruned one."""
+    from edgetl.vocab import read_as_pruned
+
+    text = ["an unforeseen zzyzx of reviews", "qwertyuiop filmmakers", "the film"]
+    old_batch = pruned.tokenizer(text, padding=True, return_tensors="pt")
+    assert any(i not in pruned.remap for i in old_batch["input_ids"].flatten().tolist())  # some ids are dropped
+    new_batch = AutoTokenizer.from_pretrained(str(pruned.out))(text, padding=True, return_tensors="pt")
+    whole = copy.deepcopy(pruned.original)
+    with torch.no_grad():
+        before = whole(**old_batch).logits
+        handle = read_as_pruned(whole, pruned.tokenizer, pruned.keep)
+        assert torch.equal(whole(**old_batch).logits, pruned.model(**new_batch).logits)
+        assert not torch.equal(whole(**old_batch).logits, before)
+        handle.remove()
+        assert torch.equal(whole(**old_batch).logits, before)
+    with pytest.raises(StageError, match=r"\[UNK\].*must be among keep_ids"):
+        read_as_pruned(whole, pruned.tokenizer, [i for i in pruned.keep if i != pruned.tokenizer.unk_token_id])
+
+
 def test_bert_processing_ids_are_remapped(bert_layout, tmp_path):
     """Older BERT tokenizer.json files add [CLS]/[SEP] with BertProcessing instead of a template."""
     from tokenizers.processors import BertProcessing

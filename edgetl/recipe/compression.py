@@ -73,6 +73,10 @@ class PruneStage(TransferText, Declared):
     vocabulary: bool = Field(False, description="Drop embedding rows of tokens the training text never uses and "
                              "rewrite the tokenizer to match.")
     vocab_min_count: int = Field(1, ge=1, description="Keep tokens seen at least this often in the training text.")
+    vocabulary_in_recovery: bool = Field(
+        True, description="With vocabulary and recovery: recovery already reads the tokens the cut will drop as "
+        "[UNK], so it trains and picks its checkpoint on the inputs the pruned model ships with (the extra text "
+        "teaches it words the training split lacks); false: recovery sees the whole vocabulary and the cut comes after.")
     recovery: bool = Field(True, description="Distil the pruned model after structured pruning, from recovery_teacher.")
     recovery_teacher: Literal["unpruned", "first"] = Field(
         "unpruned", description="What recovery distils from: the model before pruning, or the run's first PyTorch "

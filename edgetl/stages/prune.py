@@ -91,6 +91,7 @@ def run(cfg: PruneStage, ctx, out_dir: Path) -> StageOutput:
     from edgetl.pruning import apply_plan
     from edgetl.tasks import task_for
     from edgetl.training import task_metrics, training_metrics, write_eval_history
+    from edgetl.vocab import prune_vocabulary, read_as_pruned, used_token_ids
 
     task = task_for(ctx.recipe.task)
     source = ctx.latest("pytorch-model")
@@ -100,10 +101,14 @@ def run(cfg: PruneStage, ctx, out_dir: Path) -> StageOutput:
     train_tok, dev_tok = distillation_data(ctx, tokenizer)
     collator = DataCollatorWithPadding(tokenizer)
     metrics = {"before": {k: v for k, v in model_stats(model, dev_tok).items() if k != "layers"}}
+    keep = used_token_ids(tokenizer, training_texts(ctx.recipe), cfg.vocab_min_count) if cfg.vocabulary else None
+    as_pruned = None
     if cfg.structured:
         teacher = copy.deepcopy(model) if cfg.recovery_teacher == "unpruned" else load_classifier(ctx.earliest("pytorch-model").path)
         plan, trials = structured_plan(cfg, ctx, model, train_tok, collator, task.distillation)
         apply_plan(model, plan)
+        if keep is not None and cfg.recovery and cfg.vocabulary_in_recovery:
+            as_pruned = read_as_pruned(model, tokenizer, keep)  # the teacher, copied before, reads every token
         metrics["kept_heads"], metrics["dropped_layers"] = plan.heads, plan.drop_layers
         if trials:
             metrics["latency_budget_trials"] = trials
@@ -116,10 +121,9 @@ def run(cfg: PruneStage, ctx, out_dir: Path) -> StageOutput:
             metrics.update(training_metrics(trainer, len(recovery_tok), len(dev_tok)))
             write_eval_history(trainer, out_dir)
         del teacher
-    if cfg.vocabulary:
-        from edgetl.vocab import prune_vocabulary, used_token_ids
-
-        keep = used_token_ids(tokenizer, training_texts(ctx.recipe), cfg.vocab_min_count)
+    if as_pruned is not None:
+        as_pruned.remove()
+    if keep is not None:
         metrics["vocabulary"] = prune_vocabulary(model, tokenizer, keep, out_dir)
         tokenizer = AutoTokenizer.from_pretrained(out_dir)
         dev_tok = distillation_data(ctx, tokenizer)[1]
