@@ -94,6 +94,7 @@ def timed(cmd: list[str], target: Path) -> float:
 
 
 def settled(out: Path, quiet: float = 6.0) -> dict[str, int]:
+    """The finished shards (name: mtime) once none has appeared for ``quiet`` seconds."""
     seen, since = None, time.monotonic()
     while time.monotonic() - since < quiet:
         now = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}

@@ -13,8 +13,11 @@ import time
 
 import pytest
 
-from conftest import write_tiny_bundle
+from conftest import REPO, write_tiny_bundle
 from edgetl.errors import UsageError
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+from batch_scoring import settled  # noqa: E402
 
 TEXTS = ["a gorgeous , witty film", "dull and lifeless " * 40, "fine", "", "\u00e9l\u00e9gant \U0001f3ac",
          "the battery died after two days", "it works", "not what I hoped for"]
@@ -54,17 +57,6 @@ def _scored(out) -> list[dict]:
     import pyarrow.parquet as pq
 
     return [row for path in sorted(out.glob("*.parquet")) for row in pq.read_table(path).to_pylist()]
-
-
-def _settled(out, quiet: float = 6.0) -> dict[str, int]:
-    """The finished shards (name: mtime) once none has appeared for ``quiet`` seconds."""
-    seen, since = None, time.monotonic()
-    while time.monotonic() - since < quiet:
-        now = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
-        if now != seen:
-            seen, since = now, time.monotonic()
-        time.sleep(0.2)
-    return seen
 
 
 def _predict_one_process(bundle, texts, tmp_path) -> list[dict]:
@@ -159,7 +151,7 @@ def test_ray_scores_every_shard_as_one_process_does_and_a_killed_job_resumes(bun
         time.sleep(0.05)
     os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    finished = _settled(out)  # the killed job's local cluster takes a few seconds to go, and its actors with it
+    finished = settled(out)  # the killed job's local cluster takes a few seconds to go, and its actors with it
     assert 2 <= len(finished) < 8, "the job should be killed halfway"
     done = subprocess.run(_ray_cli(bundle, tmp_path / "in", out, "--workers", "2"), env=env, capture_output=True,
                           text=True, timeout=300)

@@ -207,7 +207,8 @@ class BundleRuntime(ABC):
         OpenVINO model's weights) if it leads out of the folder, or, under a signature, if ``files`` does not list
         it: the signature reaches a file only through its sha256 there."""
         model = PurePosixPath(model_path)
-        models = [model, *(PurePosixPath(p["path"]) for p in self.manifest["models"][self.backend].get("parts", []))]
+        parts = (PurePosixPath(p["path"]) for p in self.manifest["models"][self.backend].get("parts", []))
+        models = list(dict.fromkeys([model, *parts]))  # a sharded model's path is its first part
         read = ["tokenizer.json", (model.parent / "config.json").as_posix(), *(m.as_posix() for m in models),
                 *(m.with_suffix(".bin").as_posix() for m in models if m.suffix == ".xml")]
         for rel in read:
