@@ -118,7 +118,9 @@ class DevTools:
     even on about:blank), while the protocol works with it and with any other Chromium.
     """
 
-    def __init__(self, binary: Path, flags: tuple[str, ...] = (), timeout: float = TIMEOUT_S):
+    def __init__(self, binary: Path, flags: tuple[str, ...] = (), timeout: float = TIMEOUT_S, webgpu: bool = False):
+        """``webgpu``: give pages a WebGPU adapter (SwiftShader's, on the CPU, where there is no GPU) instead of
+        --disable-gpu."""
         to_browser_read, self._to_browser = os.pipe()
         self._from_browser, from_browser_write = os.pipe()
         # Copy the child's ends above fd 4 first, so that moving them onto 3 and 4 cannot clobber each other.
@@ -126,7 +128,9 @@ class DevTools:
         self._profile = tempfile.TemporaryDirectory(prefix="render_html-")
         self._log = open(Path(self._profile.name) / "chromium.log", "w+")  # closed in close()
         self.process = subprocess.Popen(
-            [str(binary), *FLAGS, *flags, f"--user-data-dir={self._profile.name}"], env=chromium_env(binary),
+            [str(binary), *(f for f in FLAGS if not (webgpu and f == "--disable-gpu")),
+             *(("--enable-unsafe-webgpu",) if webgpu else ()), *flags, f"--user-data-dir={self._profile.name}"],
+            env=chromium_env(binary),
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, close_fds=False,
             preexec_fn=lambda: (os.dup2(child_in, 3), os.dup2(child_out, 4)))
         for fd in (to_browser_read, from_browser_write, child_in, child_out):

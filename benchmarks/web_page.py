@@ -1,7 +1,7 @@
 """An `edgetl export-web` page in headless Chromium against the Python runtime on the same texts and model file.
 
     .venv/bin/python benchmarks/web_page.py BUNDLE PAGE_DIR [--texts FILE] [--out OUT.json] [--png OUT.png]
-        [--rounds 2] [--chromium PATH]
+        [--rounds 2] [--backend auto|wasm|webgpu] [--chromium PATH]
 
 Serves PAGE_DIR as `edgetl serve --web` does (cross-origin isolated, so WebAssembly gets threads) and opens it in
 Chromium (found as benchmarks/render_html.py finds it) with every host but 127.0.0.1 unresolvable, recording each
@@ -11,7 +11,8 @@ labels and the largest probability difference; and, for scale, how far the Pytho
 ONNX Runtime runs the model without its graph optimizations (no fused x86 kernels). With --rounds N it times batch-1 predictions (tokenize, run, softmax;
 one text per call) in the page and in the Python runtime (ONNX Runtime, the same model file), each in its own
 block, the order alternating by round, and reports each block's p50. A screenshot of the page showing a
-prediction goes to --png. Prints JSON (also written to --out); exits 1 if a token id or a label differs, a
+prediction goes to --png. --backend opens the page with ?backend= (webgpu: Chromium gets a WebGPU adapter, which
+on a machine without a GPU is SwiftShader's, on the CPU: its timings say nothing of a GPU). Prints JSON (also written to --out); exits 1 if a token id or a label differs, a
 probability differs by more than 1e-3, or the page requested anything outside its own folder; 2 (printing the
 message the page shows) if the page cannot load its bundle.
 """
@@ -48,9 +49,9 @@ def read_texts(path: Path) -> tuple[list[str], list[int] | None]:
 class Page:
     """The page open in a Chromium tab; ``run(js)`` awaits an async expression and returns its JSON value."""
 
-    def __init__(self, binary: Path, url: str, timeout: float):
+    def __init__(self, binary: Path, url: str, timeout: float, webgpu: bool = False):
         # Every host name but the page's own resolves to nothing: the page must not need the network.
-        self.browser = DevTools(binary, ("--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",), timeout)
+        self.browser = DevTools(binary, ("--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1",), timeout, webgpu)
         self.version = self.browser.call("Browser.getVersion")["product"]
         target = self.browser.call("Target.createTarget", url="about:blank")["targetId"]
         self.tab = self.browser.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
@@ -150,6 +151,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--png", type=Path)
     parser.add_argument("--rounds", type=int, default=0, help="timing rounds (0: agreement only)")
+    parser.add_argument("--backend", choices=["auto", "wasm", "webgpu"], default="auto",
+                        help="what the page runs the model on (its ?backend=)")
     parser.add_argument("--chromium")
     parser.add_argument("--timeout", type=float, default=900, help="seconds for the whole browser session")
     args = parser.parse_args()
@@ -162,10 +165,11 @@ def main() -> int:
     server = page_server(args.page)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     origin = f"http://127.0.0.1:{server.server_address[1]}/"
-    page = Page(find_chromium(args.chromium), origin + "index.html", args.timeout)
+    page = Page(find_chromium(args.chromium), f"{origin}index.html?backend={args.backend}", args.timeout,
+                webgpu=args.backend != "wasm")
     try:
         start = time.perf_counter()
-        loaded = page.run("window.edgetl.ready.then(() => ({isolated: self.crossOriginIsolated}), "
+        loaded = page.run("window.edgetl.ready.then((c) => ({isolated: self.crossOriginIsolated, backend: c.backend}), "
                           "() => ({error: document.getElementById('status').textContent}))")
         load_s = time.perf_counter() - start
         if "error" in loaded:  # the page's own message, as a person would read it
@@ -198,10 +202,11 @@ def main() -> int:
         server.shutdown()
     weights = json.loads((args.page / "vendor" / "packages.json").read_text())
     page_files = [p for p in args.page.rglob("*") if p.is_file() and p.parent.name != "vendor"]
+    fetched = {url.removeprefix(origin).split("?")[0] for url in page.requests() if url.startswith(origin)}
     report = {
         "bundle": str(args.bundle), "page": str(args.page), "chromium": page.version, "machine": platform.processor()
         or platform.machine(), "texts": len(texts), "texts_file": str(args.texts), "cross_origin_isolated":
-        loaded["isolated"], "load_s": round(load_s, 2), "token_ids_differ": len(id_mismatch),
+        loaded["isolated"], "backend": loaded["backend"], "load_s": round(load_s, 2), "token_ids_differ": len(id_mismatch),
         "labels_differ": len(label_mismatch), "largest_probability_difference": gap,
         "probabilities_beyond_tolerance": sum(g > PROBABILITY_TOLERANCE for g in page_gaps),
         "onnxruntime_without_graph_optimizations": spread,
@@ -209,7 +214,8 @@ def main() -> int:
             "page": sum(runtime.labels.index(a["label"]) == g for a, g in zip(answers, gold, strict=True)) / len(gold),
             "runtime": sum(runtime.labels.index(e.label) == g for e, g in zip(expected, gold, strict=True)) / len(gold)},
         "requests_outside_the_page": outside, "page_bytes": sum(p.stat().st_size for p in page_files),
-        "runtime_bytes": sum(p.stat().st_size for p in (args.page / "vendor").iterdir()), "packages": weights,
+        "runtime_bytes": sum(p.stat().st_size for p in (args.page / "vendor").iterdir() if f"vendor/{p.name}" in fetched),
+        "packages": weights,
         "timing_rounds": rounds,
         "first_differences": [{"text": texts[i], "page": answers[i]["ids"], "python": python_ids[i]}
                               for i in id_mismatch[:3]],

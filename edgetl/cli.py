@@ -262,7 +262,7 @@ def _cmd_serve(args) -> int:
 def _cmd_export_web(args) -> int:
     from edgetl.web import export_web, summary
 
-    weights = export_web(args.bundle, args.out)
+    weights = export_web(args.bundle, args.out, webgpu=args.webgpu)
     print(f"wrote {args.out}: {summary(weights)}. Open it from any static server, e.g. edgetl serve {args.out} --web")
     return 0
 
@@ -508,6 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "in the browser (onnxruntime-web, WebAssembly), offline")
     web.add_argument("bundle")
     web.add_argument("out", help="folder for the page (must not exist)")
+    web.add_argument("--webgpu", action="store_true", help="also ship onnxruntime-web's WebGPU build: the page runs the "
+                     "model on the GPU where the browser offers WebGPU, in WebAssembly elsewhere")
     web.set_defaults(func=_cmd_export_web)
 
     keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signing bundles: OUT (private) and OUT.pub")

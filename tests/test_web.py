@@ -94,6 +94,33 @@ def test_the_page_says_why_it_cannot_run_a_newer_bundle(tiny_run, tmp_path, long
     assert "format version 2 is newer than this page reads" in json.loads(done.stdout)["error"]
 
 
+@pytest.mark.slow
+def test_a_webgpu_page_runs_on_webgpu_where_offered_and_says_why_not_elsewhere(tiny_runs, tmp_path):
+    """Chromium's WebGPU adapter here is SwiftShader's (no GPU): the WebGPU provider runs, on the CPU."""
+    from edgetl.web import WEBGPU, export_web
+
+    if not shutil.which("npm"):
+        pytest.skip("export-web fetches onnxruntime-web with npm, which is not here")
+    bundle = tiny_runs("sst-tiny") / "08-bundle"
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(line.split("\t")[0] for line in (SHARED_SST2 / "dev.tsv").read_text().splitlines()[1:101]))
+    weights = export_web(bundle, tmp_path / "webgpu", webgpu=True)
+    assert set(WEBGPU) <= set(weights["runtime"]) and weights["webgpu_runtime_bytes"] > 0
+
+    done = _page_check(bundle, tmp_path / "webgpu", texts, "--backend", "webgpu")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["backend"] == "webgpu" and report["token_ids_differ"] == report["labels_differ"] == 0
+    assert report["runtime_bytes"] >= weights["webgpu_runtime_bytes"]  # the page downloaded the WebGPU build
+
+    export_web(bundle, tmp_path / "wasm")
+    done = _page_check(bundle, tmp_path / "wasm", texts, "--backend", "auto")  # WebGPU offered, build not shipped
+    assert done.returncode == 0 and json.loads(done.stdout)["backend"] == "wasm", done.stdout[-3000:] + done.stderr[-3000:]
+    done = _page_check(bundle, tmp_path / "wasm", texts, "--backend", "webgpu")
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "WebGPU was asked for, but this page was exported without --webgpu" in json.loads(done.stdout)["error"]
+
+
 def test_serve_web_sends_the_headers_that_give_webassembly_threads(tmp_path):
     import threading
     import urllib.request

@@ -4,6 +4,10 @@ The folder holds ``index.html`` and ``app.js`` (this package's), the bundle's ``
 model, and ``vendor/``: onnxruntime-web (WebAssembly) and tokenizers.js, the versions pinned in this package's
 ``package-lock.json``, installed once with ``npm ci`` into ``~/.cache/edgetl/web``. The page loads nothing from
 anywhere else, so it runs offline from any static server (``edgetl serve --web``).
+
+With ``webgpu=True`` the folder also holds onnxruntime-web's WebGPU build: the page runs the model on the GPU where
+the browser offers a WebGPU adapter (operations WebGPU lacks run in WebAssembly) and falls back to the WebAssembly
+build elsewhere; a browser downloads only the build it runs.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ VENDOR = {
     "onnxruntime-web": ("ort.wasm.min.mjs", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm"),
     "@huggingface/tokenizers": ("tokenizers.min.mjs",),
 }
+WEBGPU = ("ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm")
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgetl" / "web"
 
 
@@ -77,8 +82,11 @@ def npm_packages() -> Path:
     return target / "node_modules"
 
 
-def export_web(bundle: str | Path, out: str | Path) -> dict:
-    """Write the page folder ``out`` (which must not exist) for ``bundle``; return what it weighs, in bytes."""
+def export_web(bundle: str | Path, out: str | Path, webgpu: bool = False) -> dict:
+    """Write the page folder ``out`` (which must not exist) for ``bundle``; return what it weighs, in bytes.
+
+    ``webgpu`` adds onnxruntime-web's WebGPU build (``WEBGPU``), which the page prefers where a WebGPU adapter exists.
+    """
     folder, out = Path(bundle), Path(out)
     manifest = read_manifest(folder)
     problem = web_problem(manifest)
@@ -104,6 +112,7 @@ def export_web(bundle: str | Path, out: str | Path) -> dict:
         vendor.mkdir()
         notice = {}
         for package, names in VENDOR.items():
+            names = (*names, *WEBGPU) if webgpu and package == "onnxruntime-web" else names
             for name in names:
                 shutil.copy2(modules / package / "dist" / name, vendor / name)
             meta = json.loads((modules / package / "package.json").read_text())
@@ -115,14 +124,19 @@ def export_web(bundle: str | Path, out: str | Path) -> dict:
         shutil.rmtree(work, ignore_errors=True)
     sizes = {rel: (out / rel).stat().st_size for rel in [*files, *PAGE_FILES]}
     runtime = {p.name: p.stat().st_size for p in sorted((out / "vendor").iterdir())}
-    return {"page": sizes, "page_bytes": sum(sizes.values()), "runtime": runtime, "runtime_bytes": sum(runtime.values())}
+    webgpu_bytes = sum(size for name, size in runtime.items() if name in WEBGPU)
+    return {"page": sizes, "page_bytes": sum(sizes.values()), "runtime": runtime,
+            "runtime_bytes": sum(runtime.values()) - webgpu_bytes, "webgpu_runtime_bytes": webgpu_bytes}
 
 
 def summary(weights: dict) -> str:
     """What ``edgetl export-web`` prints: the page's download and the runtime's beside it."""
     mb = 1e6
-    return (f"model, tokenizer and page code: {weights['page_bytes'] / mb:.2f} MB; "
+    text = (f"model, tokenizer and page code: {weights['page_bytes'] / mb:.2f} MB; "
             f"runtime (onnxruntime-web WebAssembly, tokenizers.js): {weights['runtime_bytes'] / mb:.2f} MB")
+    if weights["webgpu_runtime_bytes"]:
+        text += f" (or, where the browser offers WebGPU, its WebGPU build: {weights['webgpu_runtime_bytes'] / mb:.2f} MB)"
+    return text
 
 
 class _PageHandler(SimpleHTTPRequestHandler):

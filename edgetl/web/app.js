@@ -1,9 +1,10 @@
 // An edgetl bundle in a web page: the bundle's tokenizer (tokenizers.js reads its tokenizer.json) and its ONNX
-// model (onnxruntime-web, WebAssembly), cutting and batching texts as edgetl's Python runtime does, so a page
-// answers what `edgetl predict` answers. Written by `edgetl export-web`; nothing here reaches the network
-// beyond the folder it is served from.
-import * as ort from "./vendor/ort.wasm.min.mjs";
+// model (onnxruntime-web: WebAssembly, or WebGPU where the page ships that build and the browser offers an
+// adapter), cutting and batching texts as edgetl's Python runtime does, so a page answers what `edgetl predict`
+// answers. Written by `edgetl export-web`; nothing here reaches the network beyond the folder it is served from.
 import { Tokenizer } from "./vendor/tokenizers.min.mjs";
+
+const WEBGPU_BUILD = "ort.webgpu.min.mjs";
 
 export const SUPPORTED = { format: "edgetl-bundle", versions: [1], tasks: ["text-classification"] };
 
@@ -51,9 +52,25 @@ function sameIds(a, b, at) {
   return true;
 }
 
+/** "webgpu" if `requested` allows it, the page ships the WebGPU build and the browser gives an adapter; else "wasm".
+ * `requested`: "auto" (the default), "wasm" or "webgpu" (an error where WebGPU cannot run). */
+async function chooseBackend(requested, base) {
+  if (!["auto", "wasm", "webgpu"].includes(requested)) throw new Error(`backend ${requested}: choose auto, wasm or webgpu`);
+  if (requested === "wasm") return "wasm";
+  const packages = await (await fetchOk(new URL("vendor/packages.json", base))).json();
+  let missing = null;
+  if (!packages["onnxruntime-web"].files.includes(WEBGPU_BUILD)) missing = "this page was exported without --webgpu";
+  else if (!navigator.gpu) missing = "this browser has no WebGPU (navigator.gpu)";
+  else if (!(await navigator.gpu.requestAdapter())) missing = "this browser gives no WebGPU adapter";
+  if (missing && requested === "webgpu") throw new Error(`WebGPU was asked for, but ${missing}.`);
+  return missing ? "wasm" : "webgpu";
+}
+
 export class TextClassifier {
-  constructor(manifest, tokenizer, session, modelBytes) {
+  constructor(manifest, tokenizer, session, modelBytes, backend, ort) {
     this.manifest = manifest;
+    this.backend = backend;  // "wasm" or "webgpu": where the session runs
+    this.ort = ort;
     this.tokenizer = tokenizer;
     this.session = session;
     this.modelBytes = modelBytes;
@@ -91,7 +108,7 @@ export class TextClassifier {
       token_type_ids: new BigInt64Array(n),
     };
     const feeds = {};
-    for (const name of this.inputNames) feeds[name] = new ort.Tensor("int64", columns[name], [1, n]);
+    for (const name of this.inputNames) feeds[name] = new this.ort.Tensor("int64", columns[name], [1, n]);
     const outputs = await this.session.run(feeds);
     return Array.from(outputs[this.session.outputNames[0]].data);
   }
@@ -109,12 +126,15 @@ export class TextClassifier {
   }
 }
 
-/** The bundle exported beside this file, loaded; `onProgress(received, total)` follows the model download. */
-export async function load({ onProgress } = {}) {
+/** The bundle exported beside this file, loaded; `onProgress(received, total)` follows the model download;
+ * `backend`: "auto" (WebGPU where it can run, else WebAssembly), "wasm" or "webgpu". */
+export async function load({ onProgress, backend = "auto" } = {}) {
   const base = new URL("./", import.meta.url);
   const manifest = await (await fetchOk(new URL("edgetl.json", base))).json();
   const problem = unsupported(manifest);
   if (problem) throw new Error(`This page cannot run this bundle: ${problem}.`);
+  const chosen = await chooseBackend(backend, base);
+  const ort = await import(new URL(`vendor/${chosen === "webgpu" ? WEBGPU_BUILD : "ort.wasm.min.mjs"}`, base).href);
   ort.env.wasm.wasmPaths = new URL("vendor/", base).href;
   // Threads need SharedArrayBuffer, which a browser gives only to a cross-origin-isolated page.
   ort.env.wasm.numThreads = self.crossOriginIsolated ? Math.min(navigator.hardwareConcurrency || 1, 4) : 1;
@@ -124,6 +144,8 @@ export async function load({ onProgress } = {}) {
   const config = await fetch(new URL(`${modelDir}tokenizer_config.json`, base));
   const tokenizer = new Tokenizer(tokenizerJson, config.ok ? await config.json() : {});
   const modelBytes = await fetchBytes(new URL(modelPath, base), onProgress);
-  const session = await ort.InferenceSession.create(modelBytes, { executionProviders: ["wasm"] });
-  return new TextClassifier(manifest, tokenizer, session, modelBytes.length);
+  // Under WebGPU, the operations its provider lacks (the integer ones of a dynamic-INT8 model) run in WebAssembly.
+  const providers = chosen === "webgpu" ? ["webgpu", "wasm"] : ["wasm"];
+  const session = await ort.InferenceSession.create(modelBytes, { executionProviders: providers });
+  return new TextClassifier(manifest, tokenizer, session, modelBytes.length, chosen, ort);
 }
