@@ -66,8 +66,17 @@ def _cmd_search(args) -> int:
         raise UsageError(f"--rungs: increasing fractions of the training ending at 1, e.g. 0.125,0.5,1 (got {args.rungs})")
     goal = Goal(budget_ms=args.budget_ms, budget_ratio=args.budget_ratio, max_size_mb=args.max_size_mb,
                 min_accuracy=args.min_accuracy, max_drop=args.max_drop, max_int8_drop=args.max_int8_drop)
+    if args.engine == "local" and (args.workers is not None or args.threads is not None):
+        raise UsageError("search: --workers and --threads go with --engine ray (without it, trials train one at a "
+                         "time in this process)")
+    for flag, value in (("--workers", args.workers), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise UsageError(f"search: {flag} must be at least 1, got {value}")
+    threads = args.threads or 1
+    workers = 1 if args.engine == "local" else args.workers or max(1, (os.cpu_count() or 1) // threads)
     options = Options(trials=args.trials, hours=args.hours, latency_texts=args.latency_texts,
-                      latency_rounds=args.latency_rounds, **({"rungs": rungs} if rungs else {}))
+                      latency_rounds=args.latency_rounds, engine=args.engine, workers=workers, threads=threads,
+                      **({"rungs": rungs} if rungs else {}))
     layers = _floats(args.layers, "--layers")
     space = {"layers": [int(n) for n in layers] if layers else None, "heads_keep": _floats(args.heads, "--heads"),
              "ffn_keep": _floats(args.ffn, "--ffn"),
@@ -353,6 +362,9 @@ PUBLIC_KEY_HELP = ("Ed25519 public key (PEM): refuse the bundle unless edgetl si
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgetl", description=__doc__)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--memory-mb", type=int, help="cap this process, and each process it starts (a sharded "
+                        "bundle's part workers), at this much data memory (Linux RLIMIT_DATA): a model that needs "
+                        "more fails to load, naming the cap")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="run a recipe (resumes after the last finished stage)")
@@ -390,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--latency-texts", type=int, default=300, help="evaluation texts timed per shape")
     search.add_argument("--latency-rounds", type=int, default=3, help="timing rounds per shape, each a fresh process")
     search.add_argument("--search-dir", help="folder of the search (default: runs/<recipe>-search)")
+    search.add_argument("--engine", choices=["local", "ray"], default="local",
+                        help="ray: a rung's trials train at once as Ray tasks (the cluster at RAY_ADDRESS, else a "
+                             "local one; the search folder on a file system every node sees); benchmarks still run "
+                             "one at a time here")
+    search.add_argument("--workers", type=int, help="--engine ray: trials trained at once (default: cores / --threads)")
+    search.add_argument("--threads", type=int, help="--engine ray: CPUs (torch threads) per trial (default 1)")
     search.set_defaults(func=_cmd_search)
 
     report = sub.add_parser("report", help="one self-contained HTML page on a finished run: stages, wall times, "
@@ -504,8 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--replicas", type=int, help="with --engine ray: replicas, each with --threads threads (default 2)")
     serve.set_defaults(func=_cmd_serve)
 
-    web = sub.add_parser("export-web", help="a text-classification bundle as a static web page that classifies text "
-                                            "in the browser (onnxruntime-web, WebAssembly), offline")
+    web = sub.add_parser("export-web", help="a text-classification or sentence-embedding bundle as a static web page "
+                                            "that runs it in the browser (onnxruntime-web, WebAssembly), offline")
     web.add_argument("bundle")
     web.add_argument("out", help="folder for the page (must not exist)")
     web.add_argument("--webgpu", action="store_true", help="also ship onnxruntime-web's WebGPU build: the page runs the "
@@ -535,6 +553,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _cap_memory(mb: int) -> None:
+    """RLIMIT_DATA for this process; the processes it starts inherit it (each its own allowance)."""
+    try:
+        import resource
+    except ImportError:
+        raise UsageError("--memory-mb: this system has no RLIMIT_DATA (POSIX only)") from None
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if mb < 1 or (hard != resource.RLIM_INFINITY and mb << 20 > hard):
+        raise UsageError(f"--memory-mb {mb}: from 1 to this process's hard limit"
+                         + ("" if hard == resource.RLIM_INFINITY else f" ({hard >> 20} MB)"))
+    resource.setrlimit(resource.RLIMIT_DATA, (mb << 20, hard))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # edgetl's own progress at INFO; the libraries underneath (ONNX Runtime's quantizer logs every tensor
@@ -544,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     # torchao (pulled in by transformers) registers enums in a way torch now warns about on every import.
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     try:
+        if args.memory_mb is not None:
+            _cap_memory(args.memory_mb)
         return args.func(args)
     except EdgetlError as exc:
         if args.debug:

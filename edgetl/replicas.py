@@ -29,10 +29,10 @@ def serve_on_ray(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, 
     """Serve ``bundle`` with ``replicas`` Ray Serve replicas of ``threads`` inference threads each (default 1)
     until SIGINT/SIGTERM. Port 0 picks a free port; the address is printed first, as ``edgetl serve`` prints it."""
     try:
-        import ray
         from ray import serve
     except ImportError:
         raise UsageError("serve --engine ray needs Ray Serve: pip install 'edgetl[ray]'") from None
+    from edgetl.cluster import connect_ray
     from edgetl.runtime import load
 
     if replicas < 1:
@@ -53,9 +53,7 @@ def serve_on_ray(bundle: str | Path, host: str = "127.0.0.1", port: int = 8000, 
     # alone takes longer, and Ray kills and restarts it until serve.start gives up. (Set before a local cluster
     # starts, so its processes inherit it.)
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
-    if not ray.is_initialized():
-        local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": replicas * threads}
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", **local)
+    ray = connect_ray(replicas * threads, "serve --engine ray")
     logging.getLogger("ray.serve").setLevel(logging.ERROR)
     port = port or _free_port(host)
     serve.start(http_options={"host": host, "port": port})

@@ -265,6 +265,7 @@ def score_on_ray(bundle: str, source: str, out: str, workers: int | None = None,
         raise UsageError("predict --engine ray needs Ray Data: pip install 'edgetl[ray]'") from None
     from tqdm import tqdm
 
+    from edgetl.cluster import connect_ray
     from edgetl.runtime import load
 
     bundle_path, out_path = Path(bundle), Path(out)
@@ -276,9 +277,7 @@ def score_on_ray(bundle: str, source: str, out: str, workers: int | None = None,
     if not pending:
         return 0, len(shards), 0
     workers = workers or max(1, (os.cpu_count() or 1) // threads)
-    if not ray.is_initialized():
-        local = {} if os.environ.get("RAY_ADDRESS") else {"num_cpus": workers * threads}
-        ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR", **local)
+    connect_ray(workers * threads, "predict --engine ray")
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its per-run lines would bury the progress bar
     ray.data.DataContext.get_current().enable_progress_bars = False
     items = [{"source": str(s.resolve()), "target": str(t.resolve())} for s, t in pending]

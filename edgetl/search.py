@@ -16,7 +16,10 @@ the recipe's ``quantize`` stage, e.g. ``{"onnx_method": "static"}``, tried besid
 3. Accuracy, multi-fidelity: Optuna's TPE sampler proposes shapes that fit; each runs ``distill`` and ``prune``
    with the first rung's fraction of their epochs; the best third go on to the next rung (synchronous
    successive halving); the last rung (fraction 1) is the whole recipe, and each further INT8 setting quantizes,
-   evaluates and benchmarks the same trained export in a sibling run folder.
+   evaluates and benchmarks the same trained export in a sibling run folder. With ``engine="ray"`` the sampler
+   proposes ``workers`` shapes at a time (a constant liar keeps them apart) and their stages up to the benchmark
+   train at once as tasks on a Ray cluster (a local one, or ``RAY_ADDRESS``'s; the search folder must be on a file
+   system every node sees); each benchmark then runs here, one trial at a time, so no trial is timed beside another.
 4. Choice: per backend, INT8 is kept only where the table says it is faster than FP32 and the evaluation says
    it is within ``max_int8_drop`` of FP32. The chosen model's recipe (``chosen.yaml``, which ``edgetl run``
    reproduces), its bundle, the front (``front.md``, ``front.png``) and ``search.json`` land in the folder.
@@ -97,6 +100,9 @@ class Options:
     latency_rounds: int = 3
     chunk: int = 4  # shapes timed per round beside the reference
     seed: int = 0
+    engine: str = "local"  # "ray": the trials of a rung train at once as tasks on a Ray cluster
+    workers: int = 1  # trials trained at once (engine "ray")
+    threads: int = 1  # CPUs (and torch threads) of each trial on Ray
 
 
 # ----------------------------------------------------------------------------------------------------- recipes
@@ -437,7 +443,7 @@ class Searcher:
         # One study per goal and pool (the same command resumes it); trial folders are shared by all of them.
         name = hashlib.sha256(json.dumps([asdict(self.goal), [c.key for c in pool]]).encode()).hexdigest()[:12]
         study = optuna.create_study(study_name=f"rung-0-{name}", storage=storage, load_if_exists=True, direction="maximize",
-                                    sampler=optuna.samplers.TPESampler(seed=self.options.seed))
+                                    sampler=optuna.samplers.TPESampler(seed=self.options.seed, constant_liar=True))
         for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             study.tell(stale.number, state=optuna.trial.TrialState.FAIL)  # killed mid-trial: its run folder resumes
             study.enqueue_trial(stale.params)
@@ -451,29 +457,35 @@ class Searcher:
         first = self.options.rungs[0]
         for done in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             results[first][Candidate(**done.params).key] = {}  # rerun below: finished stages are skipped
-        for key in list(results[first]):
-            results[first][key] = self.trial(self.by_key(pool, key), first)
+        resumed = list(results[first])
+        results[first].update(zip(resumed, self.trials([self.by_key(pool, k) for k in resumed], first), strict=True))
         wanted, refused = min(self.options.trials, len(pool)), 0
         while len(results[first]) < wanted and not self.out_of_time():
-            trial = study.ask(distributions)
-            candidate = Candidate(**trial.params)
-            if candidate not in pool or candidate.key in results[first]:
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-                refused += 1
-                if refused > 50:  # the sampler keeps proposing tried or unfit shapes: take the next untried one
-                    untried = next(c for c in pool if c.key not in results[first])
-                    study.enqueue_trial(asdict(untried))
-                    refused = 0
-                continue
-            results[first][candidate.key] = self.trial(candidate, first)
-            study.tell(trial, self.score(results[first][candidate.key], first))
+            batch: dict[Candidate, optuna.trial.Trial] = {}
+            while len(batch) < min(self.options.workers, wanted - len(results[first])):
+                trial = study.ask(distributions)
+                candidate = Candidate(**trial.params)
+                if candidate not in pool or candidate.key in results[first] or candidate in batch:
+                    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                    refused += 1
+                    if refused > 50:  # the sampler keeps proposing tried or unfit shapes: take the next untried one
+                        untried = next(c for c in pool if c.key not in results[first] and c not in batch)
+                        study.enqueue_trial(asdict(untried))
+                        refused = 0
+                    continue
+                batch[candidate] = trial
+            for (candidate, trial), result in zip(batch.items(), self.trials(list(batch), first), strict=True):
+                results[first][candidate.key] = result
+                study.tell(trial, self.score(result, first))
         for previous, fraction in zip(self.options.rungs, self.options.rungs[1:], strict=False):
             ranked = sorted(results[previous], key=lambda k: self.score(results[previous][k], previous), reverse=True)
-            for key in ranked[:max(1, math.ceil(len(ranked) * self.options.promote))]:
+            promoted = ranked[:max(1, math.ceil(len(ranked) * self.options.promote))]
+            for start in range(0, len(promoted), self.options.workers):
                 if self.out_of_time():
-                    log.warning("search: --hours reached; %s not run at fraction %g", key, fraction)
+                    log.warning("search: --hours reached; %s not run at fraction %g", ", ".join(promoted[start:]), fraction)
                     break
-                results[fraction][key] = self.trial(self.by_key(pool, key), fraction)
+                keys = promoted[start:start + self.options.workers]
+                results[fraction].update(zip(keys, self.trials([self.by_key(pool, k) for k in keys], fraction), strict=True))
         return results
 
     @staticmethod
@@ -493,12 +505,44 @@ class Searcher:
         slack = 2.0 * (1 - fraction)
         return 1000 - self.speed(result["candidate"]) if points >= floor - slack else points - 1000
 
-    def trial(self, candidate: Candidate, fraction: float) -> dict:
+    def trial_recipe(self, candidate: Candidate, fraction: float) -> tuple[Path, dict]:
+        """A trial's run folder (seeded with the teacher's stages) and recipe."""
         run_dir = self.folder / "trials" / f"{fraction:g}-{candidate.key}"
         raw = candidate_recipe(self.base, candidate, self.teacher_layers, fraction, self.trial_compare)
         if fraction == 1 and raw["bench"]["max_sentences"] is None:
             raw["bench"]["max_sentences"] = self.options.latency_texts  # time the texts the table was timed on
         _seed_teacher(self.folder, run_dir, self.teacher_stages)
+        return run_dir, raw
+
+    def trials(self, candidates: list[Candidate], fraction: float) -> list[dict]:
+        """``trial`` of each candidate; on Ray, their stages before the benchmark first train at once there."""
+        if self.options.engine == "ray" and candidates:
+            self.train_on_ray(candidates, fraction)
+        return [self.trial(candidate, fraction) for candidate in candidates]
+
+    def train_on_ray(self, candidates: list[Candidate], fraction: float) -> None:
+        from edgetl.cluster import connect_ray
+
+        ray = connect_ray(self.options.workers * self.options.threads, "search --engine ray")
+        train = ray.remote(num_cpus=self.options.threads, max_retries=0)(_train_untimed)
+        pending = {train.remote(raw, str(run_dir), self.options.threads): candidate
+                   for candidate in candidates for run_dir, raw in [self.trial_recipe(candidate, fraction)]}
+        log.info("search: %s at %g of the training, on Ray (%d at once)", ", ".join(c.key for c in candidates),
+                 fraction, self.options.workers)
+        while pending:
+            (ready,), _ = ray.wait(list(pending), num_returns=1)
+            candidate = pending.pop(ready)
+            try:
+                ray.get(ready)
+            except Exception as exc:  # a trial failed: the others stop too, as one process's search would
+                for ref in pending:
+                    ray.cancel(ref, force=True)
+                cause = getattr(exc, "cause", None) or exc
+                raise StageError(f"search: {candidate.key} at {fraction:g} failed on Ray: {cause}") from None
+            log.info("search: %s at %g trained on Ray", candidate.key, fraction)
+
+    def trial(self, candidate: Candidate, fraction: float) -> dict:
+        run_dir, raw = self.trial_recipe(candidate, fraction)
         log.info("search: %s at %g of the training", candidate.key, fraction)
         artifacts = run_recipe(_load(raw), run_dir)
         stage_seconds = {a.fingerprint: a.manifest["timings"]["seconds"] for a in artifacts[self.teacher_stages:]}
@@ -648,6 +692,15 @@ class Searcher:
         log.info("search: chosen %s %s; recipe %s, bundle %s", candidate.key, chosen["target"],
                  self.folder / "chosen.yaml", bundle.path)
         return str(bundle.path)
+
+
+def _train_untimed(raw: dict, run_dir: str, threads: int) -> None:
+    """A trial's stages before its benchmark, on a Ray worker with ``threads`` CPUs."""
+    import torch
+
+    torch.set_num_threads(threads)
+    timed = _stage_index(raw, "benchmark")
+    run_recipe(_load({**raw, "stages": raw["stages"][:timed]} if timed is not None else raw), Path(run_dir))
 
 
 def _parse_key(key: str) -> dict:

@@ -1,5 +1,5 @@
 """`edgetl search` on the tiny model: end to end within the budget (with a second INT8 setting beside the recipe's),
-nothing within the budget, the fastest-at-a-floor mode, and resuming after kill -9."""
+nothing within the budget, the fastest-at-a-floor mode, resuming after kill -9, and trials spread over Ray."""
 
 from __future__ import annotations
 
@@ -163,6 +163,55 @@ def test_a_search_killed_mid_trial_resumes_without_redoing_finished_stages(searc
     (name,) = optuna.get_all_study_names(storage)
     states = [t.state.name for t in optuna.load_study(study_name=name, storage=storage).trials]
     assert "RUNNING" not in states and states.count("COMPLETE") == 2
+
+
+def _interval(manifest: Path) -> tuple[float, float]:
+    timings = json.loads(manifest.read_text())["timings"]
+    return timings["started_unix"], timings["started_unix"] + timings["seconds"]
+
+
+def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+@pytest.mark.slow
+def test_trials_spread_over_a_local_ray_cluster_train_at_once_and_are_timed_one_at_a_time(search_root, shrink):
+    pytest.importorskip("ray")
+    folder = search_root / "ray-search"
+    args = [sys.executable, "-m", "edgetl", "search", "sst-tiny", *shrink("sst-tiny"), *SMALL, "--budget-ratio", "100",
+            "--layers", "1", "--heads", "0.5,1", "--ffn", "0.5", "--vocabulary", "no", "--trials", "2", "--rungs", "0.5,1",
+            "--latency-texts", "20", "--latency-rounds", "1", "--search-dir", str(folder),
+            "--engine", "ray", "--workers", "2", "--threads", "1"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(args, cwd=search_root, capture_output=True, text=True, timeout=1200, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "on Ray (2 at once)" in done.stderr
+    summary = json.loads((folder / "search.json").read_text())
+    assert summary["met"] and summary["options"]["engine"] == "ray"
+    assert len(summary["rungs"]["0.5"]) == 2 and len(summary["rungs"]["1"]) == 1
+    first = [_interval(m) for m in sorted(folder.glob("trials/0.5-*/02-distill/manifest.json"))]
+    assert len(first) == 2 and _overlap(*first), "the first rung's two shapes trained at once"
+    (benchmark,) = folder.glob("trials/1-*/*-benchmark/manifest.json")
+    training = [_interval(m) for m in folder.glob("trials/*/0[2-6]-*/manifest.json")]
+    assert not any(_overlap(_interval(benchmark), t) for t in training), "timed with no trial training beside it"
+    import optuna
+
+    storage = f"sqlite:///{folder / 'optuna.db'}"
+    (name,) = optuna.get_all_study_names(storage)
+    states = [t.state.name for t in optuna.load_study(study_name=name, storage=storage).trials]
+    assert "RUNNING" not in states and states.count("COMPLETE") == 2
+
+
+def test_workers_and_threads_without_ray_and_a_worker_count_below_one_are_refused(tmp_path):
+    from edgetl.cli import main
+    from edgetl.errors import UsageError
+
+    base = ["--debug", "search", "sst-tiny", "--budget-ms", "1", "--search-dir", str(tmp_path / "s")]
+    with pytest.raises(UsageError, match="--workers and --threads go with --engine ray"):
+        main([*base, "--workers", "2"])
+    with pytest.raises(UsageError, match="--workers must be at least 1, got 0"):
+        main([*base, "--engine", "ray", "--workers", "0"])
+    assert not (tmp_path / "s").exists()
 
 
 def test_a_recipe_without_distill_and_prune_or_a_bad_int8_setting_is_refused_before_anything_runs(tmp_path, shrink):

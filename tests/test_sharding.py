@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import edgetl_cli, write_tiny_bundle
-from edgetl.errors import ArtifactError, UsageError
+from edgetl.errors import ArtifactError, OutOfMemoryError, UsageError
 
 TEXTS = ["a gorgeous , witty film", "dull and lifeless " * 40, "fine", "the battery died after two days"] * 3
 
@@ -126,6 +126,46 @@ def test_a_dead_worker_fails_the_waiting_call_and_a_broken_part_fails_at_load(sh
         load(broken, backend="onnxruntime")
 
 
+def test_a_memory_cap_holds_for_the_process_and_each_part_worker_it_starts(sharded, tmp_path):
+    import subprocess
+    import sys
+
+    probe = ("import sys; from edgetl.cli import main; from edgetl.runtime import load; "
+             "main(['--memory-mb', '3000', 'support']); runtime = load(sys.argv[1], backend='onnxruntime'); "
+             "print(runtime.predict(['fine'])[0].label); "
+             "[print(next(l for l in open(f'/proc/{p}/limits') if l.startswith('Max data size'))) "
+             "for p in ['self', *(w.pid for w in runtime.engine._processes)]]")
+    done = subprocess.run([sys.executable, "-c", probe, str(sharded[2][1])], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    limits = [line.split()[3] for line in done.stdout.splitlines() if line.startswith("Max data size")]
+    assert limits == [str(3000 << 20)] * 3  # this process and both part workers
+    for bad in ("0", "-5"):
+        refused = edgetl_cli("--memory-mb", bad, "support", cwd=tmp_path)
+        assert refused.returncode == 2 and f"--memory-mb {bad}: from 1 to" in refused.stderr
+
+
+def test_a_model_that_does_not_fit_the_memory_cap_is_named_with_the_cap(monkeypatch, tmp_path):
+    import resource
+
+    from edgetl.runtime import engines
+
+    def out_of_memory(*_):
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Exception during initialization: std::bad_alloc")
+
+    monkeypatch.setitem(engines.ENGINES, "onnx", out_of_memory)
+    soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    resource.setrlimit(resource.RLIMIT_DATA, (1 << 40, hard))  # a limit far above what this test uses
+    try:
+        with pytest.raises(OutOfMemoryError, match=r"model.onnx: not enough memory to load the model within this "
+                                                r"process's limit of 1048576 MB \(RLIMIT_DATA; edgetl --memory-mb\)"):
+            engines.open_engine("onnx", tmp_path / "model.onnx")
+    finally:
+        resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
+    monkeypatch.setitem(engines.ENGINES, "onnx", lambda *_: (_ for _ in ()).throw(RuntimeError("invalid graph")))
+    with pytest.raises(RuntimeError, match="invalid graph"):  # other load errors pass through unchanged
+        engines.open_engine("onnx", tmp_path / "model.onnx")
+
+
 @pytest.mark.slow
 def test_the_sharding_benchmark_measures_a_run(tiny_run, sst2_slice, tmp_path):
     import subprocess
@@ -145,3 +185,22 @@ def test_the_sharding_benchmark_measures_a_run(tiny_run, sst2_slice, tmp_path):
     sharded = [r for r in result["timing"] if r["parts"] == 2]
     assert len(sharded) == 4 and all(len(r["worker_peak_rss_mb"]) == 2 and r["texts_per_s"] > 0 for r in sharded)
     assert not list(tmp_path.glob("sharding-*"))  # the work folder is removed
+
+
+@pytest.mark.slow
+def test_the_memory_cap_benchmark_runs_a_bundle_whole_and_sharded_under_the_cap(tiny_run, sst2_slice, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "memory_cap.py"
+    bundle = next(tiny_run.glob("[0-9][0-9]-bundle"))
+    done = subprocess.run([sys.executable, str(script), str(bundle), "--cap", "8000", "--texts", str(sst2_slice / "dev.tsv"),
+                           "--max-texts", "8", "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "out" / "memory_cap.json").read_text())
+    assert set(result["backends"]) == set(json.loads((bundle / "edgetl.json").read_text())["models"])
+    for row in result["backends"].values():  # a cap this model fits: every way runs, and the parts answer alike
+        assert [row[k]["returncode"] for k in ("whole", "whole_capped", "sharded_capped")] == [0, 0, 0]
+        assert len(row["part_mb"]) == 2 and row["sharded_same_labels"] == 8
+    assert "| onnx |" in (tmp_path / "out" / "memory_cap.md").read_text()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetl.errors import MissingDependencyError
+from edgetl.errors import MissingDependencyError, OutOfMemoryError
 
 
 # ONNX Runtime execution providers by device; each falls back to the CPU for operators it lacks.
@@ -34,6 +34,7 @@ class OnnxRuntimeEngine:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
         providers = ORT_PROVIDERS[device]
+        self.path = str(model_path)
         self.session = ort.InferenceSession(str(model_path), options, providers=providers)
         if self.session.get_providers()[0] != providers[0]:  # ORT falls back silently; a benchmark must not
             raise RuntimeError(f"ONNX Runtime did not start {providers[0]} (got {self.session.get_providers()})")
@@ -43,12 +44,20 @@ class OnnxRuntimeEngine:
                              for i in self.session.get_inputs()}
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self.session.run(["logits"], {k: feeds[k] for k in self.input_names})[0]
+        try:
+            return self.session.run(["logits"], {k: feeds[k] for k in self.input_names})[0]
+        except Exception as exc:
+            raise_if_out_of_memory(exc, self.path, "run")
+            raise
 
     def run_all(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every output by name (a decoder's logits and its KV cache)."""
         names = [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, {k: feeds[k] for k in self.input_names}), strict=True))
+        try:
+            return dict(zip(names, self.session.run(names, {k: feeds[k] for k in self.input_names}), strict=True))
+        except Exception as exc:
+            raise_if_out_of_memory(exc, self.path, "run")
+            raise
 
 
 class OpenVinoEngine:
@@ -69,19 +78,27 @@ class OpenVinoEngine:
             config["INFERENCE_PRECISION_HINT"] = "f32"
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        self.compiled = core.compile_model(str(model_path), device, config)
+        self.path = str(model_path)
+        self.compiled = core.compile_model(self.path, device, config)
         self.input_names = [i.get_any_name() for i in self.compiled.inputs]
         self.input_shapes = {i.get_any_name(): tuple(d.get_length() if d.is_static else None for d in i.get_partial_shape())
                              for i in self.compiled.inputs}
 
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        request = self.compiled.create_infer_request()
-        result = request.infer({k: feeds[k] for k in self.input_names})
+        try:
+            result = self.compiled.create_infer_request().infer({k: feeds[k] for k in self.input_names})
+        except Exception as exc:
+            raise_if_out_of_memory(exc, self.path, "run")
+            raise
         return np.asarray(result[self.compiled.output(0)])
 
     def run_all(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every output by name (a decoder's logits and its KV cache)."""
-        result = self.compiled.create_infer_request().infer({k: feeds[k] for k in self.input_names})
+        try:
+            result = self.compiled.create_infer_request().infer({k: feeds[k] for k in self.input_names})
+        except Exception as exc:
+            raise_if_out_of_memory(exc, self.path, "run")
+            raise
         return {output.get_any_name(): np.asarray(result[output]) for output in self.compiled.outputs}
 
 
@@ -91,6 +108,35 @@ ENGINES = {"onnx": OnnxRuntimeEngine, "openvino": OpenVinoEngine}
 def open_engine(backend: str, model_path: str | Path, threads: int | None = None, device: str = "cpu"):
     """An engine for a model file: backend 'onnx' (ONNX Runtime: device cpu, cuda, tensorrt) or 'openvino'
     (device cpu, gpu)."""
-    if backend == "openvino":
-        return OpenVinoEngine(model_path, threads, device.upper())
-    return ENGINES[backend](model_path, threads, device)
+    try:
+        if backend == "openvino":
+            return OpenVinoEngine(model_path, threads, device.upper())
+        return ENGINES[backend](model_path, threads, device)
+    except Exception as exc:
+        raise_if_out_of_memory(exc, model_path, "load")
+        raise
+
+
+# How an allocation failure reaches Python: C++'s std::bad_alloc as the runtime's own exception type (ONNX
+# Runtime), or the runtime's own message (OpenVINO's CPU plugin).
+OUT_OF_MEMORY = ("bad_alloc", "Failed to allocate")
+
+
+def raise_if_out_of_memory(exc: Exception, model_path: str | Path, doing: str) -> None:
+    """OutOfMemoryError naming the model and this process's memory limit, if ``exc`` is an allocation failure."""
+    if not isinstance(exc, MemoryError) and not any(m in str(exc) for m in OUT_OF_MEMORY):
+        return
+    limit = data_limit_mb()
+    cap = f" within this process's limit of {limit} MB (RLIMIT_DATA; edgetl --memory-mb)" if limit else ""
+    raise OutOfMemoryError(f"{model_path}: not enough memory to {doing} the model{cap}; a sharded bundle (edgetl "
+                           "shard) holds one part per process") from exc
+
+
+def data_limit_mb() -> int | None:
+    """This process's data memory limit (RLIMIT_DATA) in MB, None where there is none (or no such limit)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_DATA)
+    return None if soft == resource.RLIM_INFINITY else soft >> 20

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgetl.errors import ArtifactError
 from edgetl.inputs import BATCH_SIZE, head_tail
 
 
@@ -116,6 +117,9 @@ def predict_outputs(engine, tokenizer, inputs: list, batch_size: int, is_pretoke
         results = tqdm(results, desc=desc, leave=False, total=len(batches))
     outputs = [None] * len(inputs)
     for batch, out in zip(batches, results, strict=True):
+        if len(out) != len(batch):  # seen from OpenVINO's CPU plugin short of memory: an empty answer, no error
+            raise ArtifactError(f"the model answered {len(out)} rows for a batch of {len(batch)} inputs "
+                                "(out of memory?)")
         for row, index in enumerate(batch):
             outputs[index] = out[row, : len(encodings[index].ids)] if out.ndim == 3 else out[row]
     return outputs, encodings
