@@ -7,13 +7,14 @@ Serves PAGE_DIR as `edgetl serve --web` does (cross-origin isolated, so WebAssem
 Chromium (found as benchmarks/render_html.py finds it) with every host but 127.0.0.1 unresolvable, recording each
 request the page makes. Then, for every text of --texts (default: SST-2 dev, 872 sentences; a .tsv's `sentence`
 column, with `label` the page's and the runtime's accuracy, or a .txt's lines): the page's token ids and the Python runtime's (`edgetl.runtime.load(BUNDLE)`), the
-labels and the largest probability difference; and, for scale, how far the Python runtime's own answers move when
+labels and the largest probability difference (a sentence-embedding bundle: the largest difference of a vector's
+values, and the lowest cosine between the page's vector and the runtime's); and, for scale, how far the Python runtime's own answers move when
 ONNX Runtime runs the model without its graph optimizations (no fused x86 kernels). With --rounds N it times batch-1 predictions (tokenize, run, softmax;
 one text per call) in the page and in the Python runtime (ONNX Runtime, the same model file), each in its own
 block, the order alternating by round, and reports each block's p50. A screenshot of the page showing a
-prediction goes to --png. --backend opens the page with ?backend= (webgpu: Chromium gets a WebGPU adapter, which
+prediction (or a ranking) goes to --png. --backend opens the page with ?backend= (webgpu: Chromium gets a WebGPU adapter, which
 on a machine without a GPU is SwiftShader's, on the CPU: its timings say nothing of a GPU). Prints JSON (also written to --out); exits 1 if a token id or a label differs, a
-probability differs by more than 1e-3, or the page requested anything outside its own folder; 2 (printing the
+probability (or a vector's value) differs by more than 1e-3, or the page requested anything outside its own folder; 2 (printing the
 message the page shows) if the page cannot load its bundle.
 """
 
@@ -84,21 +85,25 @@ class Page:
 
 
 def page_answers(page: Page, texts: list[str]) -> list[dict]:
+    """Per text, the page's token ids and its answer: {label, score, scores} of a classifier, {vector} of an embedder."""
     return page.run(f"""(async () => {{
-        const classifier = await window.edgetl.ready;
+        const model = await window.edgetl.ready;
         const out = [];
-        for (const text of {json.dumps(texts)}) out.push({{ids: classifier.encode(text), ...(await classifier.predict(text))}});
+        for (const text of {json.dumps(texts)}) {{
+            const answer = model.embed ? {{vector: await model.embed(text)}} : await model.predict(text);
+            out.push({{ids: model.encode(text), ...answer}});
+        }}
         return out;
     }})()""")
 
 
 def page_times(page: Page, texts: list[str]) -> list[float]:
     return page.run(f"""(async () => {{
-        const classifier = await window.edgetl.ready;
+        const model = await window.edgetl.ready;
         const ms = [];
         for (const text of {json.dumps(texts)}) {{
             const start = performance.now();
-            await classifier.predict(text);
+            await (model.embed ? model.embed(text) : model.predict(text));
             ms.push(performance.now() - start);
         }}
         return ms;
@@ -115,12 +120,24 @@ def native_times(runtime, texts: list[str]) -> list[float]:
 
 
 def gaps(answers: list, expected: list) -> list[float]:
-    """Per text, the largest difference between two predictions' probabilities of a label."""
-    return [max(abs(_scores(a)[k] - _scores(e)[k]) for k in _scores(e)) for a, e in zip(answers, expected, strict=True)]
+    """Per text, the largest difference between two answers: of a label's probability, or of a vector's value."""
+    return [max(abs(_values(a)[k] - _values(e)[k]) for k in range(len(_values(e))))
+            for a, e in zip(answers, expected, strict=True)]
 
 
-def _scores(prediction) -> dict:
-    return prediction["scores"] if isinstance(prediction, dict) else prediction.scores
+def _values(answer) -> list[float]:
+    """A classifier's probabilities (in label order) or an embedder's vector, from the page's JSON or the runtime."""
+    if isinstance(answer, dict):
+        return answer["vector"] if "vector" in answer else list(answer["scores"].values())
+    return list(answer.scores.values()) if hasattr(answer, "scores") else [float(x) for x in answer]
+
+
+def lowest_cosine(answers: list[dict], expected: list) -> float:
+    import numpy as np
+
+    page, runtime = np.array([a["vector"] for a in answers]), np.stack(expected)
+    cosines = (page * runtime).sum(1) / (np.linalg.norm(page, axis=1) * np.linalg.norm(runtime, axis=1))
+    return float(cosines.min())
 
 
 def unfused(runtime, texts: list[str]) -> list:
@@ -181,12 +198,15 @@ def main() -> int:
         expected = runtime.predict(texts)
         python_ids = [e.ids for e in runtime.tokenizer.encode_batch(texts)]
         id_mismatch = [i for i, a in enumerate(answers) if a["ids"] != python_ids[i]]
-        label_mismatch = [i for i, (a, e) in enumerate(zip(answers, expected, strict=True)) if a["label"] != e.label]
+        embedding = runtime.task == "sentence-embedding"
+        label_mismatch = [] if embedding else [i for i, (a, e) in enumerate(zip(answers, expected, strict=True))
+                                               if a["label"] != e.label]
         page_gaps = gaps(answers, expected)
         gap = max(page_gaps)
         plain = unfused(runtime, texts)
         spread = {"runtime_vs_unfused": beyond(gaps(expected, plain)), "page_vs_unfused": beyond(gaps(answers, plain)),
-                  "labels_runtime_vs_unfused": sum(e.label != p.label for e, p in zip(expected, plain, strict=True))}
+                  "labels_runtime_vs_unfused": 0 if embedding else sum(e.label != p.label
+                                                                       for e, p in zip(expected, plain, strict=True))}
         rounds = []
         for r in range(args.rounds):
             blocks = [("browser", lambda: page_times(page, texts)), ("native", lambda: native_times(runtime, texts))]
@@ -207,10 +227,12 @@ def main() -> int:
         "bundle": str(args.bundle), "page": str(args.page), "chromium": page.version, "machine": platform.processor()
         or platform.machine(), "texts": len(texts), "texts_file": str(args.texts), "cross_origin_isolated":
         loaded["isolated"], "backend": loaded["backend"], "load_s": round(load_s, 2), "token_ids_differ": len(id_mismatch),
-        "labels_differ": len(label_mismatch), "largest_probability_difference": gap,
+        "task": runtime.task, "labels_differ": len(label_mismatch),
+        f"largest_{'vector_value' if embedding else 'probability'}_difference": gap,
+        **({"lowest_cosine": lowest_cosine(answers, expected)} if embedding else {}),
         "probabilities_beyond_tolerance": sum(g > PROBABILITY_TOLERANCE for g in page_gaps),
         "onnxruntime_without_graph_optimizations": spread,
-        "accuracy": None if gold is None else {
+        "accuracy": None if gold is None or embedding else {
             "page": sum(runtime.labels.index(a["label"]) == g for a, g in zip(answers, gold, strict=True)) / len(gold),
             "runtime": sum(runtime.labels.index(e.label) == g for e, g in zip(expected, gold, strict=True)) / len(gold)},
         "requests_outside_the_page": outside, "page_bytes": sum(p.stat().st_size for p in page_files),
@@ -227,7 +249,8 @@ def main() -> int:
     problems = [what for failed, what in [
         (id_mismatch, f"{len(id_mismatch)} texts tokenized differently"),
         (label_mismatch, f"{len(label_mismatch)} labels differ"),
-        (gap > PROBABILITY_TOLERANCE, f"probabilities differ by {gap:.2e} (tolerance {PROBABILITY_TOLERANCE})"),
+        (gap > PROBABILITY_TOLERANCE, f"{'vectors' if embedding else 'probabilities'} differ by {gap:.2e} "
+                                      f"(tolerance {PROBABILITY_TOLERANCE})"),
         (outside, f"the page requested {outside[:3]}"),
     ] if failed]
     if problems:

@@ -121,6 +121,22 @@ def test_a_webgpu_page_runs_on_webgpu_where_offered_and_says_why_not_elsewhere(t
     assert "WebGPU was asked for, but this page was exported without --webgpu" in json.loads(done.stdout)["error"]
 
 
+@pytest.mark.slow
+def test_an_embedding_page_gives_the_python_runtimes_vectors_offline(tiny_embedding_bundle, tmp_path, long_texts):
+    """The tiny FP32 sentence-embedding bundle (mean-pooled, L2-normalised in the graph) on the same 912 texts."""
+    from edgetl.web import export_web
+
+    if not shutil.which("npm"):
+        pytest.skip("export-web fetches onnxruntime-web with npm, which is not here")
+    export_web(tiny_embedding_bundle, tmp_path / "page")
+    done = _page_check(tiny_embedding_bundle, tmp_path / "page", long_texts, "--png", str(tmp_path / "page.png"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["task"] == "sentence-embedding" and report["texts"] == 912 and report["token_ids_differ"] == 0
+    assert report["largest_vector_value_difference"] <= 1e-4 and report["lowest_cosine"] > 0.9999
+    assert report["requests_outside_the_page"] == [] and (tmp_path / "page.png").stat().st_size > 5_000
+
+
 def test_serve_web_sends_the_headers_that_give_webassembly_threads(tmp_path):
     import threading
     import urllib.request

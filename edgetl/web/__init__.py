@@ -1,4 +1,5 @@
-"""``edgetl export-web``: a text-classification bundle as a static folder that classifies text in a web page.
+"""``edgetl export-web``: a text-classification or sentence-embedding bundle as a static folder that runs it in a
+web page (a classifier labels the text typed; an embedding model ranks sentences by their similarity to it).
 
 The folder holds ``index.html`` and ``app.js`` (this package's), the bundle's ``edgetl.json``, tokenizer and ONNX
 model, and ``vendor/``: onnxruntime-web (WebAssembly) and tokenizers.js, the versions pinned in this package's
@@ -35,6 +36,7 @@ VENDOR = {
     "@huggingface/tokenizers": ("tokenizers.min.mjs",),
 }
 WEBGPU = ("ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm")
+WEB_TASKS = ("text-classification", "sentence-embedding")  # app.js's SUPPORTED.tasks
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgetl" / "web"
 
 
@@ -42,10 +44,10 @@ def web_problem(manifest: dict) -> str | None:
     """Why the page cannot run this bundle, or None. (The format version is read_manifest's to check; in the
     browser, app.js's ``unsupported`` checks the version, task, pairs and the ONNX model again.)"""
     task = manifest.get("task", "text-classification")
-    if task != "text-classification":
-        return f"a {task} bundle: the page classifies text (text-classification bundles only, so far)"
+    if task not in WEB_TASKS:
+        return f"a {task} bundle: the page runs {' and '.join(WEB_TASKS)} bundles (so far)"
     if manifest.get("text_pair"):
-        return "its model reads pairs of texts; the page classifies single texts"
+        return "its model reads pairs of texts; the page runs single texts"
     if manifest.get("cloze"):
         return "a cloze (prompt) model; the page runs classifier heads only"
     onnx = manifest.get("models", {}).get("onnx")

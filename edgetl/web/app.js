@@ -1,12 +1,12 @@
 // An edgetl bundle in a web page: the bundle's tokenizer (tokenizers.js reads its tokenizer.json) and its ONNX
 // model (onnxruntime-web: WebAssembly, or WebGPU where the page ships that build and the browser offers an
-// adapter), cutting and batching texts as edgetl's Python runtime does, so a page answers what `edgetl predict`
-// answers. Written by `edgetl export-web`; nothing here reaches the network beyond the folder it is served from.
+// adapter), cutting texts as edgetl's Python runtime does, so a page answers what `edgetl predict` (a classifier's
+// labels) or `edgetl embed` (a sentence-embedding model's vectors) answers. Written by `edgetl export-web`; nothing here reaches the network beyond the folder it is served from.
 import { Tokenizer } from "./vendor/tokenizers.min.mjs";
 
 const WEBGPU_BUILD = "ort.webgpu.min.mjs";
 
-export const SUPPORTED = { format: "edgetl-bundle", versions: [1], tasks: ["text-classification"] };
+export const SUPPORTED = { format: "edgetl-bundle", versions: [1], tasks: ["text-classification", "sentence-embedding"] };
 
 /** Why this page cannot run the bundle whose edgetl.json is `manifest`, or null. */
 export function unsupported(manifest) {
@@ -15,8 +15,11 @@ export function unsupported(manifest) {
     return `bundle format version ${manifest.format_version} is newer than this page reads (${SUPPORTED.versions.join(", ")}): export it again with the edgetl that made it`;
   }
   const task = manifest.task ?? "text-classification";
-  if (!SUPPORTED.tasks.includes(task)) return `a ${task} bundle: this page classifies text (tasks: ${SUPPORTED.tasks.join(", ")})`;
-  if (manifest.text_pair) return "the model reads pairs of texts; this page classifies single texts";
+  if (!SUPPORTED.tasks.includes(task)) return `a ${task} bundle: this page runs ${SUPPORTED.tasks.join(" and ")} bundles`;
+  if (manifest.text_pair) return "the model reads pairs of texts; this page runs single texts";
+  if (task === "sentence-embedding" && !Number.isInteger(manifest.embedding?.dimension)) {
+    return "a sentence-embedding bundle without the vectors' dimension (its embedding section)";
+  }
   if (!manifest.models?.onnx) return "the bundle has no ONNX model";
   return null;
 }
@@ -66,9 +69,11 @@ async function chooseBackend(requested, base) {
   return missing ? "wasm" : "webgpu";
 }
 
-export class TextClassifier {
+/** What every task's model shares: the bundle's cutting of texts into token ids, and one call of the model. */
+class BundleModel {
   constructor(manifest, tokenizer, session, modelBytes, backend, ort) {
     this.manifest = manifest;
+    this.task = manifest.task ?? "text-classification";
     this.backend = backend;  // "wasm" or "webgpu": where the session runs
     this.ort = ort;
     this.tokenizer = tokenizer;
@@ -98,8 +103,8 @@ export class TextClassifier {
     return full.slice(0, start).concat(kept, full.slice(start + bare.length));
   }
 
-  /** The model's logits for one text (one call, as the Python runtime runs a dynamic-INT8 model). */
-  async logits(text) {
+  /** The model's first output for one text (one call, as the Python runtime runs a dynamic-INT8 model). */
+  async output(text) {
     const ids = this.encode(text);
     const n = ids.length;
     const columns = {
@@ -112,10 +117,12 @@ export class TextClassifier {
     const outputs = await this.session.run(feeds);
     return Array.from(outputs[this.session.outputNames[0]].data);
   }
+}
 
+export class TextClassifier extends BundleModel {
   /** {label, score, scores}: the label of the highest probability, that probability, and each label's. */
   async predict(text) {
-    const logits = await this.logits(text);
+    const logits = await this.output(text);
     const top = Math.max(...logits);
     const exp = logits.map((x) => Math.exp(x - top));
     const sum = exp.reduce((a, b) => a + b, 0);
@@ -123,6 +130,28 @@ export class TextClassifier {
     const best = probabilities.indexOf(Math.max(...probabilities));
     const scores = Object.fromEntries(this.labels.map((label, i) => [label, probabilities[i]]));
     return { label: this.labels[best], score: probabilities[best], scores };
+  }
+}
+
+export class Embedder extends BundleModel {
+  constructor(...args) {
+    super(...args);
+    this.dimension = this.manifest.embedding.dimension;
+    this.normalize = Boolean(this.manifest.embedding.normalize);  // unit vectors: a dot product is their cosine
+  }
+
+  /** The text's vector (pooled, and normalised where the bundle says, inside the model), as numbers. */
+  async embed(text) {
+    const vector = await this.output(text);
+    if (vector.length !== this.dimension) throw new Error(`the model gives ${vector.length} values, edgetl.json says ${this.dimension}`);
+    return vector;
+  }
+
+  /** The cosine of two vectors. */
+  static cosine(a, b) {
+    let dot = 0, aa = 0, bb = 0;
+    for (let i = 0; i < a.length; i++) { dot += a[i] * b[i]; aa += a[i] * a[i]; bb += b[i] * b[i]; }
+    return dot / Math.sqrt(aa * bb);
   }
 }
 
@@ -147,5 +176,6 @@ export async function load({ onProgress, backend = "auto" } = {}) {
   // Under WebGPU, the operations its provider lacks (the integer ones of a dynamic-INT8 model) run in WebAssembly.
   const providers = chosen === "webgpu" ? ["webgpu", "wasm"] : ["wasm"];
   const session = await ort.InferenceSession.create(modelBytes, { executionProviders: providers });
-  return new TextClassifier(manifest, tokenizer, session, modelBytes.length, chosen, ort);
+  const Task = manifest.task === "sentence-embedding" ? Embedder : TextClassifier;
+  return new Task(manifest, tokenizer, session, modelBytes.length, chosen, ort);
 }
