@@ -1,12 +1,12 @@
 """An `edgetl export-web` page in headless Chromium against the Python runtime on the same texts and model file.
 
-    .venv/bin/python benchmarks/web_page.py BUNDLE PAGE_DIR [--texts FILE] [--out OUT.json] [--png OUT.png]
+    .venv/bin/python benchmarks/web_page.py BUNDLE PAGE_DIR [--texts FILE [--field NAME]] [--out OUT.json] [--png OUT.png]
         [--rounds 2] [--backend auto|wasm|webgpu] [--chromium PATH]
 
 Serves PAGE_DIR as `edgetl serve --web` does (cross-origin isolated, so WebAssembly gets threads) and opens it in
 Chromium (found as benchmarks/render_html.py finds it) with every host but 127.0.0.1 unresolvable, recording each
 request the page makes. Then, for every text of --texts (default: SST-2 dev, 872 sentences; a .tsv's `sentence`
-column, with `label` the page's and the runtime's accuracy, or a .txt's lines): the page's token ids and the Python runtime's (`edgetl.runtime.load(BUNDLE)`), the
+column, with `label` the page's and the runtime's accuracy; a .jsonl's --field; or a .txt's lines): the page's token ids and the Python runtime's (`edgetl.runtime.load(BUNDLE)`), the
 labels and the largest probability difference (a sentence-embedding bundle: the largest difference of a vector's
 values, and the lowest cosine between the page's vector and the runtime's); and, for scale, how far the Python runtime's own answers move when
 ONNX Runtime runs the model without its graph optimizations (no fused x86 kernels). With --rounds N it times batch-1 predictions (tokenize, run, softmax;
@@ -36,9 +36,11 @@ PROBABILITY_TOLERANCE = 1e-3
 DEV = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "sst2" / "dev.tsv"
 
 
-def read_texts(path: Path) -> tuple[list[str], list[int] | None]:
+def read_texts(path: Path, field: str = "text") -> tuple[list[str], list[int] | None]:
     """The texts, and their gold labels where the file has them (a .tsv's `label` column)."""
     lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".jsonl":
+        return [json.loads(line)[field] for line in lines if line.strip()], None
     if path.suffix == ".tsv":
         header = lines[0].split("\t")
         rows = [line.split("\t") for line in lines[1:] if line]
@@ -165,6 +167,7 @@ def main() -> int:
     parser.add_argument("bundle", type=Path)
     parser.add_argument("page", type=Path, help="the folder edgetl export-web wrote for BUNDLE")
     parser.add_argument("--texts", type=Path, default=DEV)
+    parser.add_argument("--field", default="text", help="the field of a .jsonl --texts file (STS-B: sentence1)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--png", type=Path)
     parser.add_argument("--rounds", type=int, default=0, help="timing rounds (0: agreement only)")
@@ -177,7 +180,7 @@ def main() -> int:
     from edgetl.runtime import load
     from edgetl.web import page_server
 
-    texts, gold = read_texts(args.texts)
+    texts, gold = read_texts(args.texts, args.field)
     runtime = load(args.bundle, backend="onnxruntime")
     server = page_server(args.page)
     threading.Thread(target=server.serve_forever, daemon=True).start()

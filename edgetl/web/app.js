@@ -120,6 +120,9 @@ class BundleModel {
 }
 
 export class TextClassifier extends BundleModel {
+  /** The model's logits for one text. */
+  logits(text) { return this.output(text); }
+
   /** {label, score, scores}: the label of the highest probability, that probability, and each label's. */
   async predict(text) {
     const logits = await this.output(text);
