@@ -294,12 +294,9 @@ def shard_bundle(bundle: str | Path, out: str | Path, parts: int, backends: list
         raise UsageError(f"backends {unknown}: the bundle has {list(manifest['models'])}")
     if any("parts" in manifest["models"][b] for b in backends):
         raise UsageError(f"{bundle} is already sharded")
-    if manifest.get("task") == "text-generation":
-        raise UsageError(f"{bundle}: a text-generation bundle's KV-cache graph cannot be sharded yet (each part would "
-                         "hold its layers' cache); shard a classifier, tagger, regressor or embedding bundle")
     tokenizer = load_tokenizer(bundle, manifest["max_length"], manifest.get("truncation", "right"),
                                manifest.get("head_tokens", 0), manifest.get("cloze"))
-    feeds = pad(tokenizer.encode_batch([(SAMPLE, SAMPLE) if manifest.get("text_pair") else SAMPLE]))
+    sample = tokenizer.encode_batch([(SAMPLE, SAMPLE) if manifest.get("text_pair") else SAMPLE])
     out.parent.mkdir(parents=True, exist_ok=True)
     # Not copied: the models being cut (their parts replace them) and the signature (the manifest changes).
     whole = {bundle / manifest["models"][b]["path"] for b in backends}
@@ -314,6 +311,13 @@ def shard_bundle(bundle: str | Path, out: str | Path, parts: int, backends: list
             source = bundle / entry["path"]
             graph = klass(source)
             check_parts(parts, graph.layers)
+            if manifest.get("task") == "text-generation":  # the prompt's pass, from an empty KV cache
+                from edgetl.runtime.decoding import KVCacheDecoder
+                from edgetl.runtime.engines import open_engine
+
+                feeds = KVCacheDecoder(open_engine(backend, source, 1)).feeds(sample[0].ids)
+            else:
+                feeds = pad(sample)
             log(f"{backend}: {graph.layers} layers; timing each on its own")
             units = cut(graph.ops, graph.constants, graph.layers, list(range(1, graph.layers)), graph.graph_outputs)
             with tempfile.TemporaryDirectory() as scratch:

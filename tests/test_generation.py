@@ -147,6 +147,29 @@ def test_greedy_generation_equals_transformers_token_for_token(decoder_run, fp32
         assert len(got.token_ids) == 16 or expected[len(got.token_ids)] in generator.eos_ids
 
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_a_sharded_decoder_generates_as_the_whole_one(fp32_bundle, tmp_path, backend):
+    """Each part holds its layers' KV cache: the cache tensors go in and out with the part that owns them."""
+    import numpy as np
+
+    from edgetl.runtime import load
+    from edgetl.runtime.pipeline import PipelineEngine
+    from edgetl.sharding import shard_bundle
+
+    fmt = {"onnxruntime": "onnx", "openvino": "openvino"}[backend]
+    shard_bundle(fp32_bundle, tmp_path / "sharded", 2, backends=[fmt], log=lambda _: None)
+    whole, sharded = load(fp32_bundle, backend=backend), load(tmp_path / "sharded", backend=backend)
+    assert isinstance(sharded.engine, PipelineEngine) and len(sharded.engine.parts) == 2
+    ids = whole.tokenizer.encode("A cable that works").ids
+    steps = []
+    for model in (whole, sharded):
+        logits, cache = model.decoder.forward(ids, model.decoder.empty_cache())
+        steps.append(model.decoder.forward([int(logits[-1].argmax())], cache)[0])  # one token after the prompt
+    np.testing.assert_allclose(steps[1], steps[0], atol=1e-4)
+    for prompt in ("A cable", "The battery lasted", "I bought this for my"):
+        assert sharded.generate(prompt, max_new_tokens=12).token_ids == whole.generate(prompt, max_new_tokens=12).token_ids
+
+
 def test_streaming_sampling_stop_strings_and_limits(fp32_bundle):
     from edgetl.runtime import GenerationSettings, load
 

@@ -65,6 +65,7 @@ class PipelineEngine:
         self.workers = workers
         if not workers:
             self.engines = [open_engine(backend, path, threads) for path in paths]
+            self.input_shapes = {k: v for e in self.engines for k, v in e.input_shapes.items() if k in self.input_names}
             return
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [None]
         self._processes, upstream = [], subprocess.PIPE
@@ -80,7 +81,7 @@ class PipelineEngine:
         self._in, self._out = self._processes[0].stdin, self._processes[-1].stdout
         self._finalizer = weakref.finalize(self, _stop, self._processes)
         try:
-            _send(self._in, ("ready", []))
+            _send(self._in, ("ready", [], {}))
         except OSError:  # the first worker is already gone; its exit code says why below
             pass
         ready = _receive(self._out)
@@ -88,6 +89,7 @@ class PipelineEngine:
         if errors:
             self.close()
             raise ArtifactError(f"{folder}: the sharded model did not load: {'; '.join(errors)}")
+        self.input_shapes = {k: v for k, v in ready[2].items() if k in self.input_names}
         self._calls = _Calls()
         self._send_lock = threading.Lock()
         threading.Thread(target=_collect, args=(self._calls, self._out, self._processes), daemon=True,
@@ -207,20 +209,21 @@ def _stop(processes) -> None:
 
 
 def _worker(spec: dict) -> None:
-    """One part: frames in on stdin, frames out on stdout. The first frame is ("ready", [errors so far]): each
-    worker adds its own (None when its model loaded) and passes it on; a worker that could not load passes it on
-    and stops. Then (seq, tensors) frames, or (seq, message) when a part before it failed on that input."""
+    """One part: frames in on stdin, frames out on stdout. The first frame is ("ready", [errors so far], {input
+    shapes so far}): each worker adds its own error (None when its model loaded) and its inputs' shapes and passes it
+    on; a worker that could not load passes it on and stops. Then (seq, tensors) frames, or (seq, message) when a part before it failed on that input."""
     source, sink = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a runtime's prints must not corrupt the frames
-    _, errors = _receive(source)
+    _, errors, shapes = _receive(source)
     try:
         if spec["core"] is not None:
             os.sched_setaffinity(0, {spec["core"]})
         engine = open_engine(spec["backend"], spec["path"], spec["threads"])
     except Exception as exc:  # noqa: BLE001 - reported to the loading process, which raises it
-        _send(sink, ("ready", [*errors, f"part {spec['index']} ({Path(spec['path']).name}): {type(exc).__name__}: {exc}"]))
+        _send(sink, ("ready", [*errors, f"part {spec['index']} ({Path(spec['path']).name}): {type(exc).__name__}: {exc}"],
+                     shapes))
         return
-    _send(sink, ("ready", [*errors, None]))
+    _send(sink, ("ready", [*errors, None], {**shapes, **engine.input_shapes}))
     keep = set(spec["keep"])
     while (item := _receive(source)) is not None:
         seq, tensors = item
