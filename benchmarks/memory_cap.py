@@ -1,6 +1,7 @@
 """A model no process may hold whole, run sharded under an OS-enforced per-process memory cap.
 
-    python benchmarks/memory_cap.py BUNDLE --cap MB --texts FILE [--parts 2] [--max-texts 50] --out DIR
+    python benchmarks/memory_cap.py BUNDLE --cap MB --texts FILE [--parts 2] [--max-texts 50] [--max-new-tokens 16]
+        --out DIR
 
 BUNDLE is a text-classification bundle (``edgetl run benchmarks/memory_cap.yaml``: SmolLM2-135M, FP32). It is
 sharded into ``--parts`` parts (``edgetl shard``), then for each backend ``edgetl predict`` classifies the first
@@ -8,7 +9,9 @@ sharded into ``--parts`` parts (``edgetl shard``), then for each backend ``edget
 reference), the whole bundle under ``edgetl --memory-mb MB``, and the sharded bundle under the same cap (the cap
 holds for the CLI's process and for each part's worker process, which inherit it). Records each command's exit
 code and last error line, how many labels and the largest probability difference between the sharded answers and
-the reference, and each part's model file size.
+the reference, and each part's model file size. A text-generation bundle (``benchmarks/memory_cap_generation.yaml``)
+is run with ``edgetl generate`` instead, one process per text (its first eight words as the prompt, greedy,
+``--max-new-tokens``), and the sharded texts are compared with the reference's.
 Writes DIR/memory_cap.json and DIR/memory_cap.md.
 """
 
@@ -33,6 +36,22 @@ def predict(bundle: Path, backend: str, texts: Path, out: Path, cap: int | None)
             "last_line": lines[-1][:400] if lines else ""}
 
 
+def generate(bundle: Path, backend: str, prompts: list[str], out: Path, cap: int | None, tokens: int) -> dict:
+    """``edgetl generate`` of each prompt (stopping at the first failure); the texts go to ``out`` as JSONL rows."""
+    rows = []
+    for prompt in prompts:
+        command = [sys.executable, "-m", "edgetl", *(["--memory-mb", str(cap)] if cap else []), "generate", str(bundle),
+                   prompt, "--max-new-tokens", str(tokens), "--backend", BACKENDS[backend]]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+        if done.returncode != 0:
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            return {"command": " ".join(["edgetl", *command[3:]]), "returncode": done.returncode,
+                    "last_line": lines[-1][:400] if lines else ""}
+        rows.append({"prompt": prompt, "text": done.stdout})
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return {"command": " ".join(["edgetl", *command[3:]]), "returncode": 0, "last_line": f"{len(rows)} texts"}
+
+
 def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
@@ -44,6 +63,7 @@ def main() -> int:
     parser.add_argument("--texts", required=True)
     parser.add_argument("--parts", type=int, default=2)
     parser.add_argument("--max-texts", type=int, default=50)
+    parser.add_argument("--max-new-tokens", type=int, default=16, help="a text-generation bundle's new tokens per text")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     from edgetl.bench.machine import describe, machine_info
@@ -52,6 +72,7 @@ def main() -> int:
     bundle, out = Path(args.bundle), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = [line.split("\t")[0] for line in Path(args.texts).read_text().splitlines()[1:] if line.strip()]
+    generation = json.loads((bundle / "edgetl.json").read_text()).get("task") == "text-generation"
     with tempfile.TemporaryDirectory() as scratch:
         scratch = Path(scratch)
         texts = scratch / "texts.jsonl"
@@ -65,10 +86,15 @@ def main() -> int:
                    "part_mb": [round(p["bytes"] / 1e6, 1) for p in models[backend]["parts"]]}
             for name, folder, cap in (("whole", bundle, None), ("whole_capped", bundle, args.cap),
                                       ("sharded_capped", sharded, args.cap)):
-                row[name] = predict(folder, backend, texts, scratch / f"{backend}-{name}.jsonl", cap)
+                target = scratch / f"{backend}-{name}.jsonl"
+                row[name] = (generate(folder, backend, [" ".join(t.split()[:8]) for t in rows[:args.max_texts]], target,
+                                      cap, args.max_new_tokens) if generation
+                             else predict(folder, backend, texts, target, cap))
                 print(backend, name, row[name]["returncode"], row[name]["last_line"], flush=True)
             reference, capped = (read_rows(scratch / f"{backend}-{n}.jsonl") for n in ("whole", "sharded_capped"))
-            if reference and capped:
+            if reference and capped and generation:
+                row["sharded_same_texts"] = sum(a["text"] == b["text"] for a, b in zip(reference, capped, strict=True))
+            elif reference and capped:
                 row["sharded_same_labels"] = sum(a["label"] == b["label"] for a, b in zip(reference, capped, strict=True))
                 row["sharded_max_prob_diff"] = max(abs(a["scores"][k] - b["scores"][k])
                                                    for a, b in zip(reference, capped, strict=True) for k in a["scores"])
@@ -78,14 +104,16 @@ def main() -> int:
              f"Machine: {results['machine']}. {results['texts']} texts; the sharded bundle has {args.parts} parts, each in its own "
              "worker process under the same cap.", "",
              "| backend | whole model file | part files | whole, no cap | whole, capped | sharded, capped | "
-             "sharded vs whole: same labels, max probability difference |", "|---|---:|---|---|---|---|---|"]
+             "sharded vs whole uncapped |", "|---|---:|---|---|---|---|---|"]
     for backend, row in results["backends"].items():
         def outcome(r):
             return "ran" if r["returncode"] == 0 else f"exit {r['returncode']}: {r['last_line'][:120]}"
         lines.append(f"| {backend} | {row['whole_model_mb']} MB | {' + '.join(f'{m} MB' for m in row['part_mb'])} | "
                      f"{outcome(row['whole'])} | {outcome(row['whole_capped'])} | {outcome(row['sharded_capped'])} | "
                      + (f"{row['sharded_same_labels']} / {results['texts']}, {row['sharded_max_prob_diff']:.2g} |"
-                        if "sharded_same_labels" in row else "n/a |"))
+                        if "sharded_same_labels" in row else
+                        f"{row['sharded_same_texts']} / {results['texts']} texts equal |" if "sharded_same_texts" in row
+                        else "n/a |"))
     (out / "memory_cap.md").write_text("\n".join(lines) + "\n")
     print((out / "memory_cap.md").read_text())
     return 0
