@@ -210,8 +210,9 @@ def _stop(processes) -> None:
 
 def _worker(spec: dict) -> None:
     """One part: frames in on stdin, frames out on stdout. The first frame is ("ready", [errors so far], {input
-    shapes so far}): each worker adds its own error (None when its model loaded) and its inputs' shapes and passes it
-    on; a worker that could not load passes it on and stops. Then (seq, tensors) frames, or (seq, message) when a part before it failed on that input."""
+    shapes so far}): each worker adds its own error (None when its model loaded) and its inputs' shapes and passes
+    it on; a worker that could not load passes it on and stops. Then (seq, tensors) frames, or (seq, message) when
+    a part before it failed on that input."""
     source, sink = sys.stdin.buffer, sys.stdout.buffer
     sys.stdout = sys.stderr  # a runtime's prints must not corrupt the frames
     _, errors, shapes = _receive(source)
