@@ -78,6 +78,30 @@ def test_a_sharded_int8_bundle_answers_as_the_whole_one(tiny_run, tmp_path, dev_
         parts.engine.close()
 
 
+def test_a_shard_stage_after_the_bundle_publishes_a_sharded_bundle_that_answers_as_it(tiny_run, shrink, tmp_path,
+                                                                                       dev_texts, quiet_cwd):
+    from conftest import copy_run
+
+    from edgetl.pipeline import run_recipe
+    from edgetl.recipe import Recipe, load_recipe, resolved_dict
+    from edgetl.runtime import load
+    from edgetl.runtime.pipeline import PipelineEngine
+
+    run = copy_run(tiny_run, tmp_path / "sst-int8")
+    raw = resolved_dict(load_recipe("sst-int8", shrink("sst-int8")))
+    raw["stages"].append({"stage": "shard", "parts": 2, "formats": ["onnx"]})
+    artifacts = run_recipe(Recipe.model_validate(raw), run)
+    assert [a.manifest["stage"] for a in artifacts[-2:]] == ["bundle", "shard"]
+    assert artifacts[-2].manifest["timings"] == json.loads((tiny_run / "06-bundle" / "manifest.json").read_text())["timings"]
+    sharded = artifacts[-1].path
+    models = json.loads((sharded / "edgetl.json").read_text())["models"]
+    assert len(models["onnx"]["parts"]) == 2 and "parts" not in models["openvino"]
+    whole, parts = load(run / "06-bundle", backend="onnxruntime"), load(sharded, backend="onnxruntime")
+    assert isinstance(parts.engine, PipelineEngine)
+    assert [p.label for p in parts.predict(dev_texts)] == [p.label for p in whole.predict(dev_texts)]
+    parts.engine.close()
+
+
 def test_the_cli_shards_one_format_and_refuses_what_it_cannot_do(deep_bundle, sharded, tmp_path):
     done = edgetl_cli("shard", str(deep_bundle), str(tmp_path / "onnx-only"), "--parts", "2", "--format", "onnx",
                       cwd=tmp_path)

@@ -7,7 +7,15 @@ Validation never imports torch, so a bad recipe fails in well under a second.
 """
 
 from edgetl.recipe.base import Backend, Declared, DistillationConfig, TaskName, TrainingConfig
-from edgetl.recipe.compression import DistillStage, ExportStage, PruneStage, QATConfig, QuantizeStage, TransferText
+from edgetl.recipe.compression import (
+    DistillStage,
+    ExportStage,
+    PruneStage,
+    QATConfig,
+    QuantizeStage,
+    ShardStage,
+    TransferText,
+)
 from edgetl.recipe.data import DataConfig
 from edgetl.recipe.loader import RECIPES_DIR, apply_override, find_recipe, load_recipe, resolved_dict
 from edgetl.recipe.measure import BenchConfig, BenchmarkStage, BundleStage, EvaluateStage
@@ -26,6 +34,6 @@ __all__ = [
     "RECIPES_DIR", "STAGE_CLASSES", "STAGE_NAMES", "AdaptStage", "AugmentStage", "Backend", "BenchConfig",
     "BenchmarkStage", "BundleStage", "DataConfig", "Declared", "DistillStage", "DistillationConfig",
     "DomainAdversarialConfig", "EvaluateStage", "ExportStage", "FinetuneStage", "MetaStage", "PretrainedStage", "PruneStage", "QATConfig",
-    "QuantizeStage", "Recipe", "SelfTrainStage", "StageConfig", "TaskName", "TrainingConfig", "TransferText", "apply_override",
+    "QuantizeStage", "Recipe", "SelfTrainStage", "ShardStage", "StageConfig", "TaskName", "TrainingConfig", "TransferText", "apply_override",
     "find_recipe", "load_recipe", "resolved_dict",
 ]

@@ -182,3 +182,18 @@ class QuantizeStage(_Strict, Declared):
 
     def inputs(self) -> tuple[str, ...]:
         return ("pytorch-model",) if self.method == "qat" else ("exported",)
+
+
+class ShardStage(_Strict, Declared):
+    """The bundle's models cut at layer boundaries into parts that run as a pipeline of worker processes, one core
+    each (``edgetl shard``): a model no single process may hold runs as parts that each fit."""
+
+    takes: ClassVar[tuple[str, ...]] = ("bundle",)
+
+    stage: Literal["shard"]
+    parts: int = Field(2, ge=2, description="Parts per model (at most the model's layers); the cuts go where the "
+                       "slowest part, timed layer by layer on this machine, is fastest.")
+    formats: list[Backend] | None = Field(None, min_length=1, description="Which of the bundle's models to shard "
+                                          "(default: all); the others stay whole.")
+    max_part_mb: float | None = Field(None, gt=0, description="Cap on each part's model file, in MB.")
+

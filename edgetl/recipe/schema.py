@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from pydantic import Field, model_validator
 
 from edgetl.recipe.base import Declared, TaskName, _Strict
-from edgetl.recipe.compression import DistillStage, ExportStage, PruneStage, QuantizeStage
+from edgetl.recipe.compression import DistillStage, ExportStage, PruneStage, QuantizeStage, ShardStage
 from edgetl.recipe.data import DataConfig
 from edgetl.recipe.measure import BenchConfig, BenchmarkStage, BundleStage, EvaluateStage
 from edgetl.recipe.training import AdaptStage, AugmentStage, FinetuneStage, MetaStage, PretrainedStage, SelfTrainStage
@@ -16,13 +16,13 @@ from edgetl.tasks import DEFAULT_TASK, TASKS
 
 StageConfig = Annotated[
     PretrainedStage | AdaptStage | AugmentStage | MetaStage | FinetuneStage | SelfTrainStage | DistillStage | PruneStage | ExportStage | QuantizeStage
-    | EvaluateStage | BenchmarkStage | BundleStage,
+    | EvaluateStage | BenchmarkStage | BundleStage | ShardStage,
     Field(discriminator="stage"),
 ]
 STAGE_CLASSES: dict[str, type[Declared]] = {
     cls.model_fields["stage"].annotation.__args__[0]: cls
     for cls in (PretrainedStage, AdaptStage, AugmentStage, MetaStage, FinetuneStage, SelfTrainStage, DistillStage, PruneStage, ExportStage,
-                QuantizeStage, EvaluateStage, BenchmarkStage, BundleStage)
+                QuantizeStage, EvaluateStage, BenchmarkStage, BundleStage, ShardStage)
 }
 STAGE_NAMES = tuple(STAGE_CLASSES)
 

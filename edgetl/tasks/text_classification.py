@@ -10,7 +10,7 @@ from edgetl.inputs import head_tail
 from edgetl.tasks import OPTIONS, Task
 
 STAGES = frozenset({"adapt", "augment", "meta", "finetune", "self_train", "distill", "prune", "export", "quantize", "evaluate",
-                    "benchmark", "bundle"})
+                    "benchmark", "bundle", "shard"})
 
 
 def head_config(labels: list[str]) -> dict:

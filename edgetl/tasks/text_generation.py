@@ -111,7 +111,7 @@ TASK = Task(
     greater_is_better=False,
     columns={"text_field": "text"},
     pooling=None,
-    stages=frozenset({"pretrained", "finetune", "export", "quantize", "evaluate", "benchmark", "bundle"}),
+    stages=frozenset({"pretrained", "finetune", "export", "quantize", "evaluate", "benchmark", "bundle", "shard"}),
     options=frozenset({"weights", "lora"}),
     reasons={
         "adapt": "adapt trains a masked-LM head; a decoder is a language model already",

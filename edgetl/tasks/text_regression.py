@@ -95,7 +95,7 @@ TASK = Task(
     metric_scale=1,
     columns={"text_field": "text", "text_pair_field": "text_pair", "score_field": "label"},
     pooling="mean",
-    stages=frozenset({"finetune", "export", "quantize", "evaluate", "benchmark", "bundle"}),
+    stages=frozenset({"finetune", "export", "quantize", "evaluate", "benchmark", "bundle", "shard"}),
     options=frozenset({"pooling", "ptq"}),
     reasons={
         "weights": WEIGHTS_ONLY_FOR_DECODERS,

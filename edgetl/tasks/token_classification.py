@@ -128,7 +128,7 @@ TASK = Task(
     metric_scale=100,
     columns={"tokens_field": "tokens", "tags_field": "tags"},
     pooling=None,
-    stages=frozenset({"finetune", "export", "quantize", "evaluate", "benchmark", "bundle"}),
+    stages=frozenset({"finetune", "export", "quantize", "evaluate", "benchmark", "bundle", "shard"}),
     options=frozenset({"ptq"}),
     reasons={
         "weights": WEIGHTS_ONLY_FOR_DECODERS,
