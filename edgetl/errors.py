@@ -53,6 +53,10 @@ class SignatureError(ArtifactError):
     """A bundle loaded with a public key has no signature, or one that its manifest or that key does not match."""
 
 
+class EngineError(EdgetlError, RuntimeError):
+    """A model failed while running: a part of a sharded model raised, or its worker process died."""
+
+
 class OutOfMemoryError(EdgetlError, MemoryError):
     """A runtime could not allocate what a model needs, to load it or to run it (under a memory cap, say)."""
 

@@ -158,11 +158,16 @@ def test_a_memory_cap_holds_for_the_process_and_each_part_worker_it_starts(shard
              "main(['--memory-mb', '3000', 'support']); runtime = load(sys.argv[1], backend='onnxruntime'); "
              "print(runtime.predict(['fine'])[0].label); "
              "[print(next(l for l in open(f'/proc/{p}/limits') if l.startswith('Max data size'))) "
-             "for p in ['self', *(w.pid for w in runtime.engine._processes)]]")
+             "for p in ['self', *(w.pid for w in runtime.engine._processes)]]; "
+             "import os, signal; os.kill(runtime.engine._processes[1].pid, signal.SIGKILL); "
+             "from edgetl.errors import EngineError\n"
+             "try: runtime.predict(['fine'])\nexcept EngineError as exc: print('ERROR', exc)")
     done = subprocess.run([sys.executable, "-c", probe, str(sharded[2][1])], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     limits = [line.split()[3] for line in done.stdout.splitlines() if line.startswith("Max data size")]
     assert limits == [str(3000 << 20)] * 3  # this process and both part workers
+    assert "ERROR the sharded model's pipeline stopped: part 1's process ended (exit code -9); each process may use " \
+           "3000 MB (edgetl --memory-mb)" in done.stdout  # a worker killed under a cap: the cap is named
     for bad in ("0", "-5"):
         refused = edgetl_cli("--memory-mb", bad, "support", cwd=tmp_path)
         assert refused.returncode == 2 and f"--memory-mb {bad}: from 1 to" in refused.stderr

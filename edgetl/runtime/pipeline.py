@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgetl.errors import ArtifactError
-from edgetl.runtime.engines import open_engine
+from edgetl.errors import ArtifactError, EngineError
+from edgetl.runtime.engines import data_limit_mb, open_engine
 
 IN_FLIGHT = 4  # inputs per part that run_many keeps in the pipeline: every part busy, little memory held
 
@@ -161,7 +161,7 @@ class _Calls:
         future = Future()
         with self.lock:
             if self.broken:
-                raise RuntimeError(f"the sharded model's pipeline stopped: {self.broken}")
+                raise EngineError(f"the sharded model's pipeline stopped: {self.broken}")
             seq = next(self.seq)
             self.pending[seq] = future
         return seq, future
@@ -170,7 +170,7 @@ class _Calls:
         with self.lock:
             future = self.pending.pop(seq)
         if isinstance(tensors, str):
-            future.set_exception(RuntimeError(tensors))
+            future.set_exception(EngineError(tensors))
         else:
             future.set_result(tensors)
 
@@ -179,7 +179,7 @@ class _Calls:
             self.broken = self.broken or reason
             pending, self.pending = self.pending, {}
         for future in pending.values():
-            future.set_exception(RuntimeError(f"the sharded model's pipeline stopped: {reason}"))
+            future.set_exception(EngineError(f"the sharded model's pipeline stopped: {reason}"))
 
 
 def _collect(calls: _Calls, results, processes) -> None:
@@ -193,7 +193,13 @@ def _collect(calls: _Calls, results, processes) -> None:
         if all(p.poll() is not None for p in processes):
             break
         time.sleep(0.01)
-    calls.fail(f"part {processes.index(dead[0])}'s process ended (exit code {dead[0].returncode})" if dead else "closed")
+    if not dead:
+        calls.fail("closed")
+        return
+    reason = f"part {processes.index(dead[0])}'s process ended (exit code {dead[0].returncode})"
+    if dead[0].returncode < 0 and (limit := data_limit_mb()):  # killed by a signal, under a memory cap
+        reason += f"; each process may use {limit} MB (edgetl --memory-mb), and a runtime short of memory can crash"
+    calls.fail(reason)
 
 
 def _stop(processes) -> None:
