@@ -27,29 +27,31 @@ from pathlib import Path
 BACKENDS = {"onnx": "onnxruntime", "openvino": "openvino"}
 
 
-def predict(bundle: Path, backend: str, texts: Path, out: Path, cap: int | None) -> dict:
-    command = [sys.executable, "-m", "edgetl", *(["--memory-mb", str(cap)] if cap else []), "predict", str(bundle),
-               "--input", str(texts), "--output", str(out), "--backend", BACKENDS[backend]]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+def edgetl(cap: int | None, *args: str) -> tuple[subprocess.CompletedProcess, dict]:
+    """``edgetl [--memory-mb cap] ARGS`` in a subprocess, and what the results record of it."""
+    command = ["edgetl", *(["--memory-mb", str(cap)] if cap else []), *args]
+    done = subprocess.run([sys.executable, "-m", *command], capture_output=True, text=True, timeout=1800)
     lines = [line for line in done.stderr.splitlines() if line.strip()]
-    return {"command": " ".join(["edgetl", *command[3:]]), "returncode": done.returncode,
-            "last_line": lines[-1][:400] if lines else ""}
+    return done, {"command": " ".join(command), "returncode": done.returncode,
+                  "last_line": lines[-1][:400] if lines else ""}
+
+
+def predict(bundle: Path, backend: str, texts: Path, out: Path, cap: int | None) -> dict:
+    return edgetl(cap, "predict", str(bundle), "--input", str(texts), "--output", str(out),
+                  "--backend", BACKENDS[backend])[1]
 
 
 def generate(bundle: Path, backend: str, prompts: list[str], out: Path, cap: int | None, tokens: int) -> dict:
     """``edgetl generate`` of each prompt (stopping at the first failure); the texts go to ``out`` as JSONL rows."""
     rows = []
     for prompt in prompts:
-        command = [sys.executable, "-m", "edgetl", *(["--memory-mb", str(cap)] if cap else []), "generate", str(bundle),
-                   prompt, "--max-new-tokens", str(tokens), "--backend", BACKENDS[backend]]
-        done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+        done, record = edgetl(cap, "generate", str(bundle), prompt, "--max-new-tokens", str(tokens),
+                              "--backend", BACKENDS[backend])
         if done.returncode != 0:
-            lines = [line for line in done.stderr.splitlines() if line.strip()]
-            return {"command": " ".join(["edgetl", *command[3:]]), "returncode": done.returncode,
-                    "last_line": lines[-1][:400] if lines else ""}
+            return record
         rows.append({"prompt": prompt, "text": done.stdout})
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return {"command": " ".join(["edgetl", *command[3:]]), "returncode": 0, "last_line": f"{len(rows)} texts"}
+    return {**record, "last_line": f"{len(rows)} texts"}
 
 
 def read_rows(path: Path) -> list[dict]:

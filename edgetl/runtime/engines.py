@@ -5,6 +5,7 @@ Each engine is the one place edgetl touches that runtime's inference API.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,45 @@ from edgetl.errors import MissingDependencyError, OutOfMemoryError
 ORT_PROVIDERS = {"cpu": ["CPUExecutionProvider"],
                  "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
                  "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]}
+
+
+# How an allocation failure reaches Python: C++'s std::bad_alloc as the runtime's own exception type (ONNX
+# Runtime), or the runtime's own message (OpenVINO's CPU plugin).
+OUT_OF_MEMORY = ("bad_alloc", "Failed to allocate")
+
+
+def raise_if_out_of_memory(exc: Exception, model_path: str | Path, doing: str) -> None:
+    """OutOfMemoryError naming the model and this process's memory limit, if ``exc`` is an allocation failure."""
+    if not isinstance(exc, MemoryError) and not any(m in str(exc) for m in OUT_OF_MEMORY):
+        return
+    limit = data_limit_mb()
+    cap = f" within this process's limit of {limit} MB (RLIMIT_DATA; edgetl --memory-mb)" if limit else ""
+    raise OutOfMemoryError(f"{model_path}: not enough memory to {doing} the model{cap}; a sharded bundle (edgetl "
+                           "shard) holds one part per process") from exc
+
+
+def data_limit_mb() -> int | None:
+    """This process's data memory limit (RLIMIT_DATA) in MB, None where there is none (or no such limit)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    soft, _ = resource.getrlimit(resource.RLIMIT_DATA)
+    return None if soft == resource.RLIM_INFINITY else soft >> 20
+
+
+def _named_out_of_memory(method):
+    """An engine's ``run``/``run_all``, raising OutOfMemoryError (naming its model and the cap) for an allocation
+    failure."""
+    @functools.wraps(method)
+    def run(self, feeds):
+        try:
+            return method(self, feeds)
+        except Exception as exc:
+            raise_if_out_of_memory(exc, self.path, "run")
+            raise
+
+    return run
 
 
 class OnnxRuntimeEngine:
@@ -43,21 +83,15 @@ class OnnxRuntimeEngine:
         self.input_shapes = {i.name: tuple(d if isinstance(d, int) else None for d in i.shape)
                              for i in self.session.get_inputs()}
 
+    @_named_out_of_memory
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        try:
-            return self.session.run(["logits"], {k: feeds[k] for k in self.input_names})[0]
-        except Exception as exc:
-            raise_if_out_of_memory(exc, self.path, "run")
-            raise
+        return self.session.run(["logits"], {k: feeds[k] for k in self.input_names})[0]
 
+    @_named_out_of_memory
     def run_all(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every output by name (a decoder's logits and its KV cache)."""
         names = [o.name for o in self.session.get_outputs()]
-        try:
-            return dict(zip(names, self.session.run(names, {k: feeds[k] for k in self.input_names}), strict=True))
-        except Exception as exc:
-            raise_if_out_of_memory(exc, self.path, "run")
-            raise
+        return dict(zip(names, self.session.run(names, {k: feeds[k] for k in self.input_names}), strict=True))
 
 
 class OpenVinoEngine:
@@ -84,21 +118,15 @@ class OpenVinoEngine:
         self.input_shapes = {i.get_any_name(): tuple(d.get_length() if d.is_static else None for d in i.get_partial_shape())
                              for i in self.compiled.inputs}
 
+    @_named_out_of_memory
     def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        try:
-            result = self.compiled.create_infer_request().infer({k: feeds[k] for k in self.input_names})
-        except Exception as exc:
-            raise_if_out_of_memory(exc, self.path, "run")
-            raise
+        result = self.compiled.create_infer_request().infer({k: feeds[k] for k in self.input_names})
         return np.asarray(result[self.compiled.output(0)])
 
+    @_named_out_of_memory
     def run_all(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every output by name (a decoder's logits and its KV cache)."""
-        try:
-            result = self.compiled.create_infer_request().infer({k: feeds[k] for k in self.input_names})
-        except Exception as exc:
-            raise_if_out_of_memory(exc, self.path, "run")
-            raise
+        result = self.compiled.create_infer_request().infer({k: feeds[k] for k in self.input_names})
         return {output.get_any_name(): np.asarray(result[output]) for output in self.compiled.outputs}
 
 
@@ -115,28 +143,3 @@ def open_engine(backend: str, model_path: str | Path, threads: int | None = None
     except Exception as exc:
         raise_if_out_of_memory(exc, model_path, "load")
         raise
-
-
-# How an allocation failure reaches Python: C++'s std::bad_alloc as the runtime's own exception type (ONNX
-# Runtime), or the runtime's own message (OpenVINO's CPU plugin).
-OUT_OF_MEMORY = ("bad_alloc", "Failed to allocate")
-
-
-def raise_if_out_of_memory(exc: Exception, model_path: str | Path, doing: str) -> None:
-    """OutOfMemoryError naming the model and this process's memory limit, if ``exc`` is an allocation failure."""
-    if not isinstance(exc, MemoryError) and not any(m in str(exc) for m in OUT_OF_MEMORY):
-        return
-    limit = data_limit_mb()
-    cap = f" within this process's limit of {limit} MB (RLIMIT_DATA; edgetl --memory-mb)" if limit else ""
-    raise OutOfMemoryError(f"{model_path}: not enough memory to {doing} the model{cap}; a sharded bundle (edgetl "
-                           "shard) holds one part per process") from exc
-
-
-def data_limit_mb() -> int | None:
-    """This process's data memory limit (RLIMIT_DATA) in MB, None where there is none (or no such limit)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return None
-    soft, _ = resource.getrlimit(resource.RLIMIT_DATA)
-    return None if soft == resource.RLIM_INFINITY else soft >> 20

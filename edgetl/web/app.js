@@ -1,7 +1,8 @@
 // An edgetl bundle in a web page: the bundle's tokenizer (tokenizers.js reads its tokenizer.json) and its ONNX
 // model (onnxruntime-web: WebAssembly, or WebGPU where the page ships that build and the browser offers an
 // adapter), cutting texts as edgetl's Python runtime does, so a page answers what `edgetl predict` (a classifier's
-// labels) or `edgetl embed` (a sentence-embedding model's vectors) answers. Written by `edgetl export-web`; nothing here reaches the network beyond the folder it is served from.
+// labels) or `edgetl embed` (a sentence-embedding model's vectors) answers. Written by `edgetl export-web`; nothing
+// here reaches the network beyond the folder it is served from.
 import { Tokenizer } from "./vendor/tokenizers.min.mjs";
 
 const WEBGPU_BUILD = "ort.webgpu.min.mjs";
@@ -73,7 +74,6 @@ async function chooseBackend(requested, base) {
 class BundleModel {
   constructor(manifest, tokenizer, session, modelBytes, backend, ort) {
     this.manifest = manifest;
-    this.task = manifest.task ?? "text-classification";
     this.backend = backend;  // "wasm" or "webgpu": where the session runs
     this.ort = ort;
     this.tokenizer = tokenizer;
@@ -140,7 +140,6 @@ export class Embedder extends BundleModel {
   constructor(...args) {
     super(...args);
     this.dimension = this.manifest.embedding.dimension;
-    this.normalize = Boolean(this.manifest.embedding.normalize);  // unit vectors: a dot product is their cosine
   }
 
   /** The text's vector (pooled, and normalised where the bundle says, inside the model), as numbers. */
