@@ -161,6 +161,17 @@ def distil(cfg: DistillationConfig, ctx, student, teacher, tokenizer, train_tok,
     return trainer
 
 
+def transfer_texts(cfg: TransferText, data) -> list[str]:
+    """``cfg``'s ``extra_text_file`` texts (cut into sentences if it says so); none without one."""
+    from edgetl.data import read_texts, split_sentences
+
+    if not cfg.extra_text_file:
+        return []
+    texts = read_texts(Path(cfg.extra_text_file).expanduser(), cfg.extra_text_field or data.text_field,
+                      f"{cfg.stage}.extra_text_file")
+    return [sentence for text in texts for sentence in split_sentences(text)] if cfg.extra_text_sentences else texts
+
+
 HELD_OUT_TEXTS = 1000  # at most, and at most a tenth of the training texts
 
 
@@ -173,17 +184,12 @@ def distillation_data(ctx, tokenizer, extra: TransferText | None = None):
     """
     import datasets
 
-    from edgetl.data import load_labelled, read_texts, split_sentences, tokenize
+    from edgetl.data import load_labelled, tokenize
     from edgetl.tasks import task_for
     from edgetl.training import labelled_data
 
     data, task = ctx.recipe.data, task_for(ctx.recipe.task)
-    extra_texts = []
-    if extra is not None and extra.extra_text_file:
-        extra_texts = read_texts(Path(extra.extra_text_file).expanduser(), extra.extra_text_field or data.text_field,
-                                 f"{extra.stage}.extra_text_file")
-        if extra.extra_text_sentences:
-            extra_texts = [sentence for text in extra_texts for sentence in split_sentences(text)]
+    extra_texts = transfer_texts(extra, data) if extra is not None else []
     if task.distillation == "soft_targets":
         train_tok, dev_tok = labelled_data(ctx, tokenizer)
         if extra_texts:

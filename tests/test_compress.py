@@ -202,6 +202,36 @@ def test_sst_tiny_distils_and_recovers_on_the_extra_text_too(tiny_runs):
     assert prune["kept"] == "best" and prune["accuracy"] == pytest.approx(prune["selection_accuracy"], abs=1e-5)
 
 
+def test_the_pruned_vocabulary_can_keep_the_extra_texts_words_and_ship_a_four_bit_table(tiny_runs, dev_texts, tmp_path):
+    import onnx
+    from tokenizers import Tokenizer
+
+    from edgetl.runtime import load
+
+    extra = tmp_path / "extra.txt"  # the slice's dev sentences: words of the tiny vocabulary its training split lacks
+    extra.write_text("\n".join(dev_texts) + "\n")
+    default = tiny_runs("sst-tiny", f"stages.prune.extra_text_file={extra}")
+    kept = tiny_runs("sst-tiny", f"stages.prune.extra_text_file={extra}", "stages.prune.vocabulary_extra_text=true",
+                     "stages.quantize.onnx_method=dynamic", "stages.quantize.onnx_embedding_bits=4")
+
+    def unknown(folder):
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        unk = tokenizer.token_to_id("[UNK]")
+        return sum(e.ids.count(unk) for e in tokenizer.encode_batch(dev_texts, add_special_tokens=False))
+
+    whole = unknown(default / "02-distill")
+    assert unknown(default / "03-prune") > whole  # the cut to the training split's tokens drops some of dev's
+    assert unknown(kept / "03-prune") == whole
+    sizes = [json.loads((run / "03-prune" / "manifest.json").read_text())["metrics"]["vocabulary"]["vocab_after"]
+             for run in (default, kept)]
+    assert sizes[1] > sizes[0]
+    # The bundle's ONNX model looks words up in the 4-bit table, and the runtime answers with it.
+    bundle = kept / "08-bundle"
+    graph = onnx.load(str(bundle / json.loads((bundle / "edgetl.json").read_text())["models"]["onnx"]["path"])).graph
+    assert "GatherBlockQuantized" in [n.op_type for n in graph.node if "input_ids" in n.input]
+    assert len(load(bundle).predict(["the zeppelin drifts over a quarry ."])) == 1
+
+
 def test_sst_tiny_benchmarks_the_sst_int8_bundle_in_the_same_run(tiny_runs):
     run_dir = tiny_runs("sst-tiny")
     rows = json.loads((run_dir / "07-benchmark" / "results.json").read_text())["rows"]

@@ -493,6 +493,50 @@ def test_calibration_uses_the_target_domains_unlabelled_texts_cut_as_the_runtime
     assert {tuple(f["input_ids"][0]) for f in plain} <= sentences
 
 
+def test_four_bit_embeddings_look_up_each_row_within_half_a_step_of_its_fp32_values(tiny_artifacts, dev_texts, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from edgetl.quantization import EMBEDDING_BLOCK, quantize_onnx, word_embedding_gather
+    from edgetl.runtime.text import encode, load_tokenizer
+
+    export = tiny_artifacts["export"]
+    raw = export.path / "raw" / "model.onnx"
+    tokenizer = load_tokenizer(export.model_path("onnx").parent, 64)
+    feeds = [encode(tokenizer, [text]) for text in dev_texts[:8]]
+    eight, four = tmp_path / "int8.onnx", tmp_path / "int4.onnx"
+    quantize_onnx(raw, eight, "dynamic", feeds, per_channel=True)
+    quantize_onnx(raw, four, "dynamic", feeds, per_channel=True, embedding_bits=4)
+
+    gather = word_embedding_gather(raw)
+    table = {i.name: onnx.numpy_helper.to_array(i) for i in onnx.load(str(raw)).graph.initializer}[
+        next(n.input[0] for n in onnx.load(str(raw)).graph.node if n.name == gather)]
+    model = onnx.load(str(four))
+    looked_up = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert [(n.name, n.input[1]) for n in looked_up] == [(gather + "_Q4", "input_ids")]
+    ints = {i.name: i for i in model.graph.initializer}
+    assert ints[looked_up[0].input[0]].data_type == onnx.TensorProto.INT4
+    # The other two tables (positions, token types) stay dynamic INT8, as in the INT8 model.
+    assert sum(n.op_type == "Gather" and n.input[0].endswith("_quantized") for n in model.graph.node) == 2
+
+    # Each looked-up row is within half a quantization step of the FP32 row: step = the block's max |w| / 7.
+    model.graph.output.append(onnx.helper.make_tensor_value_info(looked_up[0].output[0], onnx.TensorProto.FLOAT, None))
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed = feeds[0]
+    rows = session.run([looked_up[0].output[0]], {i.name: feed[i.name] for i in session.get_inputs()})[0][0]
+    exact = table[feed["input_ids"][0]]
+    step = np.abs(exact.reshape(len(exact), -1, EMBEDDING_BLOCK)).max(-1, keepdims=True) / 7
+    error = np.abs(rows - exact).reshape(step.shape[0], -1, EMBEDDING_BLOCK)
+    assert (error <= step / 2 + 1e-6).all() and error.max() > 0
+
+    # The 4-bit table holds half a byte per weight and one FP32 scale per block; the file shrinks by the rest.
+    vocab, width = table.shape
+    scales = onnx.numpy_helper.to_array(ints[looked_up[0].input[2]])
+    assert len(ints[looked_up[0].input[0]].raw_data) == vocab * width // 2
+    assert scales.shape == (vocab, width // EMBEDDING_BLOCK) and scales.dtype == np.float32
+    assert eight.stat().st_size - four.stat().st_size == pytest.approx(vocab * width / 2 - scales.nbytes, abs=512)
+
+
 def test_openvino_int8_ir_holds_fake_quantize_and_int8_weights(tiny_artifacts):
     fp32_types, fp32_consts = ir_counts(tiny_artifacts["export"].model_path("openvino"))
     int8_types, int8_consts = ir_counts(tiny_artifacts["quantize"].model_path("openvino"))

@@ -86,7 +86,7 @@ def structured_plan(cfg: PruneStage, ctx, model, train_tok, collator, objective:
 def run(cfg: PruneStage, ctx, out_dir: Path) -> StageOutput:
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
-    from edgetl.distillation import distil, distillation_data
+    from edgetl.distillation import distil, distillation_data, transfer_texts
     from edgetl.modeling import load_classifier, model_stats
     from edgetl.pruning import apply_plan
     from edgetl.tasks import task_for
@@ -101,7 +101,10 @@ def run(cfg: PruneStage, ctx, out_dir: Path) -> StageOutput:
     train_tok, dev_tok = distillation_data(ctx, tokenizer)
     collator = DataCollatorWithPadding(tokenizer)
     metrics = {"before": {k: v for k, v in model_stats(model, dev_tok).items() if k != "layers"}}
-    keep = used_token_ids(tokenizer, training_texts(ctx.recipe), cfg.vocab_min_count) if cfg.vocabulary else None
+    keep = None
+    if cfg.vocabulary:
+        texts = training_texts(ctx.recipe) + (transfer_texts(cfg, ctx.recipe.data) if cfg.vocabulary_extra_text else [])
+        keep = used_token_ids(tokenizer, texts, cfg.vocab_min_count)
     as_pruned = None
     if cfg.structured:
         teacher = copy.deepcopy(model) if cfg.recovery_teacher == "unpruned" else load_classifier(ctx.earliest("pytorch-model").path)

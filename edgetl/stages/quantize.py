@@ -163,8 +163,10 @@ def _onnxruntime_int8(cfg: QuantizeStage, source, folder: Path, feeds: list[dict
 
     unfused = source.path / source.manifest["unfused_onnx"]
     dynamic_nodes = quantize_onnx(unfused, folder / "model.onnx", cfg.onnx_method, feeds, cfg.per_channel,
-                                  cfg.onnx_calibration, cfg.onnx_dynamic_ffn_down, cfg.smooth_alpha, exclude)
+                                  cfg.onnx_calibration, cfg.onnx_dynamic_ffn_down, cfg.smooth_alpha, exclude,
+                                  cfg.onnx_embedding_bits)
     return {"path": "onnx/model.onnx", "precision": "int8", "method": cfg.onnx_method, "smooth_alpha": cfg.smooth_alpha,
+            "embedding_bits": cfg.onnx_embedding_bits,
             "dynamic_int8_nodes": dynamic_nodes, **({"fp32_nodes": list(exclude)} if exclude else {})}
 
 
