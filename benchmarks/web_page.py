@@ -6,9 +6,12 @@
 Serves PAGE_DIR as `edgetl serve --web` does (cross-origin isolated, so WebAssembly gets threads) and opens it in
 Chromium (found as benchmarks/render_html.py finds it) with every host but 127.0.0.1 unresolvable, recording each
 request the page makes. Then, for every text of --texts (default: SST-2 dev, 872 sentences; a .tsv's `sentence`
-column, with `label` the page's and the runtime's accuracy; a .jsonl's --field; or a .txt's lines): the page's token ids and the Python runtime's (`edgetl.runtime.load(BUNDLE)`), the
+column, with `label` the page's and the runtime's accuracy; a .jsonl's --field, a list of words joined by spaces, as
+CoNLL-2003's `tokens`; or a .txt's lines): the page's token ids and the Python runtime's (`edgetl.runtime.load(BUNDLE)`), the
 labels and the largest probability difference (a sentence-embedding bundle: the largest difference of a vector's
-values, and the lowest cosine between the page's vector and the runtime's); and, for scale, how far the Python runtime's own answers move when
+values, and the lowest cosine between the page's vector and the runtime's; a token-classification bundle: texts whose
+entities differ in type or span, and the largest difference of an entity's score, against the runtime's
+`predict_words(text.split())`, the words the page tags); and, for scale, how far the Python runtime's own answers move when
 ONNX Runtime runs the model without its graph optimizations (no fused x86 kernels). With --rounds N it times batch-1 predictions (tokenize, run, softmax;
 one text per call) in the page and in the Python runtime (ONNX Runtime, the same model file), each in its own
 block, the order alternating by round, and reports each block's p50. A screenshot of the page showing a
@@ -40,7 +43,8 @@ def read_texts(path: Path, field: str = "text") -> tuple[list[str], list[int] | 
     """The texts, and their gold labels where the file has them (a .tsv's `label` column)."""
     lines = path.read_text(encoding="utf-8").splitlines()
     if path.suffix == ".jsonl":
-        return [json.loads(line)[field] for line in lines if line.strip()], None
+        values = [json.loads(line)[field] for line in lines if line.strip()]
+        return [" ".join(v) if isinstance(v, list) else v for v in values], None
     if path.suffix == ".tsv":
         header = lines[0].split("\t")
         rows = [line.split("\t") for line in lines[1:] if line]
@@ -87,7 +91,8 @@ class Page:
 
 
 def page_answers(page: Page, texts: list[str]) -> list[dict]:
-    """Per text, the page's token ids and its answer: {label, score, scores} of a classifier, {vector} of an embedder."""
+    """Per text, the page's token ids and its answer: {label, score, scores} of a classifier, {vector} of an embedder,
+    {entities} of a token classifier."""
     return page.run(f"""(async () => {{
         const model = await window.edgetl.ready;
         const out = [];
@@ -112,25 +117,46 @@ def page_times(page: Page, texts: list[str]) -> list[float]:
     }})()""")
 
 
+def runtime_answers(runtime, texts: list[str]) -> list:
+    """The Python runtime's answers to ``texts``; a token classifier's to their whitespace-separated words, as the
+    page tags them."""
+    if runtime.task == "token-classification":
+        return runtime.predict_words([text.split() for text in texts])
+    return runtime.predict(texts)
+
+
 def native_times(runtime, texts: list[str]) -> list[float]:
     ms = []
     for text in texts:
         start = time.perf_counter()
-        runtime.predict([text])
+        runtime_answers(runtime, [text])
         ms.append((time.perf_counter() - start) * 1e3)
     return ms
 
 
+def labels(answer) -> str | list:
+    """What must be equal: a classifier's label, or a token classifier's entities as (type, start, end)."""
+    if isinstance(answer, dict):
+        return answer.get("label") or [(e["type"], e["start"], e["end"]) for e in answer["entities"]]
+    return answer.label if hasattr(answer, "label") else [(e.type, e.start, e.end) for e in answer]
+
+
 def gaps(answers: list, expected: list) -> list[float]:
-    """Per text, the largest difference between two answers: of a label's probability, or of a vector's value."""
-    return [max(abs(_values(a)[k] - _values(e)[k]) for k in range(len(_values(e))))
-            for a, e in zip(answers, expected, strict=True)]
+    """Per text, the largest difference between two answers: of a label's probability, of a vector's value, or of
+    an entity's score (0 where the entities differ: ``labels`` counts those)."""
+    return [max((abs(x - y) for x, y in zip(_values(a), _values(e), strict=True)), default=0.0)
+            if len(_values(a)) == len(_values(e)) else 0.0 for a, e in zip(answers, expected, strict=True)]
 
 
 def _values(answer) -> list[float]:
-    """A classifier's probabilities (in label order) or an embedder's vector, from the page's JSON or the runtime."""
+    """A classifier's probabilities (in label order), an embedder's vector or a token classifier's entity scores,
+    from the page's JSON or the runtime."""
     if isinstance(answer, dict):
+        if "entities" in answer:
+            return [e["score"] for e in answer["entities"]]
         return answer["vector"] if "vector" in answer else list(answer["scores"].values())
+    if isinstance(answer, list):  # a token classifier's entities
+        return [e.score for e in answer]
     return list(answer.scores.values()) if hasattr(answer, "scores") else [float(x) for x in answer]
 
 
@@ -153,7 +179,7 @@ def unfused(runtime, texts: list[str]) -> list:
     model = runtime.folder / runtime.manifest["models"][runtime.backend]["path"]
     runtime.engine.session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
     try:
-        return runtime.predict(texts)
+        return runtime_answers(runtime, texts)
     finally:
         runtime.engine.session = fused
 
@@ -182,6 +208,7 @@ def main() -> int:
 
     texts, gold = read_texts(args.texts, args.field)
     runtime = load(args.bundle, backend="onnxruntime")
+    tagger = runtime.task == "token-classification"
     server = page_server(args.page)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     origin = f"http://127.0.0.1:{server.server_address[1]}/"
@@ -198,17 +225,18 @@ def main() -> int:
         if args.png:
             page.screenshot(args.png)
         answers = page_answers(page, texts)
-        expected = runtime.predict(texts)
-        python_ids = [e.ids for e in runtime.tokenizer.encode_batch(texts)]
+        expected = runtime_answers(runtime, texts)
+        inputs = [text.split() for text in texts] if tagger else texts
+        python_ids = [e.ids for e in runtime.tokenizer.encode_batch(inputs, is_pretokenized=tagger)]
         id_mismatch = [i for i, a in enumerate(answers) if a["ids"] != python_ids[i]]
         embedding = runtime.task == "sentence-embedding"
         label_mismatch = [] if embedding else [i for i, (a, e) in enumerate(zip(answers, expected, strict=True))
-                                               if a["label"] != e.label]
+                                               if labels(a) != labels(e)]
         page_gaps = gaps(answers, expected)
         gap = max(page_gaps)
         plain = unfused(runtime, texts)
         spread = {"runtime_vs_unfused": beyond(gaps(expected, plain)), "page_vs_unfused": beyond(gaps(answers, plain)),
-                  "labels_runtime_vs_unfused": 0 if embedding else sum(e.label != p.label
+                  "labels_runtime_vs_unfused": 0 if embedding else sum(labels(e) != labels(p)
                                                                        for e, p in zip(expected, plain, strict=True))}
         rounds = []
         for r in range(args.rounds):
@@ -235,7 +263,9 @@ def main() -> int:
         **({"lowest_cosine": lowest_cosine(answers, expected)} if embedding else {}),
         "probabilities_beyond_tolerance": sum(g > PROBABILITY_TOLERANCE for g in page_gaps),
         "onnxruntime_without_graph_optimizations": spread,
-        "accuracy": None if gold is None or embedding else {
+        **({"entities": {"page": sum(len(a["entities"]) for a in answers),
+                         "runtime": sum(len(e) for e in expected)}} if tagger else {}),
+        "accuracy": None if gold is None or embedding or tagger else {
             "page": sum(runtime.labels.index(a["label"]) == g for a, g in zip(answers, gold, strict=True)) / len(gold),
             "runtime": sum(runtime.labels.index(e.label) == g for e, g in zip(expected, gold, strict=True)) / len(gold)},
         "requests_outside_the_page": outside, "page_bytes": sum(p.stat().st_size for p in page_files),

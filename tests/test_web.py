@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, SHARED_ELECTRONICS, SHARED_SST2
+from conftest import REPO, SHARED_CONLL, SHARED_ELECTRONICS, SHARED_SST2
 
 from edgetl.errors import ArtifactError, UsageError
 
@@ -23,7 +23,8 @@ def _bundle_copy(bundle: Path, target: Path, **changes) -> Path:
 
 
 @pytest.mark.parametrize(("changes", "reason"), [
-    ({"task": "token-classification"}, "a token-classification bundle"),
+    ({"task": "text-generation"}, "a text-generation bundle"),
+    ({"task": "token-classification", "truncation": "head+tail"}, "truncation head\\+tail"),
     ({"text_pair": True}, "pairs of texts"),
     ({"models": {}}, "no ONNX model"),
 ])
@@ -135,6 +136,29 @@ def test_an_embedding_page_gives_the_python_runtimes_vectors_offline(tiny_embedd
     assert report["task"] == "sentence-embedding" and report["texts"] == 912 and report["token_ids_differ"] == 0
     assert report["largest_vector_value_difference"] <= 1e-4 and report["lowest_cosine"] > 0.9999
     assert report["requests_outside_the_page"] == [] and (tmp_path / "page.png").stat().st_size > 5_000
+
+
+@pytest.mark.slow
+def test_a_token_classification_page_marks_the_python_runtimes_entities_offline(tiny_runs, tmp_path):
+    """The tiny NER bundle on 600 CoNLL-2003 dev sentences and 40 texts of ten sentences each, past max_length: the
+    page's token ids, entities (type and span) and entity scores against the runtime's predict_words."""
+    from edgetl.web import export_web
+
+    if not shutil.which("npm"):
+        pytest.skip("export-web fetches onnxruntime-web with npm, which is not here")
+    sentences = [" ".join(json.loads(line)["tokens"]) for line in (SHARED_CONLL / "dev.jsonl").read_text().splitlines()
+                 if line.strip()][:1000]
+    texts = tmp_path / "texts.txt"
+    texts.write_text("\n".join(sentences[:600] + [" ".join(sentences[i:i + 10]) for i in range(600, 1000, 10)]) + "\n")
+    bundle = tiny_runs("conll-ner-int8") / "06-bundle"
+    export_web(bundle, tmp_path / "page")
+    done = _page_check(bundle, tmp_path / "page", texts, "--png", str(tmp_path / "page.png"))
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["task"] == "token-classification" and report["texts"] == 640
+    assert report["token_ids_differ"] == report["labels_differ"] == 0 and report["entities"]["page"] > 100
+    assert report["largest_probability_difference"] <= 1e-3 and report["requests_outside_the_page"] == []
+    assert (tmp_path / "page.png").stat().st_size > 5_000
 
 
 def test_serve_web_sends_the_headers_that_give_webassembly_threads(tmp_path):

@@ -1,5 +1,6 @@
-"""``edgetl export-web``: a text-classification or sentence-embedding bundle as a static folder that runs it in a
-web page (a classifier labels the text typed; an embedding model ranks sentences by their similarity to it).
+"""``edgetl export-web``: a text-classification, sentence-embedding or token-classification bundle as a static folder
+that runs it in a web page (a classifier labels the text typed; an embedding model ranks sentences by their similarity
+to it; a token classifier marks the entities among its words).
 
 The folder holds ``index.html`` and ``app.js`` (this package's), the bundle's ``edgetl.json``, tokenizer and ONNX
 model, and ``vendor/``: onnxruntime-web (WebAssembly) and tokenizers.js, the versions pinned in this package's
@@ -36,7 +37,7 @@ VENDOR = {
     "@huggingface/tokenizers": ("tokenizers.min.mjs",),
 }
 WEBGPU = ("ort.webgpu.min.mjs", "ort-wasm-simd-threaded.asyncify.mjs", "ort-wasm-simd-threaded.asyncify.wasm")
-WEB_TASKS = ("text-classification", "sentence-embedding")  # app.js's SUPPORTED.tasks
+WEB_TASKS = ("text-classification", "sentence-embedding", "token-classification")  # app.js's SUPPORTED.tasks
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgetl" / "web"
 
 
@@ -45,9 +46,11 @@ def web_problem(manifest: dict) -> str | None:
     browser, app.js's ``unsupported`` checks the version, task, pairs and the ONNX model again.)"""
     task = manifest.get("task", "text-classification")
     if task not in WEB_TASKS:
-        return f"a {task} bundle: the page runs {' and '.join(WEB_TASKS)} bundles (so far)"
+        return f"a {task} bundle: the page runs {', '.join(WEB_TASKS)} bundles (so far)"
     if manifest.get("text_pair"):
         return "its model reads pairs of texts; the page runs single texts"
+    if task == "token-classification" and manifest.get("truncation") == "head+tail":
+        return "truncation head+tail cuts tokens out of a sentence's middle, and with them the words entities are made of"
     if manifest.get("cloze"):
         return "a cloze (prompt) model; the page runs classifier heads only"
     onnx = manifest.get("models", {}).get("onnx")

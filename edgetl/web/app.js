@@ -1,13 +1,13 @@
 // An edgetl bundle in a web page: the bundle's tokenizer (tokenizers.js reads its tokenizer.json) and its ONNX
 // model (onnxruntime-web: WebAssembly, or WebGPU where the page ships that build and the browser offers an
 // adapter), cutting texts as edgetl's Python runtime does, so a page answers what `edgetl predict` (a classifier's
-// labels) or `edgetl embed` (a sentence-embedding model's vectors) answers. Written by `edgetl export-web`; nothing
-// here reaches the network beyond the folder it is served from.
+// labels, a token classifier's entities) or `edgetl embed` (a sentence-embedding model's vectors) answers. Written by
+// `edgetl export-web`; nothing here reaches the network beyond the folder it is served from.
 import { Tokenizer } from "./vendor/tokenizers.min.mjs";
 
 const WEBGPU_BUILD = "ort.webgpu.min.mjs";
 
-export const SUPPORTED = { format: "edgetl-bundle", versions: [1], tasks: ["text-classification", "sentence-embedding"] };
+export const SUPPORTED = { format: "edgetl-bundle", versions: [1], tasks: ["text-classification", "sentence-embedding", "token-classification"] };
 
 /** Why this page cannot run the bundle whose edgetl.json is `manifest`, or null. */
 export function unsupported(manifest) {
@@ -16,8 +16,11 @@ export function unsupported(manifest) {
     return `bundle format version ${manifest.format_version} is newer than this page reads (${SUPPORTED.versions.join(", ")}): export it again with the edgetl that made it`;
   }
   const task = manifest.task ?? "text-classification";
-  if (!SUPPORTED.tasks.includes(task)) return `a ${task} bundle: this page runs ${SUPPORTED.tasks.join(" and ")} bundles`;
+  if (!SUPPORTED.tasks.includes(task)) return `a ${task} bundle: this page runs ${SUPPORTED.tasks.join(", ")} bundles`;
   if (manifest.text_pair) return "the model reads pairs of texts; this page runs single texts";
+  if (task === "token-classification" && manifest.truncation === "head+tail") {
+    return "truncation head+tail cuts tokens out of a sentence's middle, and with them the words entities are made of";
+  }
   if (task === "sentence-embedding" && !Number.isInteger(manifest.embedding?.dimension)) {
     return "a sentence-embedding bundle without the vectors' dimension (its embedding section)";
   }
@@ -157,6 +160,79 @@ export class Embedder extends BundleModel {
   }
 }
 
+/** A token classifier (named entities): it tags the text's whitespace-separated words, as the Python runtime's
+ * `TokenClassifier.predict_words(text.split())` does: each word cut into tokens on its own, a word labelled by its
+ * first token, adjacent words of one type joined into an entity unless the newcomer's tag starts with B- (Hugging
+ * Face's aggregation "first"). Entities index into the text as typed. */
+export class TokenTagger extends BundleModel {
+  /** The text's words: [word, start, end] per run of non-space characters. */
+  static words(text) {
+    return Array.from(text.matchAll(/\S+/gu), (m) => [m[0], m.index, m.index + m[0].length]);
+  }
+
+  /** {ids, wordIds}: the words' tokens between the bundle's special tokens, cut on the right to max_length
+   * (wordIds: each token's word, null for a special token). */
+  encodeWords(words) {
+    this.specials ??= this.#specials();
+    const [before, after] = this.specials;
+    const room = this.maxLength - before.length - after.length;
+    const ids = [], wordIds = [];
+    for (let w = 0; w < words.length && ids.length < room; w++) {
+      for (const id of this.tokenizer.encode(words[w], { add_special_tokens: false }).ids) {
+        if (ids.length === room) break;
+        ids.push(id);
+        wordIds.push(w);
+      }
+    }
+    return { ids: before.concat(ids, after), wordIds: before.map(() => null).concat(wordIds, after.map(() => null)) };
+  }
+
+  /** The special tokens the tokenizer puts [before, after] a text's own (BERT: [CLS], [SEP]). */
+  #specials() {
+    const full = this.tokenizer.encode("a").ids, bare = this.tokenizer.encode("a", { add_special_tokens: false }).ids;
+    let start = 0;
+    while (!sameIds(full, bare, start)) start++;
+    return [full.slice(0, start), full.slice(start + bare.length)];
+  }
+
+  encode(text) { return this.encodeWords(TokenTagger.words(text).map(([word]) => word)).ids; }
+
+  /** {entities: [{type, score, start, end, text}]}: `text.slice(start, end)` is the entity's text. */
+  async predict(text) {
+    const words = TokenTagger.words(text);
+    const { wordIds } = this.encodeWords(words.map(([word]) => word));
+    const flat = await this.output(text);
+    const width = this.labels.length;
+    const tagged = [];  // [label, score, start, end] per word, from its first token
+    for (let t = 0; t < wordIds.length; t++) {
+      if (wordIds[t] === null || wordIds[t] === wordIds[t - 1]) continue;
+      const row = flat.slice(t * width, (t + 1) * width);
+      const top = Math.max(...row);
+      const exp = row.map((x) => Math.exp(x - top));
+      const best = exp.indexOf(1);
+      const [, start, end] = words[wordIds[t]];
+      tagged.push([this.labels[best], exp[best] / exp.reduce((a, b) => a + b, 0), start, end]);
+    }
+    const tag = (label) => (/^[BI]-/.test(label) ? [label[0], label.slice(2)] : ["I", label]);
+    const groups = [];
+    for (const word of tagged) {
+      const [boundary, type] = tag(word[0]);
+      const last = groups.at(-1);
+      if (last && boundary !== "B" && type === tag(last.at(-1)[0])[1]) last.push(word);
+      else groups.push([word]);
+    }
+    const entities = [];
+    for (const group of groups) {
+      const type = group[0][0].split("-").slice(1).join("-") || group[0][0];  // what follows the first '-'
+      if (type === "O") continue;
+      const start = group[0][2], end = group.at(-1)[3];
+      const score = group.reduce((sum, word) => sum + word[1], 0) / group.length;
+      entities.push({ type, score, start, end, text: text.slice(start, end) });
+    }
+    return { entities };
+  }
+}
+
 /** The bundle exported beside this file, loaded; `onProgress(received, total)` follows the model download;
  * `backend`: "auto" (WebGPU where it can run, else WebAssembly), "wasm" or "webgpu". */
 export async function load({ onProgress, backend = "auto" } = {}) {
@@ -178,6 +254,6 @@ export async function load({ onProgress, backend = "auto" } = {}) {
   // Under WebGPU, the operations its provider lacks (the integer ones of a dynamic-INT8 model) run in WebAssembly.
   const providers = chosen === "webgpu" ? ["webgpu", "wasm"] : ["wasm"];
   const session = await ort.InferenceSession.create(modelBytes, { executionProviders: providers });
-  const Task = manifest.task === "sentence-embedding" ? Embedder : TextClassifier;
+  const Task = { "sentence-embedding": Embedder, "token-classification": TokenTagger }[manifest.task] ?? TextClassifier;
   return new Task(manifest, tokenizer, session, modelBytes.length, chosen, ort);
 }
