@@ -161,8 +161,8 @@ def quantize_onnx(source: Path, target: Path, method: str, feeds: list[dict], pe
     return dynamic
 
 
-# Rows of the word embedding sharing one scale in 4 bits: 12 FP32 scales per 384-wide row, a quarter more bytes
-# than its 4-bit weights.
+# Values of a word-embedding row that share one scale in 4 bits: 12 FP32 scales per 384-wide row, which add a quarter
+# to the bytes of its 4-bit weights.
 EMBEDDING_BLOCK = 32
 
 
