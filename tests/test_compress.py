@@ -210,7 +210,7 @@ def test_the_pruned_vocabulary_can_keep_the_extra_texts_words_and_ship_a_four_bi
 
     extra = tmp_path / "extra.txt"  # the slice's dev sentences: words of the tiny vocabulary its training split lacks
     extra.write_text("\n".join(dev_texts) + "\n")
-    default = tiny_runs("sst-tiny", f"stages.prune.extra_text_file={extra}")
+    default = tiny_runs("sst-tiny", f"stages.prune.extra_text_file={extra}", "stages.prune.vocabulary_extra_text=false")
     kept = tiny_runs("sst-tiny", f"stages.prune.extra_text_file={extra}", "stages.prune.vocabulary_extra_text=true",
                      "stages.quantize.onnx_method=dynamic", "stages.quantize.onnx_embedding_bits=4")
 

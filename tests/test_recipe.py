@@ -322,8 +322,8 @@ def test_cli_debug_shows_the_traceback(tmp_path):
     (["stages.distill.layers=[0, 0]"], r"repeats a layer"),
     (["stages.quantize.method=qat", "stages.quantize.max_accuracy_drop=0.5"], r"max_accuracy_drop: applies to method ptq"),
     (["stages.distill.temprature=3"], r"stages\[1\] \(distill\)\.temprature: unknown field"),
-    (["stages.prune.vocabulary_extra_text=true", "stages.prune.extra_text_file=null"],
-     r"stages\[2\] \(prune\): .*vocabulary_extra_text keeps the tokens of extra_text_file"),
+    (["stages.prune.extra_text_file=null"], r"stages\[2\] \(prune\): .*vocabulary_extra_text keeps the tokens of "
+     "extra_text_file"),
     (["stages.quantize.onnx_embedding_bits=4", "stages.quantize.onnx_method=static"],
      r"stages\[4\] \(quantize\): .*onnx_embedding_bits 4 applies to ONNX Runtime PTQ without accuracy control"),
 ])

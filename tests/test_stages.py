@@ -493,7 +493,7 @@ def test_calibration_uses_the_target_domains_unlabelled_texts_cut_as_the_runtime
     assert {tuple(f["input_ids"][0]) for f in plain} <= sentences
 
 
-def test_four_bit_embeddings_look_up_each_row_within_half_a_step_of_its_fp32_values(tiny_artifacts, dev_texts, tmp_path):
+def test_four_bit_embeddings_look_up_each_row_within_a_step_of_its_fp32_values(tiny_artifacts, dev_texts, tmp_path):
     import onnx
     import onnxruntime as ort
 
@@ -519,15 +519,16 @@ def test_four_bit_embeddings_look_up_each_row_within_half_a_step_of_its_fp32_val
     # The other two tables (positions, token types) stay dynamic INT8, as in the INT8 model.
     assert sum(n.op_type == "Gather" and n.input[0].endswith("_quantized") for n in model.graph.node) == 2
 
-    # Each looked-up row is within half a quantization step of the FP32 row: step = the block's max |w| / 7.
+    # Each looked-up value is within a quantization step of the FP32 one, step = the block's max |w| / 8 (the extreme
+    # value maps to -8 exactly; one near its opposite rounds to 8 and is clipped to 7); all but those within half a step.
     model.graph.output.append(onnx.helper.make_tensor_value_info(looked_up[0].output[0], onnx.TensorProto.FLOAT, None))
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     feed = feeds[0]
     rows = session.run([looked_up[0].output[0]], {i.name: feed[i.name] for i in session.get_inputs()})[0][0]
     exact = table[feed["input_ids"][0]]
-    step = np.abs(exact.reshape(len(exact), -1, EMBEDDING_BLOCK)).max(-1, keepdims=True) / 7
+    step = np.abs(exact.reshape(len(exact), -1, EMBEDDING_BLOCK)).max(-1, keepdims=True) / 8
     error = np.abs(rows - exact).reshape(step.shape[0], -1, EMBEDDING_BLOCK)
-    assert (error <= step / 2 + 1e-6).all() and error.max() > 0
+    assert (error <= step + 1e-6).all() and (error <= step / 2 + 1e-6).mean() > 0.97 and error.max() > 0
 
     # The 4-bit table holds half a byte per weight and one FP32 scale per block; the file shrinks by the rest.
     vocab, width = table.shape

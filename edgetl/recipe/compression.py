@@ -93,9 +93,9 @@ class PruneStage(TransferText, Declared):
             raise ValueError("layers_drop ranks layers by gradient scores; set importance: fisher or taylor")
         if self.latency_budget_ms is not None and (self.heads_keep < 1 or self.ffn_keep < 1):
             raise ValueError("latency_budget_ms chooses the keep ratio itself; leave heads_keep and ffn_keep at 1")
-        if self.vocabulary_extra_text and not (self.vocabulary and self.extra_text_file):
+        if self.vocabulary and self.vocabulary_extra_text and not self.extra_text_file:
             raise ValueError("vocabulary_extra_text keeps the tokens of extra_text_file in the pruned vocabulary; set "
-                             "vocabulary: true and extra_text_file")
+                             "extra_text_file")
         return self
 
     def inputs(self) -> tuple[str, ...]:
@@ -159,7 +159,7 @@ class QuantizeStage(_Strict, Declared):
                                      "or data.target's unlabelled training texts when it is set (what the model will serve).")
     per_channel: bool = Field(True, description="ONNX Runtime: one weight scale per output channel, not one per tensor.")
     onnx_embedding_bits: Literal[4, 8] = Field(
-        8, description="ONNX Runtime PTQ: bits per weight of the word-embedding table. 4: symmetric, one scale per 32 "
+        8, description="ONNX Runtime PTQ (not QAT): bits per weight of the word-embedding table. 4: symmetric, one scale per 32 "
         "values of a row (GatherBlockQuantized, ONNX Runtime's contrib op), about 0.6x the INT8 table's bytes, so a "
         "size budget holds more vocabulary.")
     onnx_calibration: Literal["minmax", "percentile"] = Field("minmax", description="Static activation ranges: min/max or 99.999th percentile.")
@@ -185,10 +185,10 @@ class QuantizeStage(_Strict, Declared):
 
     @model_validator(mode="after")
     def _awq_is_int4(self) -> QuantizeStage:
-        if self.onnx_embedding_bits == 4 and (self.method != "ptq" or (self.onnx_method == "static"
-                                                                       and self.max_accuracy_drop is not None)):
-            raise ValueError("onnx_embedding_bits 4 applies to ONNX Runtime PTQ without accuracy control: method ptq "
-                             "with onnx_method dynamic, or static without max_accuracy_drop")
+        if (self.onnx_embedding_bits == 4 and self.method == "ptq" and self.onnx_method == "static"
+                and self.max_accuracy_drop is not None):
+            raise ValueError("onnx_embedding_bits 4 applies to ONNX Runtime PTQ without accuracy control: onnx_method "
+                             "dynamic, or static without max_accuracy_drop")
         if self.algorithm == "awq" and (self.method != "weights" or self.bits != 4):
             raise ValueError("algorithm awq calibrates weight-only INT4: set method: weights and bits: 4 (INT8 "
                              "weights lose little by rounding alone)")
