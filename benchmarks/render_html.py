@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import select
+import signal
 import shutil
 import subprocess
 import sys
@@ -131,7 +132,7 @@ class DevTools:
             [str(binary), *(f for f in FLAGS if not (webgpu and f == "--disable-gpu")),
              *(("--enable-unsafe-webgpu",) if webgpu else ()), *flags, f"--user-data-dir={self._profile.name}"],
             env=chromium_env(binary),
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, close_fds=False,
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, close_fds=False, start_new_session=True,
             preexec_fn=lambda: (os.dup2(child_in, 3), os.dup2(child_out, 4)))
         for fd in (to_browser_read, from_browser_write, child_in, child_out):
             os.close(fd)
@@ -181,7 +182,9 @@ class DevTools:
         return ":\n" + self._log.read()[-2000:]
 
     def close(self) -> None:
-        self.process.kill()
+        # The whole process group: Chromium's helper processes outlive the main one for a moment and kept writing
+        # into the profile while it was being removed (an intermittent "Directory not empty" in the web tests).
+        os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
         for fd in (self._to_browser, self._from_browser):
             os.close(fd)
