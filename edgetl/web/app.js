@@ -106,9 +106,9 @@ class BundleModel {
     return full.slice(0, start).concat(kept, full.slice(start + bare.length));
   }
 
-  /** The model's first output for one text (one call, as the Python runtime runs a dynamic-INT8 model). */
-  async output(text) {
-    const ids = this.encode(text);
+  /** The model's first output for one text (one call, as the Python runtime runs a dynamic-INT8 model); `ids`: the
+   * text's token ids where the caller has them already. */
+  async output(text, ids = this.encode(text)) {
     const n = ids.length;
     const columns = {
       input_ids: BigInt64Array.from(ids, BigInt),
@@ -200,8 +200,8 @@ export class TokenTagger extends BundleModel {
   /** {entities: [{type, score, start, end, text}]}: `text.slice(start, end)` is the entity's text. */
   async predict(text) {
     const words = TokenTagger.words(text);
-    const { wordIds } = this.encodeWords(words.map(([word]) => word));
-    const flat = await this.output(text);
+    const { ids, wordIds } = this.encodeWords(words.map(([word]) => word));
+    const flat = await this.output(text, ids);
     const width = this.labels.length;
     const tagged = [];  // [label, score, start, end] per word, from its first token
     for (let t = 0; t < wordIds.length; t++) {
