@@ -181,10 +181,16 @@ def word_embedding_gather(model_file: Path) -> str:
 
 def int4_embedding(model_file: Path, gather: str) -> None:
     """Rewrite ``gather`` in ``model_file`` as ONNX Runtime's GatherBlockQuantized: 4-bit signed weights, symmetric,
-    one FP32 scale per ``EMBEDDING_BLOCK`` values of a row, rounded to nearest (its MatMulNBits quantizer)."""
+    one FP32 scale per ``EMBEDDING_BLOCK`` values of a row, rounded to nearest (its MatMulNBits quantizer).
+
+    The weights are stored as two unsigned nibbles per byte (value + 8, the first in the low half), the layout
+    whose default zero point is 8: the same numbers, but ORT 1.32 gathers 27 rows from a UINT8 table in 14 us and
+    from an INT4 one in 104 us (benchmarks/ort_int8_graph.py).
+    """
     import logging
 
     import onnx
+    from onnx import numpy_helper
     from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
@@ -194,7 +200,14 @@ def int4_embedding(model_file: Path, gather: str) -> None:
     others = [n.name for n in model.graph.node if n.op_type == "Gather" and n.name != gather]  # include adds, not limits
     quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=others, algo_config=config)
     quantizer.process()
-    quantizer.model.save_model_to_file(str(model_file), use_external_data_format=False)
+    model = quantizer.model.model
+    table = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized").input[0]
+    weights = next(init for init in model.graph.initializer if init.name == table)
+    unsigned = (numpy_helper.to_array(weights).astype(np.int16) + 8).astype(np.uint8)  # -8..7 -> 0..15
+    if unsigned.shape[1] % 2:
+        unsigned = np.pad(unsigned, ((0, 0), (0, 1)), constant_values=8)  # a last high nibble of zero
+    weights.CopyFrom(numpy_helper.from_array(unsigned[:, 0::2] | (unsigned[:, 1::2] << 4), table))
+    onnx.save(model, str(model_file))
 
 
 def _quantize(source: Path, target: Path, method: str, feeds: list[dict], per_channel: bool, calibration: str,
@@ -204,8 +217,9 @@ def _quantize(source: Path, target: Path, method: str, feeds: list[dict], per_ch
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if method == "dynamic":
+        # The fused graph's contrib ops (Attention, BiasGelu) have no ONNX shape inference: their outputs are FP32.
         quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=per_channel,
-                         nodes_to_exclude=list(exclude))
+                         nodes_to_exclude=list(exclude), extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         return []
     calibrate_method = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                         "entropy": CalibrationMethod.Entropy}[calibration]

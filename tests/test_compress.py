@@ -88,6 +88,7 @@ def test_layers_drop_removes_the_lowest_scoring_layer():
 
 
 def test_a_pruned_model_reloads_bit_exactly_and_exports_within_1e4(tmp_path):
+    import onnx
     import onnxruntime as ort
 
     from edgetl.stages.export import export_onnx, fuse_onnx
@@ -100,7 +101,9 @@ def test_a_pruned_model_reloads_bit_exactly_and_exports_within_1e4(tmp_path):
     assert torch.equal(logits(model, feeds), logits(reloaded, feeds))
     raw = export_onnx(reloaded, tmp_path, opset=17)
     fused_path = tmp_path / "fused.onnx"
-    fuse_onnx(raw, fused_path, reloaded.config)
+    assert fuse_onnx(raw, fused_path, reloaded.config)
+    ops = [n.op_type for n in onnx.load(str(fused_path)).graph.node]
+    assert ops.count("Attention") == len(reloaded.bert.encoder.layer) and "SkipLayerNormalization" not in ops
     onnx_feeds = {k: feeds[k].numpy() for k in ("input_ids", "attention_mask")}
     onnx_feeds["token_type_ids"] = np.zeros_like(onnx_feeds["input_ids"])
     for path in (raw, fused_path):

@@ -515,7 +515,7 @@ def test_four_bit_embeddings_look_up_each_row_within_a_step_of_its_fp32_values(t
     looked_up = [n for n in model.graph.node if n.op_type == "GatherBlockQuantized"]
     assert [(n.name, n.input[1]) for n in looked_up] == [(gather + "_Q4", "input_ids")]
     ints = {i.name: i for i in model.graph.initializer}
-    assert ints[looked_up[0].input[0]].data_type == onnx.TensorProto.INT4
+    assert ints[looked_up[0].input[0]].data_type == onnx.TensorProto.UINT8  # two nibbles a byte
     # The other two tables (positions, token types) stay dynamic INT8, as in the INT8 model.
     assert sum(n.op_type == "Gather" and n.input[0].endswith("_quantized") for n in model.graph.node) == 2
 
@@ -561,6 +561,41 @@ def test_quantize_manifest(tiny_artifacts):
     assert quantize.kind == "quantized" and quantize.manifest["precision"] == "int8"
     assert {b: (m["precision"], m["method"]) for b, m in quantize.models.items()} == {
         "onnx": ("int8", "static"), "openvino": ("int8", "nncf.quantize")}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dynamic_onnx_int8_quantizes_the_fused_graph_without_skip_layer_norms(tiny_artifacts, dev_texts, tmp_path, bits):
+    """One QAttention per layer instead of its MatMuls; residual adds and layer norms stay two ops (ORT's fused kernel
+    is the slower one on the CPU); the embeddings fused into one op unless the table is 4-bit. The logits are those of
+    the unfused graph's dynamic INT8 (QAttention quantizes the same input with the same weight scales), up to the fused
+    lookup of the 8-bit tables."""
+    import onnx
+
+    from edgetl.quantization import quantize_onnx
+    from edgetl.recipe import QuantizeStage
+    from edgetl.runtime.engines import open_engine
+    from edgetl.runtime.text import encode, load_tokenizer
+    from edgetl.stages.quantize import _onnxruntime_int8
+
+    export = tiny_artifacts["export"]
+    assert export.models["onnx"]["fused"]
+    tokenizer = load_tokenizer(export.model_path("onnx").parent, 64)
+    feeds = [encode(tokenizer, [text]) for text in dev_texts[:16]]
+    cfg = QuantizeStage(stage="quantize", onnx_method="dynamic", onnx_embedding_bits=bits)
+    folder = tmp_path / "onnx"
+    folder.mkdir()
+    made = _onnxruntime_int8(cfg, export, folder, feeds)
+    assert made["fused"] and sorted(p.name for p in folder.iterdir()) == ["model.onnx"]  # no scratch left
+    ops = collections.Counter(n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node)
+    assert ops["QAttention"] == 2 and ops["SkipLayerNormalization"] == 0 and ops["LayerNormalization"] >= 4
+    assert ops["QEmbedLayerNormalization"] == (bits == 8) and ops["GatherBlockQuantized"] == (bits == 4)
+
+    unfused = tmp_path / "unfused.onnx"
+    quantize_onnx(export.path / "raw" / "model.onnx", unfused, "dynamic", feeds, cfg.per_channel, embedding_bits=bits)
+    fused_logits, unfused_logits = ([open_engine("onnx", path).run(f) for f in feeds]
+                                    for path in (folder / "model.onnx", unfused))
+    spread = np.abs(np.concatenate(unfused_logits)).max()
+    assert np.abs(np.concatenate(fused_logits) - np.concatenate(unfused_logits)).max() < 0.05 * spread
 
 
 def test_dynamic_onnx_int8_uses_integer_matmuls(dynamic_run):

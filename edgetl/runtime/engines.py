@@ -75,7 +75,11 @@ class OnnxRuntimeEngine:
             options.inter_op_num_threads = 1
         providers = ORT_PROVIDERS[device]
         self.path = str(model_path)
-        self.session = ort.InferenceSession(str(model_path), options, providers=providers)
+        # On the CPU, ORT's SkipLayerNormalization kernel is slower than the Add and LayerNormalization it would
+        # replace (2.3x at one short sentence; benchmarks/ort_int8_graph.py), so the residual adds stay apart.
+        disabled = ["SkipLayerNormFusion"] if device == "cpu" else None
+        self.session = ort.InferenceSession(str(model_path), options, providers=providers,
+                                            disabled_optimizers=disabled)
         if self.session.get_providers()[0] != providers[0]:  # ORT falls back silently; a benchmark must not
             raise RuntimeError(f"ONNX Runtime did not start {providers[0]} (got {self.session.get_providers()})")
         self.input_names = [i.name for i in self.session.get_inputs()]

@@ -35,12 +35,18 @@ def export_onnx(model, out_dir: Path, opset: int, atol: float = 1e-4, task: str 
     return target
 
 
-def fuse_onnx(raw: Path, target: Path, config) -> bool:
-    """ONNX Runtime's fusions (attention, skip-layernorm, bias-gelu) of the architecture's kind, for faster CPU inference.
+def fuse_onnx(raw: Path, target: Path, config, embedding: bool = True) -> bool:
+    """ONNX Runtime's fusions (attention, bias-gelu, and with ``embedding`` the embedding lookups with their
+    layer norm) of the architecture's kind, for faster CPU inference.
 
+    Residual adds stay apart from their layer norms: ORT's SkipLayerNormalization CPU kernel took 2.3-4.2x the
+    time of Add + LayerNormalization on the same tensors ([1, 27, 384] to [32, 64, 384], ORT 1.32;
+    benchmarks/ort_int8_graph.py), so the runtime also keeps ORT from fusing them when it loads the model
+    (``edgetl.runtime.engines``).
     Pruned layers have their own head counts, so the fuser reads them from each layer's graph (0 = detect).
     The fused graph is checked against the raw one; returns False if they disagree (the caller keeps the raw one).
     """
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
     from edgetl.architectures import adapter_for
@@ -50,9 +56,13 @@ def fuse_onnx(raw: Path, target: Path, config) -> bool:
     if fusion is None:
         log.info("export: no ONNX Runtime fusions for %s; keeping the unfused graph", config.model_type)
         return False
+    options = FusionOptions(fusion)
+    options.enable_skip_layer_norm = options.enable_bias_skip_layer_norm = False
+    options.enable_embed_layer_norm = embedding
     pruned = getattr(config, PRUNED_LAYERS, None) is not None
     optimized = optimize_model(str(raw), model_type=fusion, num_heads=0 if pruned else config.num_attention_heads,
-                               hidden_size=0 if pruned else config.hidden_size, opt_level=1, use_gpu=False)
+                               hidden_size=0 if pruned else config.hidden_size, opt_level=1, use_gpu=False,
+                               optimization_options=options)
     optimized.save_model_to_file(str(target))
     difference = _max_logit_difference(raw, target, config.vocab_size)
     if difference > 1e-3:
