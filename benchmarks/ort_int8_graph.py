@@ -1,13 +1,14 @@
 """Batch-1 latency of the dynamic-INT8 ONNX Runtime graph as the quantize stage built it before and after it quantized
 ORT's fused graph, and of the two kernels that decided it, side by side in one run on this machine.
 
-Model variants, built from a run's export stage (dynamic INT8, the run's embedding bits, no SmoothQuant):
-  unfused, INT4 table, SkipLayerNorm   the graph of 7d75ecc: ORT's unfused graph, each MatMul dynamic INT8, the
-                                       4-bit table typed INT4, ORT fusing residual adds into SkipLayerNormalization
-                                       when it loads the model
-  unfused, UINT8 table, SkipLayerNorm  the same with the table's nibbles stored as UINT8 (same values)
-  fused, UINT8 table, SkipLayerNorm    QAttention per layer (the graph fused before quantization)
-  fused, UINT8 table                   what the quantize stage and runtime now make: no SkipLayerNormalization
+Model variants, built from a run's export stage (dynamic INT8 with the run's embedding bits and smooth_alpha):
+  unfused, INT4 table, SkipLayerNorm   the graph of 7d75ecc (4-bit tables only): ORT's unfused graph, each MatMul
+                                       dynamic INT8, the 4-bit table typed INT4, ORT fusing residual adds into
+                                       SkipLayerNormalization when it loads the model
+  unfused, SkipLayerNorm               the same with a 4-bit table's nibbles stored as UINT8 (same values); for an
+                                       8-bit table, the graph before 259e65b
+  fused, SkipLayerNorm                 QAttention per layer (the graph fused before smoothing and quantization)
+  fused                                what the quantize stage and runtime now make: no SkipLayerNormalization
 Kernels: SkipLayerNormalization against Add + LayerNormalization, and GatherBlockQuantized over an INT4 table
 against the same values in a UINT8 one (27 rows, a dev sentence's length).
 
@@ -30,33 +31,47 @@ from pathlib import Path
 import numpy as np
 
 SESSION_FUSION = "SkipLayerNormFusion"
-MODEL_VARIANTS = ["unfused, INT4 table, SkipLayerNorm", "unfused, UINT8 table, SkipLayerNorm",
-                  "fused, UINT8 table, SkipLayerNorm", "fused, UINT8 table"]
+MODEL_VARIANTS = ["unfused, INT4 table, SkipLayerNorm", "unfused, SkipLayerNorm", "fused, SkipLayerNorm", "fused"]
 HIDDEN = 384
 KERNEL_SHAPES = [(1, 27, HIDDEN), (1, 128, HIDDEN), (32, 64, HIDDEN)]
 
 
 def build_models(run: Path, scratch: Path) -> dict[str, Path]:
-    """The four graphs of MODEL_VARIANTS from ``run``'s export stage, quantized as its quantize stage says."""
+    """The graphs of MODEL_VARIANTS (the first only for a 4-bit table) from ``run``'s export stage, quantized as its
+    quantize stage says."""
     from edgetl.artifact import Artifact
     from edgetl.quantization import quantize_onnx
     from edgetl.recipe import QuantizeStage
     from edgetl.stages.quantize import _onnxruntime_int8
 
     export = Artifact.load(next(run.glob("[0-9][0-9]-export")))
-    quantized = json.loads((next(run.glob("[0-9][0-9]-quantize")) / "manifest.json").read_text())
-    cfg = QuantizeStage(stage="quantize", onnx_method="dynamic",
-                        onnx_embedding_bits=quantized["models"]["onnx"]["embedding_bits"])
+    made = json.loads((next(run.glob("[0-9][0-9]-quantize")) / "manifest.json").read_text())["models"]["onnx"]
+    cfg = QuantizeStage(stage="quantize", onnx_method="dynamic", onnx_embedding_bits=made["embedding_bits"],
+                        smooth_alpha=made["smooth_alpha"])
+    feeds = calibration_feeds(run, export) if cfg.smooth_alpha is not None else []
     unfused = scratch / "unfused.onnx"
-    quantize_onnx(export.path / export.manifest["unfused_onnx"], unfused, "dynamic", [], cfg.per_channel,
-                  embedding_bits=cfg.onnx_embedding_bits)
+    quantize_onnx(export.path / export.manifest["unfused_onnx"], unfused, "dynamic", feeds, cfg.per_channel,
+                  smooth_alpha=cfg.smooth_alpha, embedding_bits=cfg.onnx_embedding_bits)
     folder = scratch / "fused"
     folder.mkdir()
-    _onnxruntime_int8(cfg, export, folder, [])
-    int4 = scratch / "unfused-int4.onnx"
-    _retype_int4(unfused, int4)
-    return {MODEL_VARIANTS[0]: int4, MODEL_VARIANTS[1]: unfused, MODEL_VARIANTS[2]: folder / "model.onnx",
-            MODEL_VARIANTS[3]: folder / "model.onnx"}
+    _onnxruntime_int8(cfg, export, folder, feeds)
+    models = {MODEL_VARIANTS[1]: unfused, MODEL_VARIANTS[2]: folder / "model.onnx", MODEL_VARIANTS[3]: folder / "model.onnx"}
+    if cfg.onnx_embedding_bits == 4:
+        _retype_int4(unfused, scratch / "unfused-int4.onnx")
+        models = {MODEL_VARIANTS[0]: scratch / "unfused-int4.onnx", **models}
+    return models
+
+
+def calibration_feeds(run: Path, export) -> list[dict]:
+    """What the run's quantize stage measured SmoothQuant's activation peaks on (``edgetl.stages.quantize``)."""
+    from types import SimpleNamespace
+
+    from edgetl.recipe import load_recipe
+    from edgetl.stages.quantize import calibration_feeds as stage_feeds
+
+    recipe = load_recipe(str(run / "recipe.resolved.yaml"))
+    samples = next(s.calibration_samples for s in recipe.stages if s.stage == "quantize")
+    return stage_feeds(SimpleNamespace(recipe=recipe), export.model_path("onnx").parent, samples)
 
 
 def _retype_int4(source: Path, target: Path) -> None:
@@ -185,9 +200,9 @@ def main() -> int:
                 print(f"round {round_ + 1}: {name}: {p50s[name][-1]:.4f} ms", flush=True)
     summary = {name: {"p50_ms": round(float(np.median(v)), 4), "round_p50s_ms": v,
                       "spread": round(float((max(v) - min(v)) / np.median(v)), 3)} for name, v in p50s.items()}
-    first = summary[MODEL_VARIANTS[0]]["p50_ms"]
-    for name in MODEL_VARIANTS:
-        summary[name]["speed_up_vs_7d75ecc_graph"] = round(first / summary[name]["p50_ms"], 2)
+    models = [name for name in MODEL_VARIANTS if name in summary]
+    for name in models:
+        summary[name]["speed_up_vs_first"] = round(summary[models[0]]["p50_ms"] / summary[name]["p50_ms"], 2)
     record = {"run": str(run), "texts": len(feeds), "rounds": args.rounds, "machine": describe(machine_info()),
               "variants": summary}
     print(json.dumps(record, indent=1))

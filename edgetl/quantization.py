@@ -74,9 +74,14 @@ def matmul_roles(source: Path) -> dict[str, list[str]]:
     return roles
 
 
+# Nodes that multiply their first input by a 2-D constant second input: MatMul, and the fused graph's Attention
+# (its packed query, key and value weights, [hidden, 3 x hidden]).
+_WEIGHT_PRODUCTS = ("MatMul", "Attention")
+
+
 def _weight_matmuls(model) -> dict[str, list]:
-    """MatMul nodes with a 2-D constant weight, grouped by their activation input; a weight that any other
-    node also reads is left out (scaling its rows would change that node too)."""
+    """MatMul (and fused Attention) nodes with a 2-D constant weight, grouped by their activation input; a weight
+    that any other node also reads is left out (scaling its rows would change that node too)."""
     weights = {init.name for init in model.graph.initializer if len(init.dims) == 2}
     readers: dict[str, int] = {}
     for node in model.graph.node:
@@ -84,13 +89,14 @@ def _weight_matmuls(model) -> dict[str, list]:
             readers[name] = readers.get(name, 0) + 1
     groups: dict[str, list] = {}
     for node in model.graph.node:
-        if node.op_type == "MatMul" and node.input[1] in weights and readers[node.input[1]] == 1:
+        if node.op_type in _WEIGHT_PRODUCTS and node.input[1] in weights and readers[node.input[1]] == 1:
             groups.setdefault(node.input[0], []).append(node)
     return groups
 
 
 def smooth(source: Path, target: Path, feeds: list[dict], alpha: float) -> int:
-    """SmoothQuant (Xiao et al., 2023) for every constant-weight MatMul: returns how many inputs it smoothed.
+    """SmoothQuant (Xiao et al., 2023) for every constant-weight MatMul (or fused Attention): returns how many inputs
+    it smoothed.
 
     Each input channel j of the activation X is divided by s_j = max|X_j|^alpha / max|W_j,:|^(1 - alpha)
     (activation maxima measured on ``feeds``) through an inserted Mul, and the weight rows are multiplied by

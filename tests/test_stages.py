@@ -419,16 +419,24 @@ def test_static_onnx_int8_quantizes_every_matmul_and_the_embeddings(tiny_artifac
     assert len(float_matrices) == 1 and float_matrices[0].startswith("classifier.weight"), float_matrices
 
 
-def test_smoothing_keeps_the_fp32_function_and_evens_out_the_activation_channels(tiny_artifacts, dev_texts, tmp_path):
+@pytest.mark.parametrize("graph", ["unfused", "fused"])
+def test_smoothing_keeps_the_fp32_function_and_evens_out_the_activation_channels(tiny_artifacts, dev_texts, tmp_path,
+                                                                                 graph):
+    """On the unfused graph and on ORT's fused one, where the query, key and value weights are one Attention's."""
     import onnx
     import onnxruntime as ort
 
     from edgetl.runtime.engines import open_engine
     from edgetl.runtime.text import encode, load_tokenizer
     from edgetl.quantization import _weight_matmuls, quantize_onnx, smooth
+    from edgetl.stages.export import fuse_onnx
+    from edgetl.stages.quantize import _config
 
     export = tiny_artifacts["export"]
     raw = export.path / "raw" / "model.onnx"
+    if graph == "fused":
+        assert fuse_onnx(raw, tmp_path / "fused.onnx", _config(export))
+        raw = tmp_path / "fused.onnx"
     tokenizer = load_tokenizer(export.model_path("onnx").parent, 64)
     feeds = [encode(tokenizer, [text]) for text in dev_texts[:16]]
     smoothed = tmp_path / "smoothed.onnx"
@@ -463,9 +471,10 @@ def test_smoothing_keeps_the_fp32_function_and_evens_out_the_activation_channels
     graph = onnx.load(str(int8)).graph
     producer = {out: node for node in graph.node for out in node.output}
     weights = {i.name for i in graph.initializer}
-    integer = [n for n in graph.node if n.op_type == "MatMulInteger" and n.input[1] in weights
-               and n.name.startswith("/bert/encoder/")]
-    assert len(integer) == 12
+    integer = [n for n in graph.node if n.input[1:2] and n.input[1] in weights and (
+        n.op_type == "QAttention" or n.op_type == "MatMulInteger" and n.name.startswith("/bert/encoder/"))]
+    fused = raw.name == "fused.onnx"  # one QAttention per layer for its query, key and value MatMuls
+    assert len(integer) == (8 if fused else 12) and sum(n.op_type == "QAttention" for n in integer) == 2 * fused
     assert all(producer[producer[n.input[0]].input[0]].name.endswith("_smooth") for n in integer)
 
 

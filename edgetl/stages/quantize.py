@@ -165,11 +165,11 @@ def _onnxruntime_int8(cfg: QuantizeStage, source, folder: Path, feeds: list[dict
 
     graph = source.path / source.manifest["unfused_onnx"]
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
-        # Dynamic INT8 quantizes ORT's fused graph: one QAttention per layer instead of its MatMuls, reshapes and
-        # softmax (1.17x faster at batch 1 on sst-tiny; benchmarks/ort_int8_graph.py). Static QDQ, SmoothQuant's
-        # scales and nodes left in FP32 by name all address the unfused graph. A 4-bit table keeps its own Gather.
+        # Dynamic INT8 quantizes ORT's fused graph (smoothed first if asked): one QAttention per layer instead of its
+        # MatMuls, reshapes and softmax (1.17x faster at batch 1 on sst-tiny; benchmarks/ort_int8_graph.py). Static
+        # QDQ and nodes left in FP32 by name address the unfused graph. A 4-bit table keeps its own Gather.
         fused = Path(scratch) / "fused.onnx"
-        if (cfg.onnx_method == "dynamic" and cfg.smooth_alpha is None and not exclude
+        if (cfg.onnx_method == "dynamic" and not exclude
                 and source.models["onnx"].get("fused")
                 and fuse_onnx(graph, fused, _config(source), embedding=cfg.onnx_embedding_bits == 8)):
             graph = fused
