@@ -50,11 +50,13 @@ def build_models(run: Path, scratch: Path) -> dict[str, Path]:
                         smooth_alpha=made["smooth_alpha"])
     feeds = calibration_feeds(run, export) if cfg.smooth_alpha is not None else []
     unfused = scratch / "unfused.onnx"
+    exclude = made.get("fp32_nodes", [])  # what fidelity control left in FP32
     quantize_onnx(export.path / export.manifest["unfused_onnx"], unfused, "dynamic", feeds, cfg.per_channel,
-                  smooth_alpha=cfg.smooth_alpha, embedding_bits=cfg.onnx_embedding_bits)
+                  smooth_alpha=cfg.smooth_alpha, exclude=exclude, embedding_bits=cfg.onnx_embedding_bits)
     folder = scratch / "fused"
     folder.mkdir()
-    _onnxruntime_int8(cfg, export, folder, feeds)
+    if not _onnxruntime_int8(cfg, export, folder, feeds, exclude)["fused"]:
+        raise SystemExit(f"{run}: the quantize stage does not fuse this model's INT8 graph; nothing to compare")
     models = {MODEL_VARIANTS[1]: unfused, MODEL_VARIANTS[2]: folder / "model.onnx", MODEL_VARIANTS[3]: folder / "model.onnx"}
     if cfg.onnx_embedding_bits == 4:
         _retype_int4(unfused, scratch / "unfused-int4.onnx")
@@ -179,16 +181,18 @@ def main() -> int:
         return 0
     from edgetl.artifact import Artifact
     from edgetl.bench.machine import describe, machine_info
-    from edgetl.data import load_labelled
-    from edgetl.recipe import DataConfig
+    from edgetl.data import load_evaluation
+    from edgetl.recipe import load_recipe
     from edgetl.runtime.text import encode, load_tokenizer
+    from edgetl.tasks import task_for
 
     run = Path(args.run)
     export = Artifact.load(next(run.glob("[0-9][0-9]-export")))
-    data = DataConfig(**export.manifest["data"])
+    recipe = load_recipe(str(run / "recipe.resolved.yaml"))
+    data, task = recipe.data, task_for(recipe.task)
     tokenizer = load_tokenizer(export.model_path("onnx").parent, data.max_length, data.truncation, data.head_tokens)
-    texts = load_labelled(data)[1]["text"][: args.texts]
-    feeds = [encode(tokenizer, [t]) for t in texts]
+    texts = task.examples(load_evaluation(data, task)[:])[: args.texts]  # as the benchmark stage draws them
+    feeds = [encode(tokenizer, [t], task.pretokenized) for t in texts]
     with tempfile.TemporaryDirectory() as scratch:
         cells = {name: (path, feeds, name != MODEL_VARIANTS[3], 1)
                  for name, path in build_models(run, Path(scratch)).items()}

@@ -607,6 +607,29 @@ def test_dynamic_onnx_int8_quantizes_the_fused_graph_without_skip_layer_norms(ti
     assert np.abs(np.concatenate(fused_logits) - np.concatenate(unfused_logits)).max() < 0.05 * spread
 
 
+def test_dynamic_int8_leaves_nodes_in_fp32_in_the_fused_graph_unless_the_fusion_absorbed_them(tiny_artifacts, tmp_path):
+    """Fidelity control's fallback names unfused MatMuls: the FFN's survive fusion, a query projection does not."""
+    import onnx
+
+    from edgetl.quantization import matmul_roles
+    from edgetl.recipe import QuantizeStage
+    from edgetl.stages.quantize import _onnxruntime_int8
+
+    export = tiny_artifacts["export"]
+    roles = matmul_roles(export.path / "raw" / "model.onnx")
+    ffn_out = next(nodes for role, nodes in roles.items() if role.endswith("/output/dense/MatMul"))
+    query = next(nodes for role, nodes in roles.items() if "/attention/self/query/" in role)
+    cfg = QuantizeStage(stage="quantize", onnx_method="dynamic")
+    for exclude, fused in ((ffn_out, True), (query, False)):
+        folder = tmp_path / str(fused)
+        folder.mkdir()
+        made = _onnxruntime_int8(cfg, export, folder, [], exclude)
+        graph = onnx.load(str(folder / "model.onnx")).graph
+        assert made["fused"] is fused and made["fp32_nodes"] == exclude
+        assert sum(n.op_type == "QAttention" for n in graph.node) == (2 if fused else 0)
+        assert [n.op_type for n in graph.node if n.name in exclude] == ["MatMul"] * len(exclude) == ["MatMul"] * 2
+
+
 def test_dynamic_onnx_int8_uses_integer_matmuls(dynamic_run):
     import onnx
 

@@ -156,7 +156,7 @@ class QuantizeStage(_Strict, Declared):
     qat: QATConfig = Field(default_factory=QATConfig, description="Training settings for method: qat.")
     onnx_method: Literal["static", "dynamic"] = Field(
         "static", description="ONNX Runtime QDQ with calibration, or dynamic INT8 (of ORT's fused graph, one "
-        "QAttention per layer, where the export fused it and no FP32 fallback names unfused nodes).")
+        "QAttention per layer, where the export fused it and no node left in FP32 is one the fusion absorbed).")
     calibration_samples: int = Field(300, ge=1, description="Texts that calibrate activations: training sentences, "
                                      "or data.target's unlabelled training texts when it is set (what the model will serve).")
     per_channel: bool = Field(True, description="ONNX Runtime: one weight scale per output channel, not one per tensor.")

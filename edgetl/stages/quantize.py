@@ -166,12 +166,13 @@ def _onnxruntime_int8(cfg: QuantizeStage, source, folder: Path, feeds: list[dict
     graph = source.path / source.manifest["unfused_onnx"]
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         # Dynamic INT8 quantizes ORT's fused graph (smoothed first if asked): one QAttention per layer instead of its
-        # MatMuls, reshapes and softmax (1.17x faster at batch 1 on sst-tiny; benchmarks/ort_int8_graph.py). Static
-        # QDQ and nodes left in FP32 by name address the unfused graph. A 4-bit table keeps its own Gather.
+        # MatMuls, reshapes and softmax (1.17x faster at batch 1 on sst-tiny; benchmarks/ort_int8_graph.py), unless
+        # a node to leave in FP32 is one the fusion absorbed (a query, key or value projection). Static QDQ
+        # addresses the unfused graph. A 4-bit table keeps its own Gather.
         fused = Path(scratch) / "fused.onnx"
-        if (cfg.onnx_method == "dynamic" and not exclude
-                and source.models["onnx"].get("fused")
-                and fuse_onnx(graph, fused, _config(source), embedding=cfg.onnx_embedding_bits == 8)):
+        if (cfg.onnx_method == "dynamic" and source.models["onnx"].get("fused")
+                and fuse_onnx(graph, fused, _config(source), embedding=cfg.onnx_embedding_bits == 8)
+                and set(exclude) <= _node_names(fused)):
             graph = fused
         dynamic_nodes = quantize_onnx(graph, folder / "model.onnx", cfg.onnx_method, feeds, cfg.per_channel,
                                       cfg.onnx_calibration, cfg.onnx_dynamic_ffn_down, cfg.smooth_alpha, exclude,
@@ -179,6 +180,12 @@ def _onnxruntime_int8(cfg: QuantizeStage, source, folder: Path, feeds: list[dict
     return {"path": "onnx/model.onnx", "precision": "int8", "method": cfg.onnx_method, "smooth_alpha": cfg.smooth_alpha,
             "embedding_bits": cfg.onnx_embedding_bits, "fused": graph.name == "fused.onnx",
             "dynamic_int8_nodes": dynamic_nodes, **({"fp32_nodes": list(exclude)} if exclude else {})}
+
+
+def _node_names(model_file: Path) -> set[str]:
+    import onnx
+
+    return {node.name for node in onnx.load(str(model_file), load_external_data=False).graph.node}
 
 
 def _config(source):
