@@ -9,8 +9,9 @@ Model variants, built from a run's export stage (dynamic INT8 with the run's emb
                                        8-bit table, the graph before 259e65b
   fused, SkipLayerNorm                 QAttention per layer (the graph fused before smoothing and quantization)
   fused                                what the quantize stage and runtime now make: no SkipLayerNormalization
-Kernels: SkipLayerNormalization against Add + LayerNormalization, and GatherBlockQuantized over an INT4 table
-against the same values in a UINT8 one (27 rows, a dev sentence's length).
+Kernels: SkipLayerNormalization against Add + LayerNormalization, GatherBlockQuantized over an INT4 table against
+the same values in a UINT8 one (27 rows, a dev sentence's length), and DynamicQuantizeMatMul (the INT8 matrix product
+of every dynamic-INT8 MatMul) at the FFN's shape for 27 tokens against a large product, in multiply-adds per second.
 
 Every variant runs in its own process, once per round, in an order that reverses every other round; the p50 of each
 round is kept and their median reported, with their spread. The texts are the run's evaluation texts at their own
@@ -34,6 +35,7 @@ SESSION_FUSION = "SkipLayerNormFusion"
 MODEL_VARIANTS = ["unfused, INT4 table, SkipLayerNorm", "unfused, SkipLayerNorm", "fused, SkipLayerNorm", "fused"]
 HIDDEN = 384
 KERNEL_SHAPES = [(1, 27, HIDDEN), (1, 128, HIDDEN), (32, 64, HIDDEN)]
+GEMM_SHAPES = [(27, HIDDEN, 2 * HIDDEN), (2048, 1024, 1024)]  # (M, K, N): a sentence's FFN input; a large product
 
 
 def build_models(run: Path, scratch: Path) -> dict[str, Path]:
@@ -129,6 +131,13 @@ def kernel_models(scratch: Path) -> dict[str, tuple[Path, list[dict]]]:
         path = save(kind, [helper.make_node("GatherBlockQuantized", ["table", "input_ids", "scales"], ["logits"],
                                             domain="com.microsoft", **attrs)], ids, [table, scales])
         models[f"GatherBlockQuantized, {kind} table, 27 rows"] = (path, [feed])
+    for m, k, n in GEMM_SHAPES:
+        weights = rng.integers(-127, 128, size=(k, n), dtype=np.int8)
+        path = save(f"gemm-{m}", [helper.make_node("DynamicQuantizeMatMul", ["x", "w", "s"], ["logits"],
+                                                   domain="com.microsoft")],
+                    [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                    [numpy_helper.from_array(weights, "w"), numpy_helper.from_array(np.full(n, 0.01, np.float32), "s")])
+        models[f"DynamicQuantizeMatMul [{m}, {k}] x [{k}, {n}]"] = (path, [{"x": rng.standard_normal((m, k), dtype=np.float32)}])
     return models
 
 
@@ -196,7 +205,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         cells = {name: (path, feeds, name != MODEL_VARIANTS[3], 1)
                  for name, path in build_models(run, Path(scratch)).items()}
-        cells |= {name: (path, feed, True, 300) for name, (path, feed) in kernel_models(Path(scratch)).items()}
+        cells |= {name: (path, feed, True, 20 if name.endswith("[1024, 1024]") else 300)
+                  for name, (path, feed) in kernel_models(Path(scratch)).items()}
         p50s = {name: [] for name in cells}
         for round_ in range(args.rounds):
             for name in (list(cells) if round_ % 2 == 0 else list(cells)[::-1]):
@@ -204,6 +214,9 @@ def main() -> int:
                 print(f"round {round_ + 1}: {name}: {p50s[name][-1]:.4f} ms", flush=True)
     summary = {name: {"p50_ms": round(float(np.median(v)), 4), "round_p50s_ms": v,
                       "spread": round(float((max(v) - min(v)) / np.median(v)), 3)} for name, v in p50s.items()}
+    for m, k, n in GEMM_SHAPES:
+        cell = summary[f"DynamicQuantizeMatMul [{m}, {k}] x [{k}, {n}]"]
+        cell["multiply_adds_per_s"] = round(m * k * n / (cell["p50_ms"] / 1e3), -6)
     models = [name for name in MODEL_VARIANTS if name in summary]
     for name in models:
         summary[name]["speed_up_vs_first"] = round(summary[models[0]]["p50_ms"] / summary[name]["p50_ms"], 2)
