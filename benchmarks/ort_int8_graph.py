@@ -205,7 +205,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         cells = {name: (path, feeds, name != MODEL_VARIANTS[3], 1)
                  for name, path in build_models(run, Path(scratch)).items()}
-        cells |= {name: (path, feed, True, 20 if name.endswith("[1024, 1024]") else 300)
+        cells |= {name: (path, feed, True, 50 if name.endswith("[1024, 1024]") else 300)
                   for name, (path, feed) in kernel_models(Path(scratch)).items()}
         p50s = {name: [] for name in cells}
         for round_ in range(args.rounds):
