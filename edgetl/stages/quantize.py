@@ -161,25 +161,35 @@ def _fidelity_controlled(cfg: QuantizeStage, ctx, source, backend: str, folder: 
 
 def _onnxruntime_int8(cfg: QuantizeStage, source, folder: Path, feeds: list[dict], exclude: list[str] = ()) -> dict:
     from edgetl.quantization import quantize_onnx
-    from edgetl.stages.export import fuse_onnx
 
-    graph = source.path / source.manifest["unfused_onnx"]
+    unfused = source.path / source.manifest["unfused_onnx"]
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         # Dynamic INT8 quantizes ORT's fused graph (smoothed first if asked): one QAttention per layer instead of its
         # MatMuls, reshapes and softmax (1.17x faster at batch 1 on sst-tiny; benchmarks/ort_int8_graph.py), unless
         # a node to leave in FP32 is one the fusion absorbed (a query, key or value projection). Static QDQ
-        # addresses the unfused graph. A 4-bit table keeps its own Gather.
-        fused = Path(scratch) / "fused.onnx"
-        if (cfg.onnx_method == "dynamic" and source.models["onnx"].get("fused")
-                and fuse_onnx(graph, fused, _config(source), embedding=cfg.onnx_embedding_bits == 8)
-                and set(exclude) <= _node_names(fused)):
-            graph = fused
+        # addresses the unfused graph.
+        fused = _fused_graph(cfg, source, Path(scratch)) if cfg.onnx_method == "dynamic" else None
+        graph = fused if fused and set(exclude) <= _node_names(fused) else unfused
         dynamic_nodes = quantize_onnx(graph, folder / "model.onnx", cfg.onnx_method, feeds, cfg.per_channel,
                                       cfg.onnx_calibration, cfg.onnx_dynamic_ffn_down, cfg.smooth_alpha, exclude,
                                       cfg.onnx_embedding_bits)
     return {"path": "onnx/model.onnx", "precision": "int8", "method": cfg.onnx_method, "smooth_alpha": cfg.smooth_alpha,
-            "embedding_bits": cfg.onnx_embedding_bits, "fused": graph.name == "fused.onnx",
+            "embedding_bits": cfg.onnx_embedding_bits, "fused": graph != unfused,
             "dynamic_int8_nodes": dynamic_nodes, **({"fp32_nodes": list(exclude)} if exclude else {})}
+
+
+def _fused_graph(cfg: QuantizeStage, source, scratch: Path) -> Path | None:
+    """The export's fused ONNX graph; with a 4-bit table, fused again into ``scratch`` without the embedding fusion
+    (the table keeps its own Gather). None where the export kept the unfused graph."""
+    from edgetl.stages.export import fuse_onnx
+
+    if not source.models["onnx"].get("fused"):
+        return None
+    if cfg.onnx_embedding_bits == 8:
+        return source.model_path("onnx")
+    target = scratch / "fused.onnx"
+    unfused = source.path / source.manifest["unfused_onnx"]
+    return target if fuse_onnx(unfused, target, _config(source), embedding=False) else None
 
 
 def _node_names(model_file: Path) -> set[str]:
