@@ -10,6 +10,8 @@ teacher's vectors on unlabelled text (Reimers and Gurevych 2020).
 from __future__ import annotations
 
 import copy
+import itertools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,49 @@ def shallow_copy(teacher, layers: list[int]):
 
 def every_other_layer(teacher) -> list[int]:
     return list(range(0, len(encoder_layers(teacher)), 2))
+
+
+LAYER_CHOICE_TEXTS = 512  # training texts the candidate copies are scored on
+EXHAUSTIVE_SUBSETS = 200  # more subsets than this: layers are dropped one at a time instead
+
+
+def choose_layers(cfg: DistillationConfig, teacher, depth: int, rows, collator, objective: str) -> tuple[list[int], dict]:
+    """The ``depth`` teacher layers whose untrained copy (``shallow_copy``) is closest to the teacher: the lowest
+    teacher term of the objective (``OBJECTIVES``; soft targets alone for a classifier, the labels play no part)
+    on a seeded draw of ``rows`` (tokenized training rows). Every subset is scored where there are at most
+    ``EXHAUSTIVE_SUBSETS``; else, from all layers, the layer whose removal raises the loss least is dropped until
+    ``depth`` remain. Returns the layers and every scored subset's loss, lowest first."""
+    from tqdm import tqdm
+
+    count, cfg = len(encoder_layers(teacher)), cfg.model_copy(update={"kd_weight": 1.0})
+    if depth > count:
+        raise ValueError(f"depth {depth}: the teacher has {count} layers")
+    sample = rows.shuffle(seed=cfg.seed).select(range(min(LAYER_CHOICE_TEXTS, len(rows))))
+    batches = [collator([sample[j] for j in range(i, min(i + 64, len(sample)))]) for i in range(0, len(sample), 64)]
+    teacher = teacher.eval()
+    with torch.no_grad():
+        targets = [teacher(**{k: v for k, v in b.items() if k != "labels"}).logits.float() for b in batches]
+    scores: dict[tuple[int, ...], float] = {}
+
+    def score(layers: tuple[int, ...]) -> float:
+        student = shallow_copy(teacher, list(layers))
+        with torch.no_grad():
+            total = sum(OBJECTIVES[objective](cfg, student(**{k: v for k, v in b.items() if k != "labels"}).logits.float(),
+                                              target, b["labels"]).item() * len(b["labels"])
+                        for b, target in zip(batches, targets, strict=True))
+        scores[layers] = total / len(sample)
+        return scores[layers]
+
+    if math.comb(count, depth) <= EXHAUSTIVE_SUBSETS:
+        subsets = list(itertools.combinations(range(count), depth))
+        best = min(tqdm(subsets, desc=f"distill: scoring {len(subsets)} sets of {depth} teacher layers"), key=score)
+    else:
+        best = tuple(range(count))
+        with tqdm(total=count - depth, desc=f"distill: dropping teacher layers down to {depth}") as progress:
+            while len(best) > depth:
+                best = min((tuple(x for x in best if x != drop) for drop in best), key=score)
+                progress.update()
+    return list(best), {",".join(map(str, k)): v for k, v in sorted(scores.items(), key=lambda kv: kv[1])}
 
 
 class StudentWithProjections(nn.Module):

@@ -112,6 +112,9 @@ def tiny_overrides(tiny_model: Path, sst2_slice: Path, recipe: str | Path = "sst
         train_file = next(sst2_slice.glob("train.*"))
         wanted[f"stages.{stage}.extra_text_file"] = str(train_file)
         wanted[f"stages.{stage}.extra_text_field"] = {".jsonl": "sentence2", ".tsv": "sentence"}[train_file.suffix]
+    if any(s.get("depth") for s in _recipe_yaml(recipe)["stages"] if s["stage"] == "distill"):
+        del wanted["stages.distill.layers"]  # the stage chooses them: 1 of the tiny teacher's 2
+        wanted["stages.distill.depth"] = "1"
     wanted.update({key.replace("__", "."): str(value) for key, value in changes.items()})
     return [f"{key}={value}" for key, value in wanted.items()
             if not key.startswith("stages.") or key.split(".")[1] in stages]

@@ -134,6 +134,39 @@ def test_shallow_copy_keeps_the_chosen_layers():
         shallow_copy(teacher, [4])
 
 
+@pytest.mark.parametrize("exhaustive", [True, False])
+def test_depth_keeps_the_teacher_layers_whose_copy_reproduces_its_outputs(exhaustive, monkeypatch):
+    import datasets
+
+    from edgetl import distillation
+    from edgetl.recipe import DistillationConfig
+
+    teacher = random_bert(layers=4)
+    with torch.no_grad():  # layers 1 and 2 add nothing to the residual stream: each then returns its (normalised) input
+        for module in teacher.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0), module.bias.zero_()
+        for i in (1, 2):
+            layer = teacher.bert.encoder.layer[i]
+            for dense in (layer.attention.output.dense, layer.output.dense):
+                dense.weight.zero_(), dense.bias.zero_()
+        teacher.classifier.weight.mul_(100.0)  # a random tiny head barely tells its inputs apart
+    if not exhaustive:  # 6 subsets of 2 in 4 layers: dropped one at a time instead
+        monkeypatch.setattr(distillation, "EXHAUSTIVE_SUBSETS", 5)
+    rows = datasets.Dataset.from_dict({k: v.tolist() for k, v in batch(size=40, seed=3).items()}).rename_column("labels", "label")
+
+    def collate(items):
+        return {("labels" if k == "label" else k): torch.tensor([item[k] for item in items]) for k in items[0]}
+
+    layers, scores = distillation.choose_layers(DistillationConfig(), teacher, 2, rows, collate, "soft_targets")
+    assert layers == [0, 3]
+    pairs = {k: v for k, v in scores.items() if k.count(",") == 1}  # the greedy path scores 3-layer sets first
+    assert scores["0,3"] < 1e-6 and min(v for k, v in pairs.items() if k != "0,3") > 100 * scores["0,3"]
+    assert len(scores) == (6 if exhaustive else 4 + 3)
+    with pytest.raises(ValueError, match="the teacher has 4 layers"):
+        distillation.choose_layers(DistillationConfig(), teacher, 5, rows, collate, "soft_targets")
+
+
 def test_layer_map_spreads_student_layers_over_the_teacher():
     assert layer_map(3, 6) == [0, 2, 4, 6]
     assert layer_map(2, 2) == [0, 1, 2]

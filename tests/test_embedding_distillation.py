@@ -113,7 +113,7 @@ def test_a_pretrained_student_is_refused_for_embeddings(shrink):
     from edgetl.errors import RecipeError
     from edgetl.recipe import load_recipe
 
-    overrides = [*shrink("stsb-embed-tiny"), "stages.distill.layers=null", "stages.distill.student=minilm-l6"]
+    overrides = [*shrink("stsb-embed-tiny"), "stages.distill.depth=null", "stages.distill.student=minilm-l6"]
     with pytest.raises(RecipeError, match=r"distill\)\.student: task sentence-embedding does not support student"):
         load_recipe("stsb-embed-tiny", overrides)
 
@@ -126,6 +126,10 @@ def test_the_distilled_and_pruned_embedder_chain_ends_in_a_bundle_that_embeds(ti
     ran = manifests(run_dir)
     teacher, distilled, pruned = ran["01-pretrained"], ran["02-distill"], ran["03-prune"]
     assert len(distilled["metrics"]["layers"]) < len(teacher["metrics"]["layers"])
+    # depth (1 of the tiny teacher's 2 layers here): the layers chosen are the best scored set
+    scores = distilled["metrics"]["layer_scores"]
+    assert len(distilled["metrics"]["chosen_layers"]) == 1 and len(scores) == 2
+    assert ",".join(map(str, distilled["metrics"]["chosen_layers"])) == min(scores, key=scores.get)
     assert pruned["metrics"]["parameters"] < distilled["metrics"]["parameters"]
     for metrics in (distilled["metrics"], pruned["metrics"]):
         assert np.isfinite(metrics["spearman"]) and "selection_loss" in metrics  # chosen by the held-out MSE

@@ -320,6 +320,7 @@ def test_cli_debug_shows_the_traceback(tmp_path):
     (["stages.prune.importance=magnitude", "stages.prune.layers_drop=1"], r"stages\[2\] \(prune\): .*layers_drop ranks layers by gradient scores"),
     (["stages.distill.student=minilm-l6"], r"stages\[1\] \(distill\): .*either student .* or layers"),
     (["stages.distill.layers=[0, 0]"], r"repeats a layer"),
+    (["stages.distill.depth=2"], r"stages\[1\] \(distill\): .*depth chooses the teacher layers"),
     (["stages.quantize.method=qat", "stages.quantize.max_accuracy_drop=0.5"], r"max_accuracy_drop: applies to method ptq"),
     (["stages.distill.temprature=3"], r"stages\[1\] \(distill\)\.temprature: unknown field"),
     (["stages.prune.extra_text_file=null"], r"stages\[2\] \(prune\): .*vocabulary_extra_text keeps the tokens of "

@@ -34,12 +34,18 @@ class DistillStage(TransferText, Declared):
                                 "default: a copy of the teacher keeping `layers`.")
     layers: list[int] | None = Field(None, min_length=1, description="Teacher layers the student keeps "
                                      "(default: every other layer from the first, as DistilBERT).")
+    depth: int | None = Field(None, ge=1, description="Instead of layers: keep this many teacher layers, those whose "
+                              "untrained copy reproduces the teacher's outputs best (the objective's loss on "
+                              "training texts); every subset is tried where there are at most 200, else layers are "
+                              "dropped one at a time. The scores land in the stage's metrics.")
     epochs: float = Field(3.0, gt=0)
     learning_rate: float = Field(1e-4, gt=0, lt=1)
     @model_validator(mode="after")
     def _student_or_layers(self) -> DistillStage:
         if self.student is not None and self.layers is not None:
             raise ValueError("give either student (a pretrained model) or layers (a copy of the teacher), not both")
+        if self.depth is not None and (self.student is not None or self.layers is not None):
+            raise ValueError("depth chooses the teacher layers a copy keeps: give it without student and layers")
         if self.layers is not None and len(set(self.layers)) != len(self.layers):
             raise ValueError(f"layers {self.layers} repeats a layer")
         return self

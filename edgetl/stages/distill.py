@@ -21,12 +21,14 @@ def teacher_folder(cfg: DistillStage, ctx) -> Path:
     return source.path
 
 
-def make_student(cfg: DistillStage, teacher, tokenizer, labels: list[str]):
+def make_student(cfg: DistillStage, teacher, tokenizer, labels: list[str], layers: list[int] | None = None):
+    """The student: ``student``'s pretrained model, else a copy of the teacher keeping ``layers`` (given, or
+    chosen for ``depth``), else every other layer."""
     from edgetl.distillation import every_other_layer, shallow_copy
     from edgetl.modeling import is_mean_pooled, new_classifier
 
     if cfg.student is None:
-        layers = cfg.layers if cfg.layers is not None else every_other_layer(teacher)
+        layers = layers or cfg.layers or every_other_layer(teacher)
         try:
             return shallow_copy(teacher, layers)
         except ValueError as exc:
@@ -43,7 +45,7 @@ def run(cfg: DistillStage, ctx, out_dir: Path) -> StageOutput:
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
     from edgetl.data import label_names
-    from edgetl.distillation import distil, distillation_data
+    from edgetl.distillation import choose_layers, distil, distillation_data
     from edgetl.modeling import load_classifier
     from edgetl.tasks import task_for
     from edgetl.training import finish_training
@@ -51,10 +53,18 @@ def run(cfg: DistillStage, ctx, out_dir: Path) -> StageOutput:
     folder = teacher_folder(cfg, ctx)
     teacher = load_classifier(folder)
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    student = make_student(cfg, teacher, tokenizer, label_names(ctx.recipe.data, task_for(ctx.recipe.task)))
+    task = task_for(ctx.recipe.task)
     # The task's rows: labelled ones (soft targets), or unlabelled texts with held-out ones to select by (vectors).
     train_tok, dev_tok = distillation_data(ctx, tokenizer, cfg)
     collator = DataCollatorWithPadding(tokenizer)
+    chosen = {}
+    if cfg.depth is not None:  # on training rows only: the held-out ones select the checkpoint
+        try:
+            layers, scores = choose_layers(cfg, teacher, cfg.depth, train_tok, collator, task.distillation)
+        except ValueError as exc:
+            raise StageError(f"distill.depth: {exc}") from None
+        chosen = {"chosen_layers": layers, "layer_scores": scores}
+    student = make_student(cfg, teacher, tokenizer, label_names(ctx.recipe.data, task), chosen.get("chosen_layers"))
     trainer = distil(cfg, ctx, student, teacher, tokenizer, train_tok, dev_tok, collator, "distill")
     return finish_training(trainer, student, tokenizer, collator, train_tok, dev_tok, cfg, ctx, out_dir,
-                           teacher=str(folder))
+                           teacher=str(folder), **chosen)
