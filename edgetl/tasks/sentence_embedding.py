@@ -118,8 +118,8 @@ TASK = Task(
         "rdrop_alpha": "R-Drop belongs to the finetune stage",
         "qat": f"quantization-aware training {_NEEDS_LABELS}",
         "student": "the student learns the teacher's vectors, so it is a shallower copy of the teacher "
-                              "(distill.layers), of its width and pooling; a student of another width would need a "
-                              "learned projection of its vectors, which is not written",
+                   "(distill.layers or distill.depth), of its width and pooling; a student of another width would "
+                   "need a learned projection of its vectors, which is not written",
         "max_accuracy_drop": "accuracy control measures a drop in accuracy; an embedding model's INT8 is kept only "
                              "if its vectors stay close to FP32 (quantize.min_cosine)",
     },
