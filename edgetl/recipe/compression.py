@@ -37,7 +37,10 @@ class DistillStage(TransferText, Declared):
     depth: int | None = Field(None, ge=1, description="Instead of layers: keep this many teacher layers, those whose "
                               "untrained copy reproduces the teacher's outputs best (the objective's loss on "
                               "training texts); every subset is tried where there are at most 200, else layers are "
-                              "dropped one at a time. The scores land in the stage's metrics.")
+                              "dropped one at a time. The scores land in the stage's metrics. Measured: it chose well "
+                              "for an embedding student (stsb-embed-tiny); for a classifier's soft targets it chose "
+                              "sst-tiny's top layers, which trained worse than every other layer (docs/experiments/"
+                              "sst-tiny.md).")
     epochs: float = Field(3.0, gt=0)
     learning_rate: float = Field(1e-4, gt=0, lt=1)
     @model_validator(mode="after")
