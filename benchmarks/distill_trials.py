@@ -45,7 +45,7 @@ TRIALS = {"embedding": ("recipes/stsb-embed-tiny.yaml", EMBEDDING),
 def trial_recipe(recipe: Path, overrides: dict, steps: int) -> dict:
     raw = yaml.safe_load(recipe.read_text())
     raw["stages"] = raw["stages"][:next(i for i, s in enumerate(raw["stages"]) if s["stage"] == "distill") + 1]
-    distill = next(s for s in raw["stages"] if s["stage"] == "distill")
+    distill = raw["stages"][-1]
     distill.update({"max_steps": steps, "eval_steps": steps // 3})
     for key, value in overrides.items():
         if value is None:

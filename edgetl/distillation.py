@@ -52,18 +52,18 @@ def choose_layers(cfg: DistillationConfig, teacher, depth: int, rows, collator, 
     if depth > count:
         raise ValueError(f"depth {depth}: the teacher has {count} layers")
     sample = rows.shuffle(seed=cfg.seed).select(range(min(LAYER_CHOICE_TEXTS, len(rows))))
-    batches = [collator([sample[j] for j in range(i, min(i + 64, len(sample)))]) for i in range(0, len(sample), 64)]
+    batches = [dict(collator([sample[j] for j in range(i, min(i + 64, len(sample)))])) for i in range(0, len(sample), 64)]
+    labels = [b.pop("labels") for b in batches]
     teacher = teacher.eval()
     with torch.no_grad():
-        targets = [teacher(**{k: v for k, v in b.items() if k != "labels"}).logits.float() for b in batches]
+        targets = [teacher(**b).logits.float() for b in batches]
     scores: dict[tuple[int, ...], float] = {}
 
     def score(layers: tuple[int, ...]) -> float:
         student = shallow_copy(teacher, list(layers))
         with torch.no_grad():
-            total = sum(OBJECTIVES[objective](cfg, student(**{k: v for k, v in b.items() if k != "labels"}).logits.float(),
-                                              target, b["labels"]).item() * len(b["labels"])
-                        for b, target in zip(batches, targets, strict=True))
+            total = sum(OBJECTIVES[objective](cfg, student(**b).logits.float(), target, y).item() * len(y)
+                        for b, target, y in zip(batches, targets, labels, strict=True))
         scores[layers] = total / len(sample)
         return scores[layers]
 
