@@ -628,6 +628,45 @@ def test_dynamic_int8_leaves_nodes_in_fp32_in_the_fused_graph_unless_the_fusion_
         assert made["fused"] is fused and made["fp32_nodes"] == exclude
         assert sum(n.op_type == "QAttention" for n in graph.node) == (2 if fused else 0)
         assert [n.op_type for n in graph.node if n.name in exclude] == ["MatMul"] * len(exclude) == ["MatMul"] * 2
+    folder = tmp_path / "blockwise"
+    folder.mkdir()
+    made = _onnxruntime_int8(cfg, export, folder, [], ffn_out, blockwise=True)
+    assert made["fused"] and made["blockwise_int8_nodes"] == ffn_out and "fp32_nodes" not in made
+    blockwise = [n for n in onnx.load(str(folder / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert len(blockwise) == 2 and all({a.name: a.i for a in n.attribute}["bits"] == 8 for n in blockwise)
+
+
+def test_blockwise_int8_keeps_an_activation_with_an_outlier_channel_closer_to_fp32_than_dynamic_int8(tmp_path):
+    """One range for the whole activation (dynamic INT8) is set by its outlier channel and rounds the other channels
+    away; a range per block of 128 channels keeps the blocks without it exact to INT8 precision."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edgetl.quantization import blockwise_int8
+
+    rng = np.random.default_rng(0)
+    weight = rng.normal(size=(512, 64)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="ffn")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 512])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 64])],
+                              [numpy_helper.from_array(weight, "w")])
+    source = tmp_path / "fp32.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(source))
+    dynamic, blockwise = tmp_path / "dynamic.onnx", tmp_path / "blockwise.onnx"
+    quantize_dynamic(source, dynamic, weight_type=QuantType.QInt8, per_channel=True)
+    blockwise.write_bytes(source.read_bytes())
+    blockwise_int8(blockwise, ["ffn"])
+    assert [n.op_type for n in onnx.load(str(blockwise)).graph.node] == ["MatMulNBits"]
+    x = rng.normal(size=(16, 512)).astype(np.float32)
+    x[:, 3] *= 200  # one outlier channel, in the first block
+    exact = x @ weight
+    error = {path.stem: np.abs(ort.InferenceSession(str(path)).run(None, {"x": x})[0] - exact).mean()
+             for path in (dynamic, blockwise)}
+    assert error["blockwise"] < error["dynamic"] / 2, error
+    with pytest.raises(ValueError, match="no MatMul named"):
+        blockwise_int8(blockwise, ["ffn"])  # already rewritten
 
 
 def test_dynamic_onnx_int8_uses_integer_matmuls(dynamic_run):

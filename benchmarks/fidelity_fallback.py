@@ -1,0 +1,146 @@
+"""What fidelity control's fallback costs on ONNX Runtime: the MatMuls it leaves out of dynamic INT8 kept in FP32
+against stored in block-wise INT8 (``edgetl.quantization.blockwise_int8``) at several block sizes, beside the fully
+dynamic INT8 model and the FP32 export, in fidelity and batch-1 latency, on one machine in one run.
+
+    python benchmarks/fidelity_fallback.py runs/stsb-embed-int8 --out benchmarks/results/stsb-embed-int8/COMMIT-fallback
+
+The nodes are those the run's quantize stage left out of dynamic INT8 (``fp32_nodes`` or ``blockwise_int8_nodes`` in
+its manifest); each variant is quantized afresh from the run's export as the stage does (fused graph, the recipe's
+settings). Fidelity against the FP32 export on the held-out training sentences the stage judges on (the
+``fidelity_samples`` after the ``calibration_samples``) and on the dev sentences, plus dev Spearman. Latency: the
+first ``--texts`` dev texts at their own length, one per call; every variant in its own process once per round, in
+an order that reverses every other round; the median of the rounds' p50s, with their spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+BLOCK_SIZES = (32, 128, 256)
+
+
+def child(spec_path: str, out_path: str) -> None:
+    from edgetl.bench.measure import latency_summary, timed_calls
+    from edgetl.runtime.engines import open_engine
+
+    spec = json.loads(Path(spec_path).read_text())
+    feeds = [{k: np.asarray(v, dtype=np.int64) for k, v in f.items()} for f in spec["feeds"]]
+    times = timed_calls(open_engine("onnx", Path(spec["path"])), feeds, warmup=min(20, len(feeds)))
+    Path(out_path).write_text(json.dumps(latency_summary(times)))
+
+
+def p50_in_process(path: Path, feeds: list[dict]) -> float:
+    with tempfile.TemporaryDirectory() as scratch:
+        spec, out = Path(scratch) / "spec.json", Path(scratch) / "out.json"
+        spec.write_text(json.dumps({"path": str(path), "feeds": [{k: v.tolist() for k, v in f.items()} for f in feeds]}))
+        subprocess.run([sys.executable, __file__, "--child", str(spec), str(out)], check=True)
+        return json.loads(out.read_text())["p50_ms"]
+
+
+def build_variants(run: Path, export, scratch: Path) -> tuple[dict[str, Path], list[str]]:
+    """The fully dynamic model, the left-out nodes in FP32, and in block-wise INT8 at each of BLOCK_SIZES."""
+    from edgetl.quantization import blockwise_int8
+    from edgetl.recipe import load_recipe
+    from edgetl.stages.quantize import _onnxruntime_int8
+
+    recipe = load_recipe(str(run / "recipe.resolved.yaml"))
+    cfg = next(s for s in recipe.stages if s.stage == "quantize")
+    if cfg.onnx_method != "dynamic" or cfg.smooth_alpha is not None:
+        raise SystemExit(f"{run}: this compares dynamic INT8 without smoothing; the recipe says {cfg.onnx_method}, "
+                         f"smooth_alpha {cfg.smooth_alpha}")
+    made = json.loads((next(run.glob("[0-9][0-9]-quantize")) / "manifest.json").read_text())["models"]["onnx"]
+    nodes = made.get("fp32_nodes") or made.get("blockwise_int8_nodes")
+    if not nodes:
+        raise SystemExit(f"{run}: its quantize stage left no node out of dynamic INT8; nothing to compare")
+    variants = {"FP32 export": export.model_path("onnx")}
+    for name, exclude in (("dynamic INT8", []), (f"dynamic INT8, {len(nodes)} nodes FP32", nodes)):
+        folder = scratch / str(len(variants))
+        folder.mkdir()
+        variants[name] = folder / Path(_onnxruntime_int8(cfg, export, folder, [], exclude)["path"]).name
+    for block in BLOCK_SIZES:
+        target = scratch / f"blockwise-{block}.onnx"
+        shutil.copy(variants[f"dynamic INT8, {len(nodes)} nodes FP32"], target)
+        blockwise_int8(target, nodes, block)
+        variants[f"dynamic INT8, {len(nodes)} nodes block-wise INT8 (blocks of {block})"] = target
+    return variants, nodes
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("run", nargs="?", type=Path, help="a sentence-embedding run with export and quantize stages")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--texts", type=int, default=300, help="dev texts timed per round")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return 0
+    if args.run is None:
+        parser.error("a run folder is needed")
+    from edgetl.artifact import Artifact, model_file_bytes
+    from edgetl.bench.machine import describe, machine_info
+    from edgetl.data import load_evaluation
+    from edgetl.recipe import load_recipe
+    from edgetl.runtime.engines import open_engine
+    from edgetl.runtime.text import encode, load_tokenizer, predict_outputs
+    from edgetl.stages.quantize import calibration_pool
+    from edgetl.tasks import task_for
+
+    recipe = load_recipe(str(args.run / "recipe.resolved.yaml"))
+    cfg = next(s for s in recipe.stages if s.stage == "quantize")
+    task, data = task_for(recipe.task), recipe.data
+    if task.fidelity is None:
+        raise SystemExit(f"{args.run}: task {recipe.task} has no fidelity measure")
+    export = Artifact.load(next(args.run.glob("[0-9][0-9]-export")))
+    tokenizer = load_tokenizer(export.model_path("onnx").parent, data.max_length, data.truncation, data.head_tokens)
+    held_out = calibration_pool(data, task)[cfg.calibration_samples:cfg.calibration_samples + cfg.fidelity_samples]
+    columns = load_evaluation(data, task)[:]
+    dev = task.examples(columns)
+    feeds = [encode(tokenizer, [t], task.pretokenized) for t in dev[:args.texts]]
+
+    def outputs(path: Path) -> dict:
+        engine = open_engine("onnx", path)
+        return {name: predict_outputs(engine, tokenizer, texts, 1)[0] for name, texts in (("held_out", held_out), ("dev", dev))}
+
+    with tempfile.TemporaryDirectory() as scratch:
+        variants, nodes = build_variants(args.run, export, Path(scratch))
+        reference = outputs(variants["FP32 export"])
+        rows = {}
+        for name, path in variants.items():
+            got = outputs(path)
+            row = {"mb": round(model_file_bytes(path) / 1e6, 2)}
+            for split, texts in (("held_out", held_out), ("dev", dev)):
+                row |= {f"{split} {k}": round(v, 5) for k, v in task.fidelity(got[split], reference[split], texts).items()}
+            row["dev spearman"] = round(task.score(got["dev"], [], columns, None)["spearman"], 3)
+            rows[name] = row
+            print(name, json.dumps(row), flush=True)
+        p50s = {name: [] for name in variants}
+        for round_ in range(args.rounds):
+            for name in (list(variants) if round_ % 2 == 0 else list(variants)[::-1]):
+                p50s[name].append(p50_in_process(variants[name], feeds))
+                print(f"round {round_ + 1}: {name}: {p50s[name][-1]:.4f} ms", flush=True)
+    for name, values in p50s.items():
+        median = float(np.median(values))
+        rows[name] |= {"p50_ms": round(median, 4), "round_p50s_ms": values,
+                       "spread": round((max(values) - min(values)) / median, 3),
+                       "speed_up_vs_fp32": round(float(np.median(p50s["FP32 export"])) / median, 2)}
+    record = {"run": str(args.run), "nodes": nodes, "held_out_texts": len(held_out), "dev_texts": len(dev),
+              "timed_texts": len(feeds), "rounds": args.rounds, "machine": describe(machine_info()), "variants": rows}
+    print(json.dumps(record, indent=1))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "fidelity_fallback.json").write_text(json.dumps(record, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
