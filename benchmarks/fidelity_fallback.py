@@ -17,32 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
+from ort_int8_graph import time_in_process  # a model's batch-1 p50 in a fresh process, as the runtime opens it
 
 BLOCK_SIZES = (32, 128, 256)
-
-
-def child(spec_path: str, out_path: str) -> None:
-    from edgetl.bench.measure import latency_summary, timed_calls
-    from edgetl.runtime.engines import open_engine
-
-    spec = json.loads(Path(spec_path).read_text())
-    feeds = [{k: np.asarray(v, dtype=np.int64) for k, v in f.items()} for f in spec["feeds"]]
-    times = timed_calls(open_engine("onnx", Path(spec["path"])), feeds, warmup=min(20, len(feeds)))
-    Path(out_path).write_text(json.dumps(latency_summary(times)))
-
-
-def p50_in_process(path: Path, feeds: list[dict]) -> float:
-    with tempfile.TemporaryDirectory() as scratch:
-        spec, out = Path(scratch) / "spec.json", Path(scratch) / "out.json"
-        spec.write_text(json.dumps({"path": str(path), "feeds": [{k: v.tolist() for k, v in f.items()} for f in feeds]}))
-        subprocess.run([sys.executable, __file__, "--child", str(spec), str(out)], check=True)
-        return json.loads(out.read_text())["p50_ms"]
 
 
 def build_variants(run: Path, export, scratch: Path) -> tuple[dict[str, Path], list[str]]:
@@ -75,17 +57,11 @@ def build_variants(run: Path, export, scratch: Path) -> tuple[dict[str, Path], l
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("run", nargs="?", type=Path, help="a sentence-embedding run with export and quantize stages")
+    parser.add_argument("run", type=Path, help="a sentence-embedding run with export and quantize stages")
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--texts", type=int, default=300, help="dev texts timed per round")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child:
-        child(*args.child)
-        return 0
-    if args.run is None:
-        parser.error("a run folder is needed")
     from edgetl.artifact import Artifact, model_file_bytes
     from edgetl.bench.machine import describe, machine_info
     from edgetl.data import load_evaluation
@@ -126,7 +102,7 @@ def main() -> int:
         p50s = {name: [] for name in variants}
         for round_ in range(args.rounds):
             for name in (list(variants) if round_ % 2 == 0 else list(variants)[::-1]):
-                p50s[name].append(p50_in_process(variants[name], feeds))
+                p50s[name].append(time_in_process(variants[name], feeds, False, 1))
                 print(f"round {round_ + 1}: {name}: {p50s[name][-1]:.4f} ms", flush=True)
     for name, values in p50s.items():
         median = float(np.median(values))

@@ -268,12 +268,8 @@ def compress_weights_onnx(source: Path, target: Path, bits: int, group_size: int
     ``group_size`` weights along the input dimension. Without ``feeds``: ONNX Runtime's MatMulNBits quantizer,
     symmetric, round to nearest. With ``feeds`` (the KV graph's inputs for calibration texts; INT4 only): NNCF's
     AWQ and scale estimation, asymmetric, then the LM head (which NNCF leaves float) as the data-free INT8."""
-    import logging
-
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     model, settings = onnx.load(str(source)), {"bits": bits, "group_size": group_size}
     if feeds and bits != 4:
         raise ValueError(f"calibrated weight compression is INT4 only, not {bits} bits")
@@ -284,11 +280,23 @@ def compress_weights_onnx(source: Path, target: Path, bits: int, group_size: int
     else:
         settings.update(symmetric=True, library="onnxruntime MatMulNBitsQuantizer (RTN)")
     # Round to nearest: every MatMul, or after NNCF the one it left float (the LM head), in 8 bits.
-    quantizer = MatMulNBitsQuantizer(model, bits=8 if feeds else bits, block_size=group_size, is_symmetric=True,
-                                     accuracy_level=MATMUL_NBITS_ACCURACY_LEVEL)
+    _matmul_nbits(model, target, 8 if feeds else bits, group_size)
+    return {**settings, "accuracy_level": MATMUL_NBITS_ACCURACY_LEVEL}
+
+
+def _matmul_nbits(model, target: Path, bits: int, block_size: int, exclude: list[str] = ()) -> None:
+    """Every constant-weight MatMul of ``model`` but ``exclude`` as ONNX Runtime's MatMulNBits (its quantizer:
+    symmetric, round to nearest, one scale per ``block_size`` rows) at MATMUL_NBITS_ACCURACY_LEVEL, saved to
+    ``target``."""
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=MATMUL_NBITS_ACCURACY_LEVEL, nodes_to_exclude=list(exclude))
     quantizer.process()
     quantizer.model.save_model_to_file(str(target), use_external_data_format=False)
-    return {**settings, "accuracy_level": MATMUL_NBITS_ACCURACY_LEVEL}
 
 
 # Rows of a weight (and columns of the activation) that share one scale in ``blockwise_int8``. Measured on
@@ -305,21 +313,14 @@ def blockwise_int8(model_file: Path, nodes: list[str], block_size: int = BLOCKWI
     for the whole activation, which the outlier channels of a layer's FFN input set. Slower than dynamic INT8 per
     node, faster than FP32; fidelity control's fallback for the nodes dynamic INT8 damages. Needs ONNX Runtime
     >= 1.22 (its x86 kernel for 8-bit MatMulNBits)."""
-    import logging
-
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     model = onnx.load(str(model_file))
     missing = set(nodes) - {n.name for n in model.graph.node if n.op_type == "MatMul"}
     if missing:
         raise ValueError(f"{model_file}: no MatMul named {sorted(missing)} to store block-wise")
     others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in nodes]
-    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=MATMUL_NBITS_ACCURACY_LEVEL, nodes_to_exclude=others)
-    quantizer.process()
-    quantizer.model.save_model_to_file(str(model_file), use_external_data_format=False)
+    _matmul_nbits(model, model_file, 8, block_size, others)
 
 
 def _data_aware_settings(feeds: list[dict]) -> dict:

@@ -155,7 +155,7 @@ def _fidelity_controlled(cfg: QuantizeStage, ctx, source, backend: str, folder: 
                 if holds(blockwise_fidelity):
                     return {**blockwise, "fidelity": blockwise_fidelity, "fidelity_fp32_nodes": fidelity,
                             "role_costs": costs}
-                made, fidelity = quantized(kept)
+                made = _onnxruntime_int8(cfg, source, folder, feeds, kept)  # the FP32 variant back in place
             return {**made, "fidelity": fidelity, "role_costs": costs}
     log.warning("quantize: no %s INT8 model keeps min_cosine %.3f, min_cosine_p1 %.3f, min_recall_at_10 %s: this "
                 "backend ships its FP32 model", backend, cfg.min_cosine, cfg.min_cosine_p1, cfg.min_recall_at_10)
