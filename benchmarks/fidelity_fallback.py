@@ -1,12 +1,14 @@
-"""What fidelity control's fallback costs on ONNX Runtime: the MatMuls it leaves out of dynamic INT8 kept in FP32
-against stored in block-wise INT8 (``edgetl.quantization.blockwise_int8``) at several block sizes, beside the fully
-dynamic INT8 model and the FP32 export, in fidelity and batch-1 latency, on one machine in one run.
+"""What fidelity control's fallback costs on ONNX Runtime: the MatMuls it leaves out of dynamic INT8 kept in FP32,
+against stored in block-wise INT8 (``edgetl.quantization.blockwise_int8``) at several block sizes, against dynamic INT8
+with their outlier input channels split off in FP32 (``edgetl.quantization.outlier_split``) for several channel
+counts, beside the fully dynamic INT8 model and the FP32 export, in fidelity and batch-1 latency, on one machine in
+one run.
 
     python benchmarks/fidelity_fallback.py runs/stsb-embed-int8 --out benchmarks/results/stsb-embed-int8/COMMIT-fallback
 
-The nodes are those the run's quantize stage left out of dynamic INT8 (``fp32_nodes`` or ``blockwise_int8_nodes`` in
-its manifest); each variant is quantized afresh from the run's export as the stage does (fused graph, the recipe's
-settings). Fidelity against the FP32 export on the held-out training sentences the stage judges on (the
+The nodes are those the run's quantize stage left out of dynamic INT8 (its manifest's ``ONNX_FALLBACKS`` key); each
+variant is quantized afresh from the run's export as the stage does (fused graph, the recipe's settings; the outlier
+channels measured on its calibration texts). Fidelity against the FP32 export on the held-out training sentences the stage judges on (the
 ``fidelity_samples`` after the ``calibration_samples``) and on the dev sentences, plus dev Spearman. Latency: the
 first ``--texts`` dev texts at their own length, one per call; every variant in its own process once per round, in
 an order that reverses every other round; the median of the rounds' p50s, with their spread.
@@ -25,13 +27,15 @@ import numpy as np
 from ort_int8_graph import time_in_process  # a model's batch-1 p50 in a fresh process, as the runtime opens it
 
 BLOCK_SIZES = (32, 128, 256)
+OUTLIER_CHANNELS = (2, 4, 8)
 
 
-def build_variants(run: Path, export, scratch: Path) -> tuple[dict[str, Path], list[str]]:
-    """The fully dynamic model, the left-out nodes in FP32, and in block-wise INT8 at each of BLOCK_SIZES."""
-    from edgetl.quantization import blockwise_int8
+def build_variants(run: Path, export, scratch: Path, feeds: list[dict]) -> tuple[dict[str, Path], list[str]]:
+    """The fully dynamic model, the left-out nodes in FP32, in block-wise INT8 at each of BLOCK_SIZES, and split at
+    each of OUTLIER_CHANNELS (measured on ``feeds``)."""
+    from edgetl.quantization import blockwise_int8, outlier_split, quantize_onnx
     from edgetl.recipe import load_recipe
-    from edgetl.stages.quantize import _onnxruntime_int8
+    from edgetl.stages.quantize import ONNX_FALLBACKS, _fused_graph, _onnxruntime_int8
 
     recipe = load_recipe(str(run / "recipe.resolved.yaml"))
     cfg = next(s for s in recipe.stages if s.stage == "quantize")
@@ -39,7 +43,7 @@ def build_variants(run: Path, export, scratch: Path) -> tuple[dict[str, Path], l
         raise SystemExit(f"{run}: this compares dynamic INT8 without smoothing; the recipe says {cfg.onnx_method}, "
                          f"smooth_alpha {cfg.smooth_alpha}")
     made = json.loads((next(run.glob("[0-9][0-9]-quantize")) / "manifest.json").read_text())["models"]["onnx"]
-    nodes = made.get("fp32_nodes") or made.get("blockwise_int8_nodes")
+    nodes = next((made[key] for key in ONNX_FALLBACKS.values() if made.get(key)), None)
     if not nodes:
         raise SystemExit(f"{run}: its quantize stage left no node out of dynamic INT8; nothing to compare")
     variants = {"FP32 export": export.model_path("onnx")}
@@ -52,6 +56,12 @@ def build_variants(run: Path, export, scratch: Path) -> tuple[dict[str, Path], l
         shutil.copy(variants[f"dynamic INT8, {len(nodes)} nodes FP32"], target)
         blockwise_int8(target, nodes, block)
         variants[f"dynamic INT8, {len(nodes)} nodes block-wise INT8 (blocks of {block})"] = target
+    graph = _fused_graph(cfg, export, scratch) or export.path / export.manifest["unfused_onnx"]
+    for channels in OUTLIER_CHANNELS:
+        split, target = scratch / f"split-{channels}.onnx", scratch / f"split-{channels}-int8.onnx"
+        small = outlier_split(graph, split, feeds, nodes, channels)
+        quantize_onnx(split, target, "dynamic", [], cfg.per_channel, exclude=small, embedding_bits=cfg.onnx_embedding_bits)
+        variants[f"dynamic INT8, {len(nodes)} nodes' {channels} outlier channels split off in FP32"] = target
     return variants, nodes
 
 
@@ -87,8 +97,10 @@ def main() -> int:
         engine = open_engine("onnx", path)
         return {name: predict_outputs(engine, tokenizer, texts, 1)[0] for name, texts in (("held_out", held_out), ("dev", dev))}
 
+    calibration = [encode(tokenizer, [t], task.pretokenized)
+                   for t in calibration_pool(data, task)[:cfg.calibration_samples]]
     with tempfile.TemporaryDirectory() as scratch:
-        variants, nodes = build_variants(args.run, export, Path(scratch))
+        variants, nodes = build_variants(args.run, export, Path(scratch), calibration)
         reference = outputs(variants["FP32 export"])
         rows = {}
         for name, path in variants.items():

@@ -607,12 +607,15 @@ def test_dynamic_onnx_int8_quantizes_the_fused_graph_without_skip_layer_norms(ti
     assert np.abs(np.concatenate(fused_logits) - np.concatenate(unfused_logits)).max() < 0.05 * spread
 
 
-def test_dynamic_int8_leaves_nodes_in_fp32_in_the_fused_graph_unless_the_fusion_absorbed_them(tiny_artifacts, tmp_path):
+def test_dynamic_int8_leaves_nodes_in_fp32_in_the_fused_graph_unless_the_fusion_absorbed_them(tiny_artifacts, dev_texts,
+                                                                                             tmp_path):
     """Fidelity control's fallback names unfused MatMuls: the FFN's survive fusion, a query projection does not."""
     import onnx
 
-    from edgetl.quantization import matmul_roles
+    from edgetl.quantization import OUTLIER_CHANNELS, matmul_roles
     from edgetl.recipe import QuantizeStage
+    from edgetl.runtime.engines import open_engine
+    from edgetl.runtime.text import encode, load_tokenizer
     from edgetl.stages.quantize import _onnxruntime_int8
 
     export = tiny_artifacts["export"]
@@ -630,21 +633,36 @@ def test_dynamic_int8_leaves_nodes_in_fp32_in_the_fused_graph_unless_the_fusion_
         assert [n.op_type for n in graph.node if n.name in exclude] == ["MatMul"] * len(exclude) == ["MatMul"] * 2
     folder = tmp_path / "blockwise"
     folder.mkdir()
-    made = _onnxruntime_int8(cfg, export, folder, [], ffn_out, blockwise=True)
+    made = _onnxruntime_int8(cfg, export, folder, [], ffn_out, "blockwise")
     assert made["fused"] and made["blockwise_int8_nodes"] == ffn_out and "fp32_nodes" not in made
     blockwise = [n for n in onnx.load(str(folder / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
     assert len(blockwise) == 2 and all({a.name: a.i for a in n.attribute}["bits"] == 8 for n in blockwise)
 
+    feeds = [encode(load_tokenizer(export.model_path("onnx").parent, 64), [text]) for text in dev_texts[:8]]
+    folder = tmp_path / "outlier-split"
+    folder.mkdir()
+    made = _onnxruntime_int8(cfg, export, folder, feeds, ffn_out, "outlier-split")
+    assert made["fused"] and made["outlier_split_nodes"] == ffn_out and made["outlier_channels"] == OUTLIER_CHANNELS
+    ops = {n.name: n.op_type for n in onnx.load(str(folder / "model.onnx")).graph.node}
+    assert [ops.get(f"{n}_outliers_matmul") for n in ffn_out] == ["MatMul"] * 2  # the split-off channels: FP32
+    assert "MatMul" not in [ops.get(n) for n in ffn_out]  # the rest: dynamic INT8
+    assert sorted(p.name for p in folder.iterdir()) == ["model.onnx"]
+    split, fp32 = (np.concatenate([open_engine("onnx", path).run(f) for f in feeds])
+                   for path in (folder / "model.onnx", export.model_path("onnx")))
+    assert np.abs(split - fp32).max() < 0.05 * np.abs(fp32).max()
 
-def test_blockwise_int8_keeps_an_activation_with_an_outlier_channel_closer_to_fp32_than_dynamic_int8(tmp_path):
+
+def test_blockwise_int8_and_outlier_split_keep_an_activation_with_an_outlier_channel_closer_to_fp32(tmp_path):
     """One range for the whole activation (dynamic INT8) is set by its outlier channel and rounds the other channels
-    away; a range per block of 128 channels keeps the blocks without it exact to INT8 precision."""
+    away; a range per block of 128 channels keeps the blocks without it exact to INT8 precision, and splitting the
+    outlier channel off in FP32 leaves dynamic INT8 the range of the others. The split graph alone computes the same
+    function as the FP32 one."""
     import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from edgetl.quantization import blockwise_int8
+    from edgetl.quantization import blockwise_int8, outlier_split, quantize_onnx
 
     rng = np.random.default_rng(0)
     weight = rng.normal(size=(512, 64)).astype(np.float32)
@@ -661,10 +679,18 @@ def test_blockwise_int8_keeps_an_activation_with_an_outlier_channel_closer_to_fp
     assert [n.op_type for n in onnx.load(str(blockwise)).graph.node] == ["MatMulNBits"]
     x = rng.normal(size=(16, 512)).astype(np.float32)
     x[:, 3] *= 200  # one outlier channel, in the first block
+    split, split_int8 = tmp_path / "split.onnx", tmp_path / "split_int8.onnx"
+    calibration = [{"x": row[None]} for row in rng.normal(size=(4, 512)).astype(np.float32) * np.where(
+        np.arange(512) == 3, 200, 1).astype(np.float32)]
+    assert outlier_split(source, split, calibration, ["ffn"], 1) == ["ffn_outliers_gather", "ffn_outliers_matmul"]
+    quantize_onnx(source, split_int8, "dynamic", calibration, True, outlier_nodes=["ffn"])
     exact = x @ weight
-    error = {path.stem: np.abs(ort.InferenceSession(str(path)).run(None, {"x": x})[0] - exact).mean()
-             for path in (dynamic, blockwise)}
+    run = {path.stem: ort.InferenceSession(str(path)).run(None, {"x": x})[0]
+           for path in (dynamic, blockwise, split, split_int8)}
+    np.testing.assert_allclose(run["split"], exact, rtol=1e-4, atol=1e-3)
+    error = {name: np.abs(y - exact).mean() for name, y in run.items()}
     assert error["blockwise"] < error["dynamic"] / 2, error
+    assert error["split_int8"] < error["dynamic"] / 2, error
     with pytest.raises(ValueError, match="no MatMul named"):
         blockwise_int8(blockwise, ["ffn"])  # already rewritten
 

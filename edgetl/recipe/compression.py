@@ -186,9 +186,12 @@ class QuantizeStage(_Strict, Declared):
         "if, on held-out training texts, the mean cosine between its vectors and the FP32 model's is at least this, "
         "their 1st percentile at least min_cosine_p1, and its recall@10 agreement at least min_recall_at_10; else "
         "the MatMul roles (every layer's FFN output, ...) that cost most leave dynamic INT8 one at a time until it "
-        "holds, kept in FP32, or on ONNX Runtime in block-wise INT8 (8-bit MatMulNBits, an INT8 activation range per "
-        "block of 128 channels; faster than FP32) where that holds too; else that backend ships its FP32 model. The "
-        "manifest records the fidelity and the nodes left out (fp32_nodes or blockwise_int8_nodes).")
+        "holds in FP32. On ONNX Runtime those nodes are then tried, fastest first, in dynamic INT8 with their 4 "
+        "largest input channels (measured on the calibration texts) split off in FP32, as LLM.int8() does, then in "
+        "block-wise INT8 (8-bit MatMulNBits, an INT8 activation range per block of 128 channels), and ship in the "
+        "first way that holds too, else in FP32; if nothing holds, that backend ships its FP32 model. The manifest "
+        "records the fidelity of each way tried and the nodes left out (outlier_split_nodes, blockwise_int8_nodes "
+        "or fp32_nodes).")
     min_cosine_p1: float = Field(0.97, gt=0, le=1, description="sentence-embedding: see min_cosine.")
     min_recall_at_10: float | None = Field(0.95, gt=0, le=1, description="sentence-embedding: see min_cosine; null: "
                                            "not checked.")

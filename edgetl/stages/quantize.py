@@ -113,9 +113,9 @@ def _fidelity_controlled(cfg: QuantizeStage, ctx, source, backend: str, folder: 
     """Fidelity control, the accuracy control of a task judged by closeness to FP32 (``Task.fidelity``): keep the INT8
     model if its outputs stay close to the FP32 model's on ``inputs`` (held-out training text); else leave in FP32, one role at a
     time (every layer's FFN output projection, ...), the MatMul roles that cost most, until they do; else ship the
-    FP32 model. On ONNX Runtime the nodes so chosen are then tried in block-wise INT8 (``blockwise_int8``), faster
-    than FP32, which ships if it holds the bar too. The manifest entry records the fidelity and the nodes left out of
-    dynamic INT8."""
+    FP32 model. On ONNX Runtime the nodes so chosen are then tried in the faster ways of ``ONNX_FALLBACKS`` (their
+    outlier channels split off, then block-wise INT8), the first that holds the bar too shipping. The manifest entry
+    records the fidelity, each variant's (``fallback_fidelity``) and the nodes left out of dynamic INT8."""
     from edgetl.quantization import matmul_roles
     from edgetl.runtime.engines import open_engine
     from edgetl.runtime.text import predict_outputs
@@ -124,8 +124,8 @@ def _fidelity_controlled(cfg: QuantizeStage, ctx, source, backend: str, folder: 
     tokenizer = load_tokenizer(folder, data.max_length, data.truncation, data.head_tokens)
     reference = predict_outputs(open_engine(backend, source.model_path(backend)), tokenizer, inputs, 1)[0]
 
-    def quantized(exclude: list[str], blockwise: bool = False) -> tuple[dict, dict]:
-        made = model if not exclude else (_onnxruntime_int8(cfg, source, folder, feeds, exclude, blockwise)
+    def quantized(exclude: list[str], fallback: str = "fp32") -> tuple[dict, dict]:
+        made = model if not exclude else (_onnxruntime_int8(cfg, source, folder, feeds, exclude, fallback)
                                           if backend == "onnx" else _openvino_int8(source, folder, feeds, exclude))
         outputs = predict_outputs(open_engine(backend, folder.parent / made["path"]), tokenizer, inputs, 1)[0]
         fidelity = {k: round(v, 5) for k, v in task.fidelity(outputs, reference, inputs).items()}
@@ -149,14 +149,16 @@ def _fidelity_controlled(cfg: QuantizeStage, ctx, source, backend: str, folder: 
         made, fidelity = quantized(kept)
         log.info("quantize: %s with %s in FP32 too: %s", backend, role, fidelity)
         if holds(fidelity):
-            if backend == "onnx":
-                blockwise, blockwise_fidelity = quantized(kept, blockwise=True)
-                log.info("quantize: onnx with those nodes in block-wise INT8 instead: %s", blockwise_fidelity)
-                if holds(blockwise_fidelity):
-                    return {**blockwise, "fidelity": blockwise_fidelity, "fidelity_fp32_nodes": fidelity,
-                            "role_costs": costs}
-                made = _onnxruntime_int8(cfg, source, folder, feeds, kept)  # the FP32 variant back in place
-            return {**made, "fidelity": fidelity, "role_costs": costs}
+            tried = {"fp32": fidelity}
+            for fallback in [f for f in ONNX_FALLBACKS if f != "fp32"] if backend == "onnx" else []:
+                faster, tried[fallback] = quantized(kept, fallback)
+                log.info("quantize: onnx with those nodes as %s instead: %s", fallback, tried[fallback])
+                if holds(tried[fallback]):
+                    return {**faster, "fidelity": tried[fallback], "fallback_fidelity": tried, "role_costs": costs}
+            if len(tried) == 1:
+                return {**made, "fidelity": fidelity, "role_costs": costs}
+            made = _onnxruntime_int8(cfg, source, folder, feeds, kept)  # the FP32 variant back in place
+            return {**made, "fidelity": fidelity, "fallback_fidelity": tried, "role_costs": costs}
     log.warning("quantize: no %s INT8 model keeps min_cosine %.3f, min_cosine_p1 %.3f, min_recall_at_10 %s: this "
                 "backend ships its FP32 model", backend, cfg.min_cosine, cfg.min_cosine_p1, cfg.min_recall_at_10)
     target = folder.parent / made["path"]
@@ -168,13 +170,21 @@ def _fidelity_controlled(cfg: QuantizeStage, ctx, source, backend: str, folder: 
             "role_costs": costs}
 
 
+# How the MatMuls fidelity control takes out of dynamic INT8 are stored on ONNX Runtime, fastest first (measured on
+# stsb-embed-int8, benchmarks/fidelity_fallback.py): their outlier input channels split off in FP32 and the rest in
+# dynamic INT8 (``outlier_split``), block-wise INT8 (``blockwise_int8``), FP32. Each with its manifest key.
+ONNX_FALLBACKS = {"outlier-split": "outlier_split_nodes", "blockwise": "blockwise_int8_nodes", "fp32": "fp32_nodes"}
+
+
 def _onnxruntime_int8(cfg: QuantizeStage, source, folder: Path, feeds: list[dict], exclude: list[str] = (),
-                      blockwise: bool = False) -> dict:
-    """ONNX Runtime INT8 of ``source`` into ``folder``; the MatMuls ``exclude`` stay FP32, or with ``blockwise`` are
-    stored in block-wise INT8."""
-    from edgetl.quantization import blockwise_int8, quantize_onnx
+                      fallback: str = "fp32") -> dict:
+    """ONNX Runtime INT8 of ``source`` into ``folder``; the MatMuls ``exclude`` are stored as ``fallback`` says
+    (``ONNX_FALLBACKS``): FP32, block-wise INT8, or dynamic INT8 with their outlier channels split off in FP32 (which
+    measures the channels on ``feeds``)."""
+    from edgetl.quantization import OUTLIER_CHANNELS, blockwise_int8, quantize_onnx
 
     unfused = source.path / source.manifest["unfused_onnx"]
+    split = list(exclude) if fallback == "outlier-split" else []
     with tempfile.TemporaryDirectory(dir=folder) as scratch:
         # Dynamic INT8 quantizes ORT's fused graph (smoothed first if asked): one QAttention per layer instead of its
         # MatMuls, reshapes and softmax (1.17x faster at batch 1 on sst-tiny; benchmarks/ort_int8_graph.py), unless
@@ -183,11 +193,13 @@ def _onnxruntime_int8(cfg: QuantizeStage, source, folder: Path, feeds: list[dict
         fused = _fused_graph(cfg, source, Path(scratch)) if cfg.onnx_method == "dynamic" else None
         graph = fused if fused and set(exclude) <= _node_names(fused) else unfused
         dynamic_nodes = quantize_onnx(graph, folder / "model.onnx", cfg.onnx_method, feeds, cfg.per_channel,
-                                      cfg.onnx_calibration, cfg.onnx_dynamic_ffn_down, cfg.smooth_alpha, exclude,
-                                      cfg.onnx_embedding_bits)
-    if blockwise:
+                                      cfg.onnx_calibration, cfg.onnx_dynamic_ffn_down, cfg.smooth_alpha,
+                                      [] if split else exclude, cfg.onnx_embedding_bits, split)
+    if fallback == "blockwise":
         blockwise_int8(folder / "model.onnx", exclude)
-    left_out = {"blockwise_int8_nodes" if blockwise else "fp32_nodes": list(exclude)} if exclude else {}
+    left_out = {ONNX_FALLBACKS[fallback]: list(exclude)} if exclude else {}
+    if split:
+        left_out["outlier_channels"] = OUTLIER_CHANNELS
     return {"path": "onnx/model.onnx", "precision": "int8", "method": cfg.onnx_method, "smooth_alpha": cfg.smooth_alpha,
             "embedding_bits": cfg.onnx_embedding_bits, "fused": graph != unfused,
             "dynamic_int8_nodes": dynamic_nodes, **left_out}
