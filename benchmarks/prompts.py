@@ -60,6 +60,11 @@ ARMS = {
         "MiniLM-L6", "amazon-electronics-cloze", ["adapt", "finetune", "evaluate"], AUTOPROMPT, True),
     "meta (Reptile) + head fine-tuning": ("MiniLM-L6", "amazon-electronics-meta", None, lambda target: [
         f"stages.meta.sources=[{','.join(['sst2', *(d for d in AMAZON_DOMAINS if d != target)])}]"], True),
+    # The control: the same source batches by ordinary multi-source fine-tuning, then the same adaptation.
+    "multi-source fine-tuning + head fine-tuning (control)": (
+        "MiniLM-L6", "amazon-electronics-meta", None, lambda target: [
+            f"stages.meta.sources=[{','.join(['sst2', *(d for d in AMAZON_DOMAINS if d != target)])}]",
+            "stages.meta.algorithm=joint"], True),
     "decoder cloze zero-shot": ("SmolLM2-135M", "smollm2-electronics-cloze", ["finetune", "evaluate"],
                                 ["stages.finetune.cloze.train=none"], False),
     "decoder cloze PET": ("SmolLM2-135M", "smollm2-electronics-cloze", ["finetune", "evaluate"], [], True),

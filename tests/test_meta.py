@@ -101,3 +101,46 @@ def test_a_rerun_resumes_from_the_saved_meta_weights(tiny_model, dev_texts, tmp_
     again = reptile(fresh, rows, DataCollatorWithPadding(tokenizer), cfg, tmp_path)  # nothing left to do
     assert again == first
     assert all(torch.equal(v, learnt[k]) for k, v in fresh.state_dict().items())
+
+
+def test_the_joint_control_trains_the_same_batches_with_one_optimizer(tiny_model, dev_texts, tmp_path):
+    """algorithm: joint is plain multi-source fine-tuning: one AdamW over the sources' batches in turn, no outer
+    step; Reptile on the same batches lands elsewhere."""
+    import torch
+    from transformers import DataCollatorWithPadding
+
+    from edgetl.recipe import MetaStage
+    from edgetl.stages.meta import CHECKPOINT, reptile
+
+    def fresh():
+        model, tokenizer, _ = _classifier_and_batches(tiny_model, [])
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        return model, tokenizer
+
+    model, tokenizer = fresh()
+    collate = DataCollatorWithPadding(tokenizer)
+    rows = {name: [dict(tokenizer(t, truncation=True, max_length=32), labels=(i + shift) % 2)
+                   for i, t in enumerate(dev_texts[16 * shift:16 * shift + 8])] for shift, name in enumerate("ab")}
+    # A batch is a whole source.
+    settings = dict(stage="meta", sources=["sst2"], steps=4, inner_steps=1, batch_size=8, learning_rate=1e-2,
+                    checkpoint_steps=2)
+    reptile(model, rows, collate, MetaStage(**settings, algorithm="joint"), tmp_path / "joint")
+    assert "optimizer" in torch.load(tmp_path / "joint" / CHECKPOINT, weights_only=False)
+
+    by_hand, _ = fresh()
+    optimizer = torch.optim.AdamW(by_hand.parameters(), lr=1e-2)
+    by_hand.train()
+    shuffle = torch.Generator().manual_seed(42)  # the stage's seed: the same rows in the same order
+    for name in "abab":
+        by_hand(**collate([rows[name][i] for i in torch.randperm(8, generator=shuffle).tolist()])).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    for key, value in by_hand.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+    meta_learnt, _ = fresh()
+    reptile(meta_learnt, rows, collate, MetaStage(**settings), tmp_path / "reptile")
+    weight = "classifier.weight"
+    assert not torch.allclose(meta_learnt.state_dict()[weight], model.state_dict()[weight], atol=1e-4)

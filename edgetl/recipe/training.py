@@ -199,6 +199,10 @@ class MetaStage(_Strict, Declared):
     pooling: Literal["cls", "mean"] = Field("mean", description="The classifier's pooling, as finetune's.")
     checkpoint_steps: int = Field(20, ge=1, description="Save the meta-weights every this many episodes; a rerun "
                                   "resumes from the last save.")
+    algorithm: Literal["reptile", "joint"] = Field(
+        "reptile", description="reptile: meta-learning as above. joint: the control, multi-source fine-tuning on "
+        "the same batches in the same order with one AdamW throughout (no episodes, no outer step; "
+        "meta_learning_rate unused).")
     seed: int = 42
 
 
