@@ -152,8 +152,8 @@ def _channel_peaks(model, tensors: list[str], feeds: list[dict]) -> dict[str, np
 
 
 # Input channels of a MatMul that ``outlier_split`` computes in FP32. On stsb-embed-int8's 12 FFN MatMuls 2 channels
-# kept held-out recall@10 0.951, 4 kept 0.954 (block-wise INT8 0.955, FP32 0.960) at about the latency of 2, a tenth
-# above fully dynamic INT8 (benchmarks/fidelity_fallback.py; docs/experiments/embeddings.md).
+# kept held-out recall@10 0.951, 4 kept 0.954 (block-wise INT8 0.955, FP32 0.960), 8 no more; the 4 cost 0.14 ms
+# over fully dynamic INT8 at batch 1, block-wise INT8 0.28 ms (results/stsb-embed-int8/942675a-fallback).
 OUTLIER_CHANNELS = 4
 
 
