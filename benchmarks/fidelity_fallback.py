@@ -8,8 +8,9 @@ one run.
 
 The nodes are those the run's quantize stage left out of dynamic INT8 (its manifest's ``ONNX_FALLBACKS`` key); each
 variant is quantized afresh from the run's export as the stage does (fused graph, the recipe's settings; the outlier
-channels measured on its calibration texts). Fidelity against the FP32 export on the held-out training sentences the stage judges on (the
-``fidelity_samples`` after the ``calibration_samples``) and on the dev sentences, plus dev Spearman. Latency: the
+channels measured on its calibration texts). Fidelity against the FP32 export on the held-out training sentences the
+stage judges on (the ``fidelity_samples`` after the ``calibration_samples``) and on the dev sentences, plus dev
+Spearman. Latency: the
 first ``--texts`` dev texts at their own length, one per call; every variant in its own process once per round, in
 an order that reverses every other round; the median of the rounds' p50s, with their spread.
 """
@@ -33,7 +34,7 @@ OUTLIER_CHANNELS = (2, 4, 8)
 def build_variants(run: Path, export, scratch: Path, feeds: list[dict]) -> tuple[dict[str, Path], list[str]]:
     """The fully dynamic model, the left-out nodes in FP32, in block-wise INT8 at each of BLOCK_SIZES, and split at
     each of OUTLIER_CHANNELS (measured on ``feeds``)."""
-    from edgetl.quantization import blockwise_int8, outlier_split, quantize_onnx
+    from edgetl.quantization import blockwise_int8, quantize_onnx
     from edgetl.recipe import load_recipe
     from edgetl.stages.quantize import ONNX_FALLBACKS, _fused_graph, _onnxruntime_int8
 
@@ -58,9 +59,9 @@ def build_variants(run: Path, export, scratch: Path, feeds: list[dict]) -> tuple
         variants[f"dynamic INT8, {len(nodes)} nodes block-wise INT8 (blocks of {block})"] = target
     graph = _fused_graph(cfg, export, scratch) or export.path / export.manifest["unfused_onnx"]
     for channels in OUTLIER_CHANNELS:
-        split, target = scratch / f"split-{channels}.onnx", scratch / f"split-{channels}-int8.onnx"
-        small = outlier_split(graph, split, feeds, nodes, channels)
-        quantize_onnx(split, target, "dynamic", [], cfg.per_channel, exclude=small, embedding_bits=cfg.onnx_embedding_bits)
+        target = scratch / f"split-{channels}-int8.onnx"
+        quantize_onnx(graph, target, "dynamic", feeds, cfg.per_channel, embedding_bits=cfg.onnx_embedding_bits,
+                      outlier_nodes=nodes, outlier_channels=channels)
         variants[f"dynamic INT8, {len(nodes)} nodes' {channels} outlier channels split off in FP32"] = target
     return variants, nodes
 

@@ -206,7 +206,8 @@ def outlier_split(source: Path, target: Path, feeds: list[dict], nodes: list[str
 
 def quantize_onnx(source: Path, target: Path, method: str, feeds: list[dict], per_channel: bool,
                   calibration: str = "minmax", dynamic_ffn_down: bool = False, smooth_alpha: float | None = None,
-                  exclude: list[str] = (), embedding_bits: int = 8, outlier_nodes: list[str] = ()) -> list[str]:
+                  exclude: list[str] = (), embedding_bits: int = 8, outlier_nodes: list[str] = (),
+                  outlier_channels: int = OUTLIER_CHANNELS) -> list[str]:
     """Quantize ``source`` into ``target``; returns the MatMul nodes quantized dynamically instead of statically.
 
     With ``dynamic_ffn_down`` the FFN down-projections get dynamic INT8 (activation range measured per
@@ -214,7 +215,8 @@ def quantize_onnx(source: Path, target: Path, method: str, feeds: list[dict], pe
     fixed range either clips or resolves coarsely. With ``smooth_alpha`` the MatMul inputs are smoothed
     first (``smooth``), measured on ``feeds``. ``exclude``: MatMul node names left in FP32. With
     ``embedding_bits`` 4 the word-embedding table is stored in 4 bits instead (``int4_embedding``).
-    ``outlier_nodes``: MatMuls whose outlier input channels are split off in FP32 first (``outlier_split``).
+    ``outlier_nodes``: MatMuls whose ``outlier_channels`` largest input channels are split off in FP32 first
+    (``outlier_split``).
     """
     embedding = word_embedding_gather(source) if embedding_bits == 4 else None
     skipped = [*exclude, embedding] if embedding else list(exclude)
@@ -225,7 +227,7 @@ def quantize_onnx(source: Path, target: Path, method: str, feeds: list[dict], pe
             source = smoothed
         if outlier_nodes:
             split = Path(scratch) / "split.onnx"
-            skipped += outlier_split(source, split, feeds, list(outlier_nodes))
+            skipped += outlier_split(source, split, feeds, list(outlier_nodes), outlier_channels)
             source = split
         dynamic = _quantize(source, target, method, feeds, per_channel, calibration, dynamic_ffn_down, skipped)
     if embedding:

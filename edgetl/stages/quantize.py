@@ -148,15 +148,15 @@ def _fidelity_controlled(cfg: QuantizeStage, ctx, source, backend: str, folder: 
         kept += roles[role]
         made, fidelity = quantized(kept)
         log.info("quantize: %s with %s in FP32 too: %s", backend, role, fidelity)
+        if holds(fidelity) and backend != "onnx":
+            return {**made, "fidelity": fidelity, "role_costs": costs}
         if holds(fidelity):
             tried = {"fp32": fidelity}
-            for fallback in [f for f in ONNX_FALLBACKS if f != "fp32"] if backend == "onnx" else []:
+            for fallback in [f for f in ONNX_FALLBACKS if f != "fp32"]:
                 faster, tried[fallback] = quantized(kept, fallback)
                 log.info("quantize: onnx with those nodes as %s instead: %s", fallback, tried[fallback])
                 if holds(tried[fallback]):
                     return {**faster, "fidelity": tried[fallback], "fallback_fidelity": tried, "role_costs": costs}
-            if len(tried) == 1:
-                return {**made, "fidelity": fidelity, "role_costs": costs}
             made = _onnxruntime_int8(cfg, source, folder, feeds, kept)  # the FP32 variant back in place
             return {**made, "fidelity": fidelity, "fallback_fidelity": tried, "role_costs": costs}
     log.warning("quantize: no %s INT8 model keeps min_cosine %.3f, min_cosine_p1 %.3f, min_recall_at_10 %s: this "
