@@ -160,7 +160,7 @@ def table_rows(results: list[dict]) -> list[tuple[list[str], bool]]:
 
 def peers_table(result: dict) -> str:
     """An `edgetl bench` result as one table: batch 1 over the texts at their own length, at the most threads
-    measured, throughput at the largest batch, accuracy on the whole split, speed-up against PyTorch FP32 eager
+    measured, throughput at the largest batch, accuracy on the same texts, speed-up against PyTorch FP32 eager
     of the same run; INT8 first."""
     own = [r for r in result["rows"] if r["seq"] == "own" and r["device"] == "cpu"]
     threads = max(r["threads"] or 0 for r in own)
@@ -173,7 +173,7 @@ def peers_table(result: dict) -> str:
     lines = [f"Measured on {describe(result['machine'])}, {threads or 'default'} threads: batch 1 over "
              f"{settings['texts']} evaluation texts at their own length (up to {settings['max_calls']} calls a "
              f"round), {settings['rounds']} rounds each in its own process, `noisy` where the rounds' medians spread "
-             f"over {settings['noise_threshold']:.0%}; throughput at batch {largest}; accuracy on the whole split.", "",
+             f"over {settings['noise_threshold']:.0%}; throughput at batch {largest}; accuracy on the same {settings['texts']} texts.", "",
              f"| model | backend | precision | accuracy | p50 ms | p99 ms | batch-{largest} /s | size MB | "
              "speed-up vs PyTorch FP32 |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in sorted(single.values(), key=lambda r: (r["precision"] != "int8", r["backend"], r["peer"] or "")):
