@@ -387,8 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--max-size-mb", type=float, help="model file size budget")
     search.add_argument("--min-accuracy", type=float, help="floor on the task metric, in points (89.9)")
     search.add_argument("--max-drop", type=float, help="floor as points below the teacher")
-    search.add_argument("--max-int8-drop", type=float, default=0.5, help="INT8 ships on a backend only within this many "
-                        "points of its FP32 model (and only where faster)")
+    search.add_argument("--max-int8-drop", type=float, help="INT8 ships on a backend only within this many points of "
+                        "its FP32 model (and only where faster); default: the floor alone when one is given, else 0.5")
     search.add_argument("--hours", type=float, help="start no trial after this many hours; the best so far is reported")
     search.add_argument("--trials", type=int, default=12, help="shapes trained at the first rung (default 12)")
     search.add_argument("--rungs", help="fractions of distill and prune epochs per rung, ending at 1 (default 0.125,0.5,1)")

@@ -21,8 +21,9 @@ the recipe's ``quantize`` stage, e.g. ``{"onnx_method": "static"}``, tried besid
    train at once as tasks on a Ray cluster (a local one, or ``RAY_ADDRESS``'s; the search folder must be on a file
    system every node sees); each benchmark then runs here, one trial at a time, so no trial is timed beside another.
 4. Choice: per backend, INT8 is kept only where the table says it is faster than FP32 and the evaluation says
-   it is within ``max_int8_drop`` of FP32. The chosen model's recipe (``chosen.yaml``, which ``edgetl run``
-   reproduces), its bundle, the front (``front.md``, ``front.png``) and ``search.json`` land in the folder.
+   it is within the accuracy budget: at or above the floor when one is given, and within ``max_int8_drop`` of FP32
+   where that is set (by default 0.5 points when there is no floor). The chosen model's recipe (``chosen.yaml``,
+   which ``edgetl run`` reproduces), its bundle, the front (``front.md``, ``front.png``) and ``search.json`` land in the folder.
 
 Everything is kept in the search folder (Optuna's SQLite study, each trial's run folder, the table): running the
 same command again resumes, after an interruption or a ``kill -9``, and skips what is finished.
@@ -78,7 +79,9 @@ class Goal:
     max_size_mb: float | None = None
     min_accuracy: float | None = None
     max_drop: float | None = None  # points below the teacher's (FP32) metric
-    max_int8_drop: float = 0.5  # INT8 ships on a backend only within this many points of its FP32 model
+    # INT8 ships on a backend only within this many points of its FP32 model; unset, the floor alone judges INT8
+    # when there is one (the user's accuracy budget), else 0.5.
+    max_int8_drop: float | None = None
 
     @property
     def mode(self) -> str:
@@ -88,6 +91,12 @@ class Goal:
         floors = [f for f in (self.min_accuracy, None if self.max_drop is None else teacher_points - self.max_drop)
                   if f is not None]
         return max(floors) if floors else None
+
+    def int8_drop(self, teacher_points: float) -> float | None:
+        """Points INT8 may lose against its FP32 model; None: only the floor applies."""
+        if self.max_int8_drop is not None:
+            return self.max_int8_drop
+        return 0.5 if self.floor(teacher_points) is None else None
 
 
 @dataclass
@@ -611,7 +620,9 @@ class Searcher:
                 if name.split(" ")[0].endswith("-int8") and name == target_name(*name.split(" ")[0].split("-"), settings)]
 
     def gate(self, options: list[dict]) -> None:
-        """Whether each option may ship: INT8 only where faster than FP32 and within max_int8_drop of it."""
+        """Whether each option may ship: INT8 only where faster than FP32 and within the accuracy budget (the
+        floor, checked at the choice, and ``max_int8_drop`` of FP32 where that applies)."""
+        drop = self.goal.int8_drop(self.teacher_points)
         for option in options:
             option["ships"], option["why"] = option["points"] is not None, option.get("error", "")
             if "-int8" in option["target"] and not option.get("error"):
@@ -619,10 +630,10 @@ class Searcher:
                 fp32 = next((o for o in options if o["target"] == fp32_name), None)
                 if fp32 is not None and option["predicted_p50_ms"] >= fp32["predicted_p50_ms"]:
                     option["ships"], option["why"] = False, "INT8 is not faster than FP32 on this machine"
-                elif fp32 is not None and option["points"] is not None and fp32["points"] is not None \
-                        and option["points"] < fp32["points"] - self.goal.max_int8_drop:
+                elif drop is not None and fp32 is not None and option["points"] is not None \
+                        and fp32["points"] is not None and option["points"] < fp32["points"] - drop:
                     option["ships"] = False
-                    option["why"] = f"INT8 loses {fp32['points'] - option['points']:.2f} points (max {self.goal.max_int8_drop})"
+                    option["why"] = f"INT8 loses {fp32['points'] - option['points']:.2f} points (max {drop})"
 
     def choose(self, results: dict[float, dict[str, dict]], fitting: list[Candidate], candidates: list[Candidate],
                started: float) -> dict:

@@ -224,3 +224,23 @@ def test_a_recipe_without_distill_and_prune_or_a_bad_int8_setting_is_refused_bef
     with pytest.raises(RecipeError, match="onnx_method"):
         _searcher(recipe, tmp_path / "s", int8=[{"onnx_method": "fast"}], budget_ms=1.0)
     assert not (tmp_path / "s").exists()
+
+
+def test_int8_is_judged_by_the_floor_when_one_is_given_and_by_half_a_point_otherwise():
+    from types import SimpleNamespace
+
+    from edgetl.search import Goal, Searcher
+
+    def shipped(**goal) -> dict[str, bool]:
+        options = [{"target": "onnx-fp32", "points": 90.25, "predicted_p50_ms": 1.0},
+                   {"target": "onnx-int8", "points": 89.68, "predicted_p50_ms": 0.5},
+                   {"target": "openvino-fp32", "points": 90.25, "predicted_p50_ms": 1.0},
+                   {"target": "openvino-int8", "points": 90.14, "predicted_p50_ms": 1.2}]
+        Searcher.gate(SimpleNamespace(goal=Goal(**goal), teacher_points=90.94), options)
+        return {o["target"]: o["ships"] for o in options}
+
+    no_floor = shipped(budget_ratio=0.5)
+    assert no_floor["onnx-int8"] is False and no_floor["onnx-fp32"] is True  # loses 0.57 > 0.5
+    assert shipped(budget_ratio=0.5, max_drop=2.0)["onnx-int8"] is True  # above the floor (88.94): the floor judges
+    assert shipped(max_drop=2.0, max_int8_drop=0.5)["onnx-int8"] is False  # an explicit limit still applies
+    assert shipped(max_drop=2.0)["openvino-int8"] is False  # slower than FP32: never ships
