@@ -74,9 +74,11 @@ def _cmd_search(args) -> int:
             raise UsageError(f"search: {flag} must be at least 1, got {value}")
     threads = args.threads or 1
     workers = 1 if args.engine == "local" else args.workers or max(1, (os.cpu_count() or 1) // threads)
+    if not 0 < args.promote <= 1:
+        raise UsageError(f"search: --promote is the share of a rung that goes on, above 0 and at most 1 (got {args.promote})")
     options = Options(trials=args.trials, hours=args.hours, latency_texts=args.latency_texts,
                       latency_rounds=args.latency_rounds, engine=args.engine, workers=workers, threads=threads,
-                      **({"rungs": rungs} if rungs else {}))
+                      promote=args.promote, **({"rungs": rungs} if rungs else {}))
     layers = _floats(args.layers, "--layers")
     space = {"layers": [int(n) for n in layers] if layers else None, "heads_keep": _floats(args.heads, "--heads"),
              "ffn_keep": _floats(args.ffn, "--ffn"),
@@ -392,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--hours", type=float, help="start no trial after this many hours; the best so far is reported")
     search.add_argument("--trials", type=int, default=12, help="shapes trained at the first rung (default 12)")
     search.add_argument("--rungs", help="fractions of distill and prune epochs per rung, ending at 1 (default 0.125,0.5,1)")
+    search.add_argument("--promote", type=float, default=1 / 3, help="share of a rung's shapes that go on to the next "
+                        "(default 1/3; 1 trains every first-rung shape in full)")
     search.add_argument("--layers", help="teacher layers kept, e.g. 2,3,4 (default: 1 to all)")
     search.add_argument("--heads", help="head keep ratios (default 0.25,0.5,0.75,1)")
     search.add_argument("--ffn", help="FFN keep ratios (default 0.25,0.5,0.75,1)")

@@ -202,7 +202,7 @@ def test_trials_spread_over_a_local_ray_cluster_train_at_once_and_are_timed_one_
     assert "RUNNING" not in states and states.count("COMPLETE") == 2
 
 
-def test_workers_and_threads_without_ray_and_a_worker_count_below_one_are_refused(tmp_path):
+def test_workers_and_threads_without_ray_a_worker_count_below_one_and_a_bad_promote_share_are_refused(tmp_path):
     from edgetl.cli import main
     from edgetl.errors import UsageError
 
@@ -211,6 +211,8 @@ def test_workers_and_threads_without_ray_and_a_worker_count_below_one_are_refuse
         main([*base, "--workers", "2"])
     with pytest.raises(UsageError, match="--workers must be at least 1, got 0"):
         main([*base, "--engine", "ray", "--workers", "0"])
+    with pytest.raises(UsageError, match="--promote is the share of a rung"):
+        main([*base, "--promote", "0"])
     assert not (tmp_path / "s").exists()
 
 
