@@ -620,9 +620,9 @@ class Searcher:
                 if name.split(" ")[0].endswith("-int8") and name == target_name(*name.split(" ")[0].split("-"), settings)]
 
     def gate(self, options: list[dict]) -> None:
-        """Whether each option may ship: INT8 only where faster than FP32 and within the accuracy budget (the
-        floor, checked at the choice, and ``max_int8_drop`` of FP32 where that applies)."""
-        drop = self.goal.int8_drop(self.teacher_points)
+        """Whether each option may ship: INT8 only where faster than FP32 and within the accuracy budget (at or
+        above the floor, and within ``max_int8_drop`` of FP32 where that applies); the option says why not."""
+        drop, floor = self.goal.int8_drop(self.teacher_points), self.goal.floor(self.teacher_points)
         for option in options:
             option["ships"], option["why"] = option["points"] is not None, option.get("error", "")
             if "-int8" in option["target"] and not option.get("error"):
@@ -634,6 +634,8 @@ class Searcher:
                         and fp32["points"] is not None and option["points"] < fp32["points"] - drop:
                     option["ships"] = False
                     option["why"] = f"INT8 loses {fp32['points'] - option['points']:.2f} points (max {drop})"
+                elif floor is not None and option["points"] is not None and option["points"] < floor:
+                    option["ships"], option["why"] = False, f"INT8 scores {option['points']:.2f}, below the floor {floor:.2f}"
 
     def choose(self, results: dict[float, dict[str, dict]], fitting: list[Candidate], candidates: list[Candidate],
                started: float) -> dict:

@@ -244,5 +244,6 @@ def test_int8_is_judged_by_the_floor_when_one_is_given_and_by_half_a_point_other
     no_floor = shipped(budget_ratio=0.5)
     assert no_floor["onnx-int8"] is False and no_floor["onnx-fp32"] is True  # loses 0.57 > 0.5
     assert shipped(budget_ratio=0.5, max_drop=2.0)["onnx-int8"] is True  # above the floor (88.94): the floor judges
+    assert shipped(max_drop=1.0)["onnx-int8"] is False  # below the floor (89.94): that backend ships FP32
     assert shipped(max_drop=2.0, max_int8_drop=0.5)["onnx-int8"] is False  # an explicit limit still applies
     assert shipped(max_drop=2.0)["openvino-int8"] is False  # slower than FP32: never ships
