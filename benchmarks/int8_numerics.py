@@ -81,9 +81,9 @@ def webassembly_outputs(model: Path, ids: list[list[int]], page: Path, all_outpu
 
 
 def probabilities(outputs: list[dict]) -> np.ndarray:
-    logits = np.stack([next(iter(row.values())) for row in outputs])
-    e = np.exp(logits - logits.max(1, keepdims=True))
-    return e / e.sum(1, keepdims=True)
+    from edgetl.runtime.text import softmax
+
+    return softmax(np.stack([next(iter(row.values())) for row in outputs]))
 
 
 def compare(a: np.ndarray, b: np.ndarray) -> dict:
