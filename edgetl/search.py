@@ -518,8 +518,11 @@ class Searcher:
         """A trial's run folder (seeded with the teacher's stages) and recipe."""
         run_dir = self.folder / "trials" / f"{fraction:g}-{candidate.key}"
         raw = candidate_recipe(self.base, candidate, self.teacher_layers, fraction, self.trial_compare)
-        if fraction == 1 and raw["bench"]["max_sentences"] is None:
-            raw["bench"]["max_sentences"] = self.options.latency_texts  # time the texts the table was timed on
+        if fraction == 1:  # time the texts the table was timed on, in at least as many rounds
+            bench = raw["bench"]
+            if bench["max_sentences"] is None:
+                bench["max_sentences"] = self.options.latency_texts
+            bench["rounds"] = max(bench["rounds"], self.options.latency_rounds)
         _seed_teacher(self.folder, run_dir, self.teacher_stages)
         return run_dir, raw
 

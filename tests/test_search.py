@@ -27,10 +27,10 @@ STATIC = {"onnx_method": "static", "max_accuracy_drop": None}
 CONTROLLED = {"onnx_method": "static"}
 
 
-def _searcher(recipe, folder: Path, int8=(STATIC, CONTROLLED), **goal):
+def _searcher(recipe, folder: Path, int8=(STATIC, CONTROLLED), latency_rounds=1, **goal):
     from edgetl.search import Goal, Options, Searcher
 
-    options = Options(trials=2, rungs=(0.5, 1.0), promote=0.5, latency_texts=20, latency_rounds=1)
+    options = Options(trials=2, rungs=(0.5, 1.0), promote=0.5, latency_texts=20, latency_rounds=latency_rounds)
     space = {"layers": [1], "heads_keep": (0.5, 1.0), "ffn_keep": (0.5,), "vocabulary": (False,), "int8": list(int8)}
     return Searcher(recipe, folder, Goal(**goal), options, space)
 
@@ -53,7 +53,7 @@ def within_budget(search_root, shrink, tmp_path_factory):
     folder = search_root / "sst-tiny-search"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("EDGETL_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "edgetl-cache"))
-        return folder, _searcher(recipe, folder, budget_ratio=100.0).run()
+        return folder, _searcher(recipe, folder, latency_rounds=2, budget_ratio=100.0).run()
 
 
 @pytest.mark.slow
@@ -69,6 +69,9 @@ def test_the_search_chooses_a_shape_within_the_budget_and_ships_its_bundle(withi
     # Every option has its prediction from the untrained shape and its measurement in its run's benchmark; the
     # other INT8 settings quantized the same trained export in sibling runs.
     assert all(o["predicted_ratio"] > 0 and o["measured_ratio"] > 0 for o in full)
+    # ... measured over the texts and as many rounds as the prediction (the recipe's bench.rounds is 1 here)
+    rows = json.loads(next(Path(chosen["run_dir"]).glob("*-benchmark/results.json")).read_text())["rows"]
+    assert {len(r["round_p50_ms"]) for r in rows} == {2}
     assert sorted(o["target"] for o in full) == ["onnx-fp32", "onnx-int8", "onnx-int8 onnx_method=static",
                                                   "onnx-int8 onnx_method=static,max_accuracy_drop=null"]
     static = next(o for o in full if o["int8"] == STATIC)
