@@ -22,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from edgetl.search import round_ratio
+
 COPIED = ("search.json", "latency.json", "front.md", "front.png", "chosen.yaml")
 
 
@@ -42,7 +44,7 @@ def noisy(*rows: dict) -> bool:
 
 
 def measured_ratios(run: Path, reference: str) -> dict[str, tuple[float, bool]]:
-    """``{"onnx-int8": (p50 / reference p50, noisy), ...}`` from the run's benchmark."""
+    """``{"onnx-int8": (x reference, as the search reads it; noisy), ...}`` from the run's benchmark."""
     rows = {r["target"]: r for r in json.loads(next(run.glob("[0-9][0-9]-benchmark/results.json")).read_text())["rows"]}
     ref = next(r for key, r in rows.items() if key.startswith(reference) and "/" in key)
     names = {"exported": next(run.glob("[0-9][0-9]-export")).name, "quantized": next(run.glob("[0-9][0-9]-quantize")).name}
@@ -51,7 +53,7 @@ def measured_ratios(run: Path, reference: str) -> dict[str, tuple[float, bool]]:
         for precision, kind in (("fp32", "exported"), ("int8", "quantized")):
             row = rows.get(f"{backend}-{precision} ({names[kind]})")
             if row:
-                found[f"{backend}-{precision}"] = round(row["p50_ms"] / ref["p50_ms"], 4), noisy(row, ref)
+                found[f"{backend}-{precision}"] = round_ratio(row, ref), noisy(row, ref)
     return found
 
 

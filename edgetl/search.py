@@ -184,6 +184,15 @@ def candidate_recipe(base: dict, candidate: Candidate, teacher_layers: int, frac
     return raw
 
 
+def round_ratio(row: dict, reference: dict) -> float:
+    """``row``'s p50 over ``reference``'s: the median of their per-round ratios, since both met the same machine
+    state in a round (on these shared machines whole rounds run up to 2x slower), else the ratio of their p50s."""
+    rounds, ref_rounds = row.get("round_p50_ms") or [], reference.get("round_p50_ms") or []
+    if not rounds or len(rounds) != len(ref_rounds):
+        return round(row["p50_ms"] / reference["p50_ms"], 4)
+    return round(float(sorted(a / b for a, b in zip(rounds, ref_rounds, strict=True))[len(rounds) // 2]), 4)
+
+
 def _load(raw: dict) -> Recipe:
     from pydantic import ValidationError
 
@@ -329,13 +338,10 @@ def latency_table(base: dict, candidates: list[Candidate], teacher: Path, refere
                        noise_threshold=recipe.bench.noise_threshold, task=task)
         by_key = {r["target"]: r for r in rows}
         ref_p50 = by_key[ref_target.key]["p50_ms"] if ref_target is not None else None
-        ref_rounds = by_key[ref_target.key]["round_p50_ms"] if ref_target is not None else None
         for target in targets:
             row = by_key[target.key]
             candidate_key, i, name = owner[target.key]
-            # The ratio of each round's medians, then their median: both models met the same machine state.
-            ratio = None if ref_rounds is None else round(float(sorted(
-                a / b for a, b in zip(row["round_p50_ms"], ref_rounds, strict=True))[len(ref_rounds) // 2]), 4)
+            ratio = None if ref_target is None else round_ratio(row, by_key[ref_target.key])
             entry = {"p50_ms": row["p50_ms"], "ratio": ratio, "reference_p50_ms": ref_p50, "noisy": row["noisy"],
                      "model_mb": round(target.model_bytes / 1e6, 3)}
             table.setdefault(candidate_key, {})[name] = entry
@@ -603,11 +609,11 @@ class Searcher:
             key = f"{backend}-{precision} ({names['quantized' if precision == 'int8' else 'exported']})"
             score = evaluation.metrics.get(key)
             row = rows.get(key, {})
-            measured_ratio = (row["p50_ms"] / ref_row["p50_ms"]) if row and ref_row else None
+            measured_ratio = round_ratio(row, ref_row) if row and ref_row else None
             options.append({
                 "target": name, "points": None if score is None else round(score * self.task.metric_scale, 3),
                 "predicted_p50_ms": predicted["p50_ms"], "predicted_ratio": predicted["ratio"],
-                "measured_p50_ms": row.get("p50_ms"), "measured_ratio": None if measured_ratio is None else round(measured_ratio, 4),
+                "measured_p50_ms": row.get("p50_ms"), "measured_ratio": measured_ratio,
                 "model_mb": predicted["model_mb"], "fits": self.option_fits(predicted) <= 1,
                 "budget_excess": round(self.option_fits(predicted), 3), "int8": settings, "run_dir": str(run_dir),
             })

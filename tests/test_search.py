@@ -250,3 +250,13 @@ def test_int8_is_judged_by_the_floor_when_one_is_given_and_by_half_a_point_other
     assert shipped(max_drop=1.0)["onnx-int8"] is False  # below the floor (89.94): that backend ships FP32
     assert shipped(max_drop=2.0, max_int8_drop=0.5)["onnx-int8"] is False  # an explicit limit still applies
     assert shipped(max_drop=2.0)["openvino-int8"] is False  # slower than FP32: never ships
+
+
+def test_a_ratio_to_the_reference_is_read_round_by_round_so_a_slow_spell_of_the_machine_cancels():
+    from edgetl.search import round_ratio
+
+    # Rounds 3-5 ran while the machine was twice as slow; the reference caught it in rounds 3-4 only.
+    model = {"p50_ms": 1.2, "round_p50_ms": [0.6, 0.6, 1.2, 1.2, 1.2]}
+    reference = {"p50_ms": 1.5, "round_p50_ms": [1.5, 1.5, 3.0, 3.0, 1.5]}
+    assert round_ratio(model, reference) == 0.4  # the p50s' ratio would say 0.8
+    assert round_ratio({"p50_ms": 1.2}, reference) == 0.8  # no rounds recorded: the p50s
