@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from edgetl.search import round_ratio
+from edgetl.bench.measure import round_ratio
 
 COPIED = ("search.json", "latency.json", "front.md", "front.png", "chosen.yaml")
 

@@ -184,15 +184,6 @@ def candidate_recipe(base: dict, candidate: Candidate, teacher_layers: int, frac
     return raw
 
 
-def round_ratio(row: dict, reference: dict) -> float:
-    """``row``'s p50 over ``reference``'s: the median of their per-round ratios, since both met the same machine
-    state in a round (on these shared machines whole rounds run up to 2x slower), else the ratio of their p50s."""
-    rounds, ref_rounds = row.get("round_p50_ms") or [], reference.get("round_p50_ms") or []
-    if not rounds or len(rounds) != len(ref_rounds):
-        return round(row["p50_ms"] / reference["p50_ms"], 4)
-    return round(float(sorted(a / b for a, b in zip(rounds, ref_rounds, strict=True))[len(rounds) // 2]), 4)
-
-
 def _load(raw: dict) -> Recipe:
     from pydantic import ValidationError
 
@@ -278,7 +269,7 @@ def latency_table(base: dict, candidates: list[Candidate], teacher: Path, refere
     so ``ratio`` (p50 over the reference's) holds even when the machine's speed drifts between chunks.
     """
     from edgetl.backends import Target, targets_of
-    from edgetl.bench.measure import Shape, measure
+    from edgetl.bench.measure import Shape, measure, round_ratio
     from edgetl.data import load_labelled
     from edgetl.tasks import task_for
 
@@ -591,6 +582,8 @@ class Searcher:
     def options_of(self, candidate: Candidate, artifacts: list[Artifact], run_dir: Path, settings: dict) -> list[dict]:
         """Every target of a fully trained shape that one run measured (FP32 and INT8 for the recipe's own INT8
         settings, INT8 for the others): its accuracy and its predicted and measured p50."""
+        from edgetl.bench.measure import round_ratio
+
         evaluation = next(a for a in artifacts if a.kind == "evaluation")
         bench = next((a for a in artifacts if a.kind == "benchmark"), None)
         rows = {r["target"]: r for r in json.loads((bench.path / "results.json").read_text())["rows"]} if bench else {}

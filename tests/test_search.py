@@ -253,7 +253,7 @@ def test_int8_is_judged_by_the_floor_when_one_is_given_and_by_half_a_point_other
 
 
 def test_a_ratio_to_the_reference_is_read_round_by_round_so_a_slow_spell_of_the_machine_cancels():
-    from edgetl.search import round_ratio
+    from edgetl.bench.measure import round_ratio
 
     # Rounds 3-5 ran while the machine was twice as slow; the reference caught it in rounds 3-4 only.
     model = {"p50_ms": 1.2, "round_p50_ms": [0.6, 0.6, 1.2, 1.2, 1.2]}

@@ -67,6 +67,19 @@ class Shape:
     seq: int | None  # None: the evaluation texts at their own length, each call padded to its longest
 
 
+def round_ratios(row: dict, reference: dict) -> list[float]:
+    """Each round's p50 of ``row`` over ``reference``'s in the same round (empty when the rounds do not pair up)."""
+    rounds, ref_rounds = row.get("round_p50_ms") or [], reference.get("round_p50_ms") or []
+    return [a / b for a, b in zip(rounds, ref_rounds, strict=True)] if rounds and len(rounds) == len(ref_rounds) else []
+
+
+def round_ratio(row: dict, reference: dict) -> float:
+    """``row``'s p50 over ``reference``'s: the median of their per-round ratios, since both met the same machine
+    state in a round (on these shared machines whole rounds run up to 2x slower), else the ratio of their p50s."""
+    ratios = sorted(round_ratios(row, reference))
+    return round(float(ratios[len(ratios) // 2] if ratios else row["p50_ms"] / reference["p50_ms"]), 4)
+
+
 def shapes(batch_sizes: list[int], seq_lengths: list[int | None]) -> list[Shape]:
     return [Shape(b, s) for s in seq_lengths for b in batch_sizes]
 
